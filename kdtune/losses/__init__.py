@@ -1,0 +1,28 @@
+"""Objectives and distillation methods, one file each; every module here registers itself on import.
+
+The logit losses are also plain functions returning the batch-mean distillation term only (no CE, no
+outer weight), in the papers' conventions: ``kd``, ``dkd``, ``dist``, ``ttm``, ``wttm``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from kdtune.losses.base import METHODS, HParam, Method, MethodContext, StepOutputs, register_method
+
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "base" and not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+from kdtune.losses.kd import kd  # noqa: E402
+
+__all__ = ["METHODS", "HParam", "Method", "MethodContext", "StepOutputs", "register_method", "kd"]
+
+
+def get_method(name: str) -> type[Method]:
+    return METHODS.get(name)
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()

@@ -1,0 +1,187 @@
+"""The contract between the engine and a distillation method.
+
+A method lives in one file of ``kdtune/losses/``: a pure loss function of tensors (the formula, paper and
+equation in its docstring) and a small :class:`Method` subclass that the engine drives. The subclass is
+registered once with ``@register_method`` and declares its hyperparameters with :class:`HParam`, which gives
+``kdtune methods`` its listing and the config parser its range checks.
+
+The engine calls, in order:
+
+1. ``Method(hparams, ctx)`` once, after the student (and teacher) exist. ``ctx`` is a :class:`MethodContext`.
+2. ``trainable_modules()`` -- extra modules trained by the engine's optimiser together with the student
+   (e.g. IPWD's extra head). They are moved to the device by the engine.
+3. ``setup()`` once before the first epoch of a fresh run (not on resume): may read the training data through
+   ``ctx.train_batches()`` (e.g. DiSK fits the student temperature).
+4. per epoch ``on_epoch_start(epoch)`` (epochs count from 0), then per step ``losses(out)`` which returns a
+   dict of *already weighted* scalar loss terms; the engine back-propagates their sum and logs every term.
+   A method with its own optimiser (DiSK's guide) steps it inside ``losses`` on detached inputs.
+5. ``state_dict()`` / ``load_state_dict()`` for checkpoints: the modules of ``trainable_modules()`` are saved
+   by the engine; anything else (own optimisers, schedules, fitted values) belongs in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kdtune.errors import ConfigError
+from kdtune.registry import Registry
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A method hyperparameter: default, type and valid range.
+
+    ``low``/``high`` bound the value; ``low_open``/``high_open`` make a bound strict (``0 < T``).
+    ``choices`` restricts to a set. ``doc`` says what the value weighs or controls.
+    """
+
+    default: Any
+    doc: str
+    type: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+    def check(self, name: str, value: Any, method: str) -> Any:
+        """Coerce ``value`` to the declared type and check its range; raise ConfigError naming the field."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                v: Any = value.lower() in ("true", "1", "yes", "on")
+            elif self.type is bool:
+                v = bool(value)
+            elif value is None and self.default is None:
+                return None
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{method}.{name}={value!r} is not a {self.type.__name__}; valid range {self.range_text()}"
+            ) from None
+        if self.choices is not None:
+            if v not in self.choices:
+                raise ConfigError(f"{method}.{name}={v!r} is not one of {self.range_text()}")
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            bad = isinstance(v, float) and math.isnan(v)
+            if self.low is not None:
+                bad |= v <= self.low if self.low_open else v < self.low
+            if self.high is not None:
+                bad |= v >= self.high if self.high_open else v > self.high
+            if bad:
+                raise ConfigError(f"{method}.{name}={v} is out of range; valid range {self.range_text()}")
+        return v
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run it is part of."""
+
+    num_classes: int
+    epochs: int
+    steps_per_epoch: int
+    device: torch.device
+    student: nn.Module
+    teacher: nn.Module | None = None
+    student_feat_dim: int | None = None
+    teacher_feat_dim: int | None = None
+    # Yields (images, targets) of the training split, normalised, on the device, without augmentation.
+    train_batches: Callable[[], Iterator[tuple[Tensor, Tensor]]] | None = None
+    # Student error (fraction in [0, 1]) of the CE-trained warm-start checkpoint, when one was given.
+    init_error: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepOutputs:
+    """Everything a method's ``losses`` sees for one training step. Logits are float32."""
+
+    student_logits: Tensor
+    targets: Tensor
+    epoch: int
+    step: int
+    teacher_logits: Tensor | None = None
+    student_features: Tensor | None = None
+    teacher_features: Tensor | None = None
+    images: Tensor | None = None
+
+
+class Method:
+    """Base class of every objective: teacher objectives (ce, ls, mse) and distillation methods."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    needs_student_features: ClassVar[bool] = False
+    needs_teacher_features: ClassVar[bool] = False
+    needs_init: ClassVar[bool] = False  # requires a warm-start student checkpoint (init=...)
+    hparams: ClassVar[dict[str, HParam]] = {}
+
+    def __init__(self, hp: dict[str, Any], ctx: MethodContext):
+        self.hp = hp
+        self.ctx = ctx
+        self.epoch = 0
+
+    @classmethod
+    def resolve(cls, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with ``overrides``, every value type-checked and range-checked."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(cls.hparams))
+        if unknown:
+            valid = ", ".join(sorted(cls.hparams)) or "none"
+            raise ConfigError(
+                f"method {cls.name!r} has no hyperparameter {unknown[0]!r}; its hyperparameters: {valid}"
+            )
+        out = {k: h.check(k, overrides.get(k, h.default), cls.name) for k, h in cls.hparams.items()}
+        cls.check_combination(out)
+        return out
+
+    @classmethod
+    def check_combination(cls, hp: dict[str, Any]) -> None:
+        """Cross-field checks (e.g. lambda_max > lambda_min); raise ConfigError."""
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def setup(self) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def losses(self, out: StepOutputs) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method subclass under ``cls.name``."""
+    if not cls.name:
+        raise RuntimeError(f"{cls.__name__} has no name")
+    return METHODS.register(cls.name)(cls)
