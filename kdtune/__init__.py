@@ -1,0 +1,19 @@
+"""kdtune: fast, faithful sweeps of knowledge-distillation methods.
+
+``kdtune.train(cfg)`` trains one model and returns its result dict; ``kdtune.iter_train(cfg)`` yields one
+metrics dict per epoch. The engine imports nothing of Ray, Optuna or MLflow.
+"""
+
+__version__ = "0.1.0"
+
+
+def train(cfg=None, /, **overrides):
+    from kdtune.engine import train as _train
+
+    return _train(cfg, **overrides)
+
+
+def iter_train(cfg=None, /, **overrides):
+    from kdtune.engine import iter_train as _iter_train
+
+    return _iter_train(cfg, **overrides)

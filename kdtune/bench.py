@@ -1,0 +1,313 @@
+"""``kdtune bench``: images/s of kdtune's training step against a reference-style loop, side by side.
+
+The reference loop is what the public CRD / mdistiller code does: a torchvision-style dataset that turns each
+uint8 image into a PIL image, ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``,
+``Normalize`` in DataLoader workers, fp32, the teacher under ``no_grad``, SGD. kdtune's loop is the engine's own
+``Trainer.train_pass``: the data set resident on the device as uint8, crops and flips there, the teacher under
+``inference_mode``, bf16 autocast and channels_last on CUDA, optional ``torch.compile``.
+
+Both loops train the same teacher/student pair with the same method (vanilla KD) and batch, on the same
+images (synthetic CIFAR-shaped data unless ``--data`` names a real data set). Each is timed over ``--repeats``
+passes of ``--steps`` steps after ``--warmup`` steps; the table gives the median, min and max images/s, the
+FLOPs per image (teacher forward + student forward and backward, counted by torch's FlopCounterMode) and, on
+a GPU, the fraction of the device's bf16 dense peak reached. Imports nothing of Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default="resnet32x4", help="teacher architecture (default resnet32x4)")
+    p.add_argument("--student", default="resnet8x4", help="student architecture (default resnet8x4)")
+    p.add_argument("--batch", type=int, nargs="+", default=[64], help="batch sizes to measure (default 64)")
+    p.add_argument("--data", default=None, help="a registered in-memory data set (default: synthetic CIFAR-100)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20 CPU / 100 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU / 30 GPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers of the reference loop (default min(8, CPUs))")
+    p.add_argument("--compile", action="store_true", help="also torch.compile kdtune's student")
+    p.add_argument("--only", choices=["kdtune", "reference"], default=None, help="measure one loop only")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not in the table")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def synthetic_bundle(n_train: int, num_classes: int = 100, size: int = 32, seed: int = 0):
+    from kdtune.data.base import DataBundle, Split
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n_train, 3, size, size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, num_classes, (n_train,), generator=g)
+    test = Split(x[:256].clone(), y[:256].clone())
+    empty = Split(x[:0], y[:0])
+    return DataBundle(
+        name="synthetic-cifar100", num_classes=num_classes, in_channels=3, image_size=size,
+        train=Split(x, y), val=empty, test=test,
+        mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761), crop_padding=4, flip=True,
+    )
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """The torchvision CIFAR pattern: uint8 HWC array -> PIL image -> transforms, one image at a time."""
+
+    def __init__(self, x_nchw: torch.Tensor, y: torch.Tensor, mean, std, padding: int, flip: bool):
+        import torchvision.transforms as T
+
+        self.x = x_nchw.permute(0, 2, 3, 1).contiguous().numpy()
+        self.y = y.tolist()
+        size = self.x.shape[1]
+        aug = [T.RandomCrop(size, padding=padding)] if padding else []
+        aug += [T.RandomHorizontalFlip()] if flip else []
+        self.transform = T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = self.x[i]
+        img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        return self.transform(img), self.y[i]
+
+
+# ---------------------------------------------------------------------------------------------- loops
+def _time_passes(run_steps, warmup: int, steps: int, repeats: int, sync) -> list[float]:
+    """Seconds of each timed pass of ``steps`` steps, after ``warmup`` untimed steps."""
+    if warmup:
+        run_steps(warmup)
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_steps(steps)
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def reference_loop(bundle, teacher, student, batch: int, device, workers: int, warmup, steps, repeats):
+    """The public repositories' loop: DataLoader + PIL transforms, fp32, teacher under no_grad."""
+    from kdtune.losses.kd import kd
+
+    ds = PILDataset(bundle.train.x, bundle.train.y, bundle.mean, bundle.std, bundle.crop_padding, bundle.flip)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
+        drop_last=True, persistent_workers=workers > 0,
+    )
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    teacher.eval()
+    student.train()
+    state = {"it": iter(loader)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            return next(state["it"])
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            x, y = next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad():
+                t = teacher(x)
+            s = student(x)
+            loss = 0.1 * F.cross_entropy(s, y) + 0.9 * kd(s, t, 4.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
+
+
+def kdtune_loop(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, compile_: bool, warmup, steps,
+                repeats):
+    """The engine's own training pass (Trainer.train_pass) with method kd."""
+    from kdtune.config import TrainConfig
+    from kdtune.engine.trainer import Trainer
+
+    cfg = TrainConfig.from_dict(dict(
+        data="cifar100", model=student_arch, teacher=teacher_ckpt, method="kd", batch_size=batch,
+        epochs=1, device=str(device), compile=compile_, val_fraction=0.0, lr=0.05,
+    ))
+    trainer = Trainer(cfg, data=bundle)
+    state = {"epoch": 0}
+
+    def run_steps(n: int) -> None:
+        left = n
+        while left > 0:
+            _, done, _, _ = trainer.train_pass(state["epoch"], max_steps=left)
+            left -= done
+            if left > 0:
+                state["epoch"] += 1
+
+    return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def flops_per_image(teacher, student, in_shape, device) -> tuple[float, float]:
+    """(teacher forward, student forward+backward) FLOPs for one image, counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, *in_shape, device=device)
+    teacher.eval()
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            teacher(x)
+    t = fc.get_total_flops() / 2
+    student.train()
+    with FlopCounterMode(display=False) as fc:
+        student(x).sum().backward()
+    student.zero_grad(set_to_none=True)
+    s = fc.get_total_flops() / 2
+    return float(t), float(s)
+
+
+def bf16_peak(device, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run(args) -> list[dict]:
+    from kdtune.data import load_data
+    from kdtune.engine.trainer import resolve_device
+    from kdtune.errors import ConfigError
+    from kdtune.models import create_model
+    from kdtune.models.checkpoint import save_model
+
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    steps = args.steps or (100 if gpu else 20)
+    warmup = args.warmup if args.warmup is not None else (30 if gpu else 3)
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    for name, v in (("--steps", steps), ("--repeats", args.repeats)):
+        if v < 1:
+            raise ConfigError(f"{name}={v} is out of range; it must be >= 1")
+    if any(b < 1 for b in args.batch):
+        raise ConfigError(f"--batch {args.batch} is out of range; batch sizes must be >= 1")
+    need = max(args.batch) * (steps + warmup + 1)
+    if args.data:
+        bundle = load_data(args.data, root=args.data_root, val_fraction=0.0)
+        if not bundle.in_memory:
+            raise ConfigError(f"--data {args.data} is a folder data set; bench measures in-memory data sets")
+    else:
+        bundle = synthetic_bundle(min(max(need, 4096), 50_000))
+    in_shape = tuple(bundle.train.x.shape[1:])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        teacher = create_model(args.teacher, bundle.num_classes, bundle.in_channels)
+        ckpt = str(Path(tmp) / "teacher.pt")
+        save_model(ckpt, teacher, args.teacher, bundle.num_classes, bundle.in_channels, {"bench": True})
+        student = create_model(args.student, bundle.num_classes, bundle.in_channels)
+        t_flops, s_flops = flops_per_image(teacher, student, in_shape, torch.device("cpu"))
+        peak = bf16_peak(device, args.peak_tflops)
+        for batch in args.batch:
+            row = {"batch": batch, "device": _device_name(device), "teacher": args.teacher, "student": args.student,
+                   "flops_per_image": t_flops + s_flops, "teacher_flops": t_flops, "student_flops": s_flops,
+                   "steps": steps, "repeats": args.repeats, "workers": workers, "torch": torch.__version__}
+            if args.only != "kdtune":
+                ref_t = create_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
+                ref_t.load_state_dict(teacher.state_dict())
+                ref_s = create_model(args.student, bundle.num_classes, bundle.in_channels).to(device)
+                secs = reference_loop(bundle, ref_t, ref_s, batch, device, workers, warmup, steps, args.repeats)
+                row["reference"] = [batch * steps / s for s in secs]
+                del ref_t, ref_s
+            if args.only != "reference":
+                secs = kdtune_loop(bundle, ckpt, args.student, batch, device, False, warmup, steps, args.repeats)
+                row["kdtune"] = [batch * steps / s for s in secs]
+                if args.compile:
+                    secs = kdtune_loop(bundle, ckpt, args.student, batch, device, True, warmup, steps, args.repeats)
+                    row["kdtune+compile"] = [batch * steps / s for s in secs]
+            row["peak_flops"] = peak
+            results.append(row)
+    return results
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+LOOP_LABELS = {
+    "reference": "reference (DataLoader+PIL, fp32)",
+    "kdtune": "kdtune (device-resident, bf16 on GPU)",
+    "kdtune+compile": "kdtune + torch.compile",
+}
+
+
+def format_table(results: list[dict]) -> str:
+    lines = []
+    for row in results:
+        gf = row["flops_per_image"] / 1e9
+        lines.append(
+            f"{row['teacher']} -> {row['student']}, method kd, batch {row['batch']}, {row['device']}, "
+            f"torch {row['torch']}; {gf:.3f} GFLOP/image (teacher fwd {row['teacher_flops'] / 1e9:.3f} + "
+            f"student fwd+bwd {row['student_flops'] / 1e9:.3f}); median of {row['repeats']} x {row['steps']} steps"
+        )
+        head = f"  {'loop':<40} {'img/s median':>12} {'min':>9} {'max':>9} {'vs ref':>7}"
+        if row.get("peak_flops"):
+            head += f" {'% bf16 peak':>12}"
+        lines.append(head)
+        ref = statistics.median(row["reference"]) if "reference" in row else None
+        for key, label in LOOP_LABELS.items():
+            if key not in row:
+                continue
+            vals = row[key]
+            med = statistics.median(vals)
+            ratio = f"{med / ref:6.2f}x" if ref else "     - "
+            line = f"  {label:<40} {med:>12,.0f} {min(vals):>9,.0f} {max(vals):>9,.0f} {ratio:>7}"
+            if row.get("peak_flops"):
+                line += f" {100 * med * row['flops_per_image'] / row['peak_flops']:>11.1f}%"
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def main(args) -> int:
+    results = run(args)
+    print(format_table(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,157 @@
+"""The ``kdtune`` command line.
+
+Every subcommand is a function taking the parsed arguments and returning an exit code. Errors the user can
+fix (:class:`~kdtune.errors.KdtuneError`) print one line, ``kdtune: error: ...``, and exit with status 2.
+Ray, Optuna and MLflow are imported only by the sweep commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kdtune.errors import KdtuneError
+
+TRAIN_EPILOG = """\
+settings are key=value words (YAML values); method hyperparameters bare (T=4) or prefixed (kd.T=4).
+examples:
+  kdtune train data=digits model=resnet8x4 method=ce epochs=30 out=runs/teacher
+  kdtune train data=digits model=resnet8 teacher=runs/teacher method=kd epochs=30 out=runs/kd
+  kdtune train --config trial.yaml epochs=5
+  kdtune train data=cifar100 data_root=~/data model=resnet8x4 teacher=t.pt method=dkd preset=crd
+fields: {fields}
+"""
+
+
+def _train(args) -> int:
+    from kdtune.config import TrainConfig
+    from kdtune.engine import iter_train
+
+    cfg = TrainConfig.from_args(args.settings, args.config)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    progress = not args.no_progress and sys.stderr.isatty()
+    gen = iter_train(cfg, log=log, progress=progress)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+    where = f"; wrote {cfg.out}" if cfg.out else ""
+    print(
+        f"done: test acc {result['test_acc']:.2f}% (best {result['best_test_acc']:.2f}%) after "
+        f"{result['epochs']} epochs in {result['wall_s']:.1f}s{where}",
+        flush=True,
+    )
+    return 0
+
+
+def _methods(args) -> int:
+    from kdtune.losses import METHODS
+
+    names = [args.name] if args.name else METHODS.names()
+    for name in names:
+        cls = METHODS.get(name)
+        needs = [w for w, f in (("teacher", cls.needs_teacher), ("init", cls.needs_init)) if f]
+        print(f"{name}: {cls.summary}" + (f"  [needs {', '.join(needs)}]" if needs else ""))
+        for hp_name, hp in cls.hparams.items():
+            print(f"    {hp_name:<14} default {hp.default!s:<8} range {hp.range_text():<16} {hp.doc}")
+    return 0
+
+
+def _models(args) -> int:
+    from kdtune.models import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise KdtuneError(f"no model matches {args.pattern!r}; try `kdtune models` for the whole list")
+    print("\n".join(names))
+    return 0
+
+
+def _data(args) -> int:
+    from kdtune.data import default_root, list_datasets
+
+    print("\n".join(list_datasets()))
+    print(f"(data_root default: {default_root()}; set KDTUNE_DATA or data_root=)")
+    return 0
+
+
+def _bench(args) -> int:
+    from kdtune.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _reproduce(args) -> int:
+    if args.what == "disk-toys":
+        from kdtune.reproduce.disk_toys import main as disk_main
+
+        return int(disk_main(args.rest) or 0)
+    raise KdtuneError(f"unknown reproduction {args.what!r}; available: disk-toys")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdtune import __version__
+    from kdtune.config import TrainConfig
+
+    p = argparse.ArgumentParser(prog="kdtune", description="Sweeps of knowledge-distillation methods.")
+    p.add_argument("--version", action="version", version=f"kdtune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser(
+        "train", help="train one model (teacher or student)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG.format(fields=", ".join(TrainConfig.fields())),
+    )
+    t.add_argument("--config", help="YAML file of settings; key=value words override it")
+    t.add_argument("--quiet", action="store_true", help="print only the final line")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("settings", nargs="*", metavar="key=value")
+    t.set_defaults(func=_train)
+
+    m = sub.add_parser("methods", help="list methods with their hyperparameters, defaults and ranges")
+    m.add_argument("name", nargs="?")
+    m.set_defaults(func=_methods)
+
+    mo = sub.add_parser("models", help="list registered models (glob pattern)")
+    mo.add_argument("pattern", nargs="?", default="*")
+    mo.set_defaults(func=_models)
+
+    d = sub.add_parser("data", help="list data sets")
+    d.set_defaults(func=_data)
+
+    from kdtune.bench import add_arguments as bench_args
+
+    b = sub.add_parser("bench", help="images/s of kdtune's training step vs a reference-style loop")
+    bench_args(b)
+    b.set_defaults(func=_bench)
+
+    r = sub.add_parser("reproduce", help="reproduce a paper's result on the CPU (disk-toys)")
+    r.add_argument("what", choices=["disk-toys"])
+    r.add_argument("rest", nargs=argparse.REMAINDER, help="options of the reproduction (see its --help)")
+    r.set_defaults(func=_reproduce)
+
+    from kdtune.tune.cli import add_commands
+
+    add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KdtuneError as e:
+        print(f"kdtune: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("kdtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""The training loop: one student, optionally one teacher, one method; free of Ray and MLflow.
+
+``Trainer(cfg).run()`` yields one metrics dict per epoch; ``state_dict``/``load_state_dict`` hold everything
+needed to resume (model, method modules and state, optimiser, step, epoch, history, RNG), so a run stopped
+after epoch k and resumed ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.config import TrainConfig
+from kdtune.data import DataBundle, Split, load_data
+from kdtune.data.loader import DeviceLoader
+from kdtune.engine.schedule import lr_factor
+from kdtune.errors import CheckpointError, ConfigError, KdtuneError
+from kdtune.losses import METHODS, MethodContext, StepOutputs
+from kdtune.models import create_model
+
+STATE_FORMAT = 1
+
+
+class DivergedError(KdtuneError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for but no CUDA device is visible; use device=cpu or device=auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def checkpoint_file(source: str) -> str:
+    """A run directory stands for its final.pt; URLs and files pass through."""
+    if "://" in source:
+        return source
+    p = Path(source)
+    if p.is_dir():
+        final = p / "final.pt"
+        if not final.is_file():
+            raise CheckpointError(
+                f"{source} is a directory without final.pt; point at a finished run's directory or a .pt file"
+            )
+        return str(final)
+    return source
+
+
+def forward(model: nn.Module, x: Tensor, features: bool) -> tuple[Tensor, Tensor | None]:
+    if features:
+        logits, feats = model(x, return_features=True)
+        return logits, feats
+    return model(x), None
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: DataBundle | None = None,
+        *,
+        log: Callable[[str], None] | None = None,
+        progress: bool = False,
+    ):
+        self.cfg = cfg
+        self.log = log or (lambda s: None)
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = self._amp_dtype()
+        self.use_channels_last = cfg.channels_last and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(cfg.seed)
+
+        self.data = data if data is not None else load_data(
+            cfg.data, root=cfg.data_root, download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.data_seed
+        )
+        d = self.data
+        self.method_cls = METHODS.get(cfg.method)
+        self.student = create_model(cfg.model, d.num_classes, d.in_channels).to(self.device)
+        if self.use_channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+
+        self._make_loaders()
+
+        self.teacher: nn.Module | None = None
+        self.teacher_info: dict[str, Any] = {}
+        if cfg.teacher:
+            self._load_teacher()
+        self.init_info: dict[str, Any] = {}
+        if cfg.init:
+            self._load_init()
+
+        ctx = MethodContext(
+            num_classes=d.num_classes,
+            epochs=cfg.epochs,
+            steps_per_epoch=len(self.train_loader),
+            device=self.device,
+            student=self.student,
+            teacher=self.teacher,
+            student_feat_dim=getattr(self.student, "feat_dim", None),
+            teacher_feat_dim=getattr(self.teacher, "feat_dim", None) if self.teacher is not None else None,
+            train_batches=self._plain_train_batches,
+            init_error=self.init_info.get("train_error"),
+            extra={"data": d.name, "init_val_error": self.init_info.get("val_error")},
+        )
+        self.method = self.method_cls(dict(cfg.hp), ctx)
+        self.method_modules = nn.ModuleDict(self.method.trainable_modules()).to(self.device)
+        params = list(self.student.parameters()) + list(self.method_modules.parameters())
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                weight_decay=cfg.weight_decay,
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.student_fwd: nn.Module = torch.compile(self.student) if cfg.compile else self.student
+
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimiser steps taken
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"val_acc": -1.0, "test_acc": -1.0, "epoch": 0, "test_acc_at_best_val": None}
+        self._setup_done = False
+        self.train_time = 0.0
+        self.train_images = 0
+
+    # ------------------------------------------------------------------ construction helpers
+    def _amp_dtype(self) -> torch.dtype | None:
+        mode = self.cfg.amp
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        return torch.bfloat16
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _make_loaders(self) -> None:
+        cfg, d = self.cfg, self.data
+        common = dict(device=self.device, mean=d.mean, std=d.std, data_seed=cfg.data_seed,
+                      channels_last=self.use_channels_last)
+        if d.in_memory:
+            def mk(split: Split, train: bool, bs: int):
+                return DeviceLoader(split, bs, train=train, crop_padding=d.crop_padding, flip=d.flip,
+                                    augment=cfg.augment, **common)
+        else:
+            from kdtune.data.folder import FolderLoader
+
+            def mk(split, train: bool, bs: int):
+                return FolderLoader(split, bs, train=train, device=self.device, mean=d.mean, std=d.std,
+                                    image_size=d.image_size, data_seed=cfg.data_seed, num_workers=cfg.num_workers)
+        self.train_loader = mk(d.train, True, cfg.batch_size)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"data set {d.name!r} has no training examples; check data_root and val_fraction")
+        self.val_loader = mk(d.val, False, cfg.eval_batch_size) if len(d.val) else None
+        self.test_loader = mk(d.test, False, cfg.eval_batch_size)
+        self._plain_train_loader = mk(d.train, False, cfg.eval_batch_size)
+
+    def _plain_train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._plain_train_loader.epoch(0)
+
+    def _load_teacher(self) -> None:
+        from kdtune.models.checkpoint import load_model
+
+        cfg, d = self.cfg, self.data
+        model, info = load_model(checkpoint_file(cfg.teacher), arch=cfg.teacher_model, num_classes=d.num_classes,
+                                 in_channels=d.in_channels, map_location="cpu")
+        model = model.to(self.device).eval()
+        if self.use_channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.teacher = model
+        val = self.evaluate(model, self.val_loader) if self.val_loader is not None else {}
+        test = self.evaluate(model, self.test_loader)
+        self.teacher_info = {
+            "arch": info.get("arch"),
+            "source": cfg.teacher,
+            "val_acc": val.get("acc"),
+            "test_acc": test["acc"],
+        }
+        self.log(
+            f"teacher {info.get('arch')} from {cfg.teacher}: test acc {test['acc']:.2f}%"
+            + (f", val acc {val['acc']:.2f}%" if val else "")
+        )
+
+    def _load_init(self) -> None:
+        from kdtune.models.checkpoint import load_model
+
+        cfg, d = self.cfg, self.data
+        model, info = load_model(checkpoint_file(cfg.init), arch=cfg.model, num_classes=d.num_classes,
+                                 in_channels=d.in_channels, map_location="cpu")
+        self.student.load_state_dict(model.state_dict())
+        train = self.evaluate(self.student, self._plain_train_loader)
+        val = self.evaluate(self.student, self.val_loader) if self.val_loader is not None else {}
+        self.init_info = {
+            "source": cfg.init,
+            "train_error": 1.0 - train["acc"] / 100.0,
+            "val_error": (1.0 - val["acc"] / 100.0) if val else None,
+        }
+        self.log(f"student initialised from {cfg.init}: train error {self.init_info['train_error']:.4f}")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        correct = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        n = 0
+        for x, y in loader.epoch(0):
+            with self.autocast():
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            n += y.shape[0]
+        model.train(was_training)
+        n = max(n, 1)
+        return {"acc": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+
+    # ------------------------------------------------------------------ training
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _set_lr(self) -> None:
+        cfg = self.cfg
+        f = lr_factor(self.step / len(self.train_loader), epochs=cfg.epochs, schedule=cfg.schedule,
+                      milestones=cfg.milestones, lr_decay=cfg.lr_decay, warmup_epochs=cfg.warmup_epochs)
+        for g in self.optimizer.param_groups:
+            g["lr"] = cfg.lr * f
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        """Train the remaining epochs, yielding one metrics dict per epoch."""
+        if not self._setup_done and self.epoch == 0:
+            self.method.setup()
+        self._setup_done = True
+        while self.epoch < self.cfg.epochs:
+            yield self.train_epoch()
+
+    def train_pass(self, e: int, max_steps: int | None = None) -> tuple[dict[str, Tensor], int, int, float]:
+        """Optimiser steps over epoch ``e``'s batches (at most ``max_steps``).
+
+        Returns (summed loss terms as device tensors, steps, images, seconds). Loss values are not synced to
+        the host inside the loop: one sync at the end.
+        """
+        cfg, m = self.cfg, self.method_cls
+        self.student.train()
+        self.method_modules.train()
+        sums: dict[str, Tensor] = {}
+        n_img = steps = 0
+        total = len(self.train_loader) if max_steps is None else min(max_steps, len(self.train_loader))
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"epoch {e + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                       dynamic_ncols=True, mininterval=0.5)
+        self._sync()
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader.epoch(e)):
+            if i >= total:
+                break
+            self._set_lr()
+            t_logits = t_feats = None
+            with self.autocast():
+                if self.teacher is not None:
+                    with torch.inference_mode():
+                        t_out = forward(self.teacher, x, m.needs_teacher_features)
+                    t_logits = t_out[0].float().clone()
+                    t_feats = t_out[1].float().clone() if t_out[1] is not None else None
+                s_logits, s_feats = forward(self.student_fwd, x, m.needs_student_features)
+            out = StepOutputs(
+                student_logits=s_logits.float(), targets=y, epoch=e, step=i, teacher_logits=t_logits,
+                student_features=s_feats.float() if s_feats is not None else None, teacher_features=t_feats,
+                images=x,
+            )
+            terms = self.method.losses(out)
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            steps += 1
+            n_img += y.shape[0]
+            for k, v in terms.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            if bar is not None:
+                bar.update(1)
+        self._sync()
+        seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        return sums, steps, n_img, seconds
+
+    def train_epoch(self) -> dict[str, Any]:
+        cfg, e = self.cfg, self.epoch
+        self.method.on_epoch_start(e)
+        sums, steps, n_img, train_s = self.train_pass(e)
+        steps = max(steps, 1)
+        term_means = {k: v.item() / steps for k, v in sums.items()}
+        train_loss = sum(term_means.values())
+        if not math.isfinite(train_loss):
+            raise DivergedError(
+                f"training loss became {train_loss} in epoch {e + 1}; lower lr or the method's weights "
+                f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in term_means.items())})"
+            )
+        self.epoch += 1
+        self.train_time += train_s
+        self.train_images += n_img
+        t1 = time.perf_counter()
+        val = self.evaluate(self.student, self.val_loader) if self.val_loader is not None else None
+        test = self.evaluate(self.student, self.test_loader)
+        eval_s = time.perf_counter() - t1
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "epochs": cfg.epochs,
+            "lr": self.current_lr(),
+            "train_loss": train_loss,
+            **{f"loss_{k}": v for k, v in term_means.items()},
+            "val_acc": val["acc"] if val else None,
+            "val_loss": val["loss"] if val else None,
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "train_images_per_s": n_img / max(train_s, 1e-9),
+            "train_s": train_s,
+            "eval_s": eval_s,
+        }
+        key = "val_acc" if val else "test_acc"
+        is_best = metrics[key] > self.best["val_acc"]
+        if is_best:
+            self.best = {"val_acc": metrics[key], "epoch": self.epoch, "test_acc_at_best_val": test["acc"],
+                         "test_acc": self.best.get("test_acc", -1.0)}
+        self.best["test_acc"] = max(self.best.get("test_acc", -1.0), test["acc"])
+        metrics["best_val_acc"] = self.best["val_acc"] if val else None
+        metrics["best_test_acc"] = self.best["test_acc"]
+        metrics["is_best"] = is_best
+        self.history.append(metrics)
+        return metrics
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ results
+    def result(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "test_acc": last.get("test_acc"),
+            "test_loss": last.get("test_loss"),
+            "val_acc": last.get("val_acc"),
+            "val_loss": last.get("val_loss"),
+            "best_test_acc": self.best.get("test_acc"),
+            "best_val_acc": self.best.get("val_acc") if last.get("val_acc") is not None else None,
+            "best_epoch": self.best.get("epoch"),
+            "test_acc_at_best_val": self.best.get("test_acc_at_best_val"),
+            "epochs": self.epoch,
+            "seed": self.cfg.seed,
+            "train_images_per_s": self.train_images / max(self.train_time, 1e-9),
+            "train_s": self.train_time,
+            "teacher": self.teacher_info or None,
+            "init": self.init_info or None,
+            "num_params": sum(p.numel() for p in self.student.parameters()),
+            "environment": environment(self.device),
+            "config": self.cfg.to_dict(),
+            "history": self.history,
+        }
+
+    def model_meta(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {"data": self.data.name, "method": self.cfg.method, "epochs": self.epoch,
+                "test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"), "seed": self.cfg.seed}
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "kdtune_state": STATE_FORMAT,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.student.state_dict(),
+            "method_modules": self.method_modules.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "train_time": self.train_time,
+            "train_images": self.train_images,
+            "teacher_info": self.teacher_info,
+            "init_info": self.init_info,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if self.device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kdtune_state") != STATE_FORMAT:
+            raise CheckpointError("this file is not a kdtune training state (state.pt); resume from a run directory")
+        saved = TrainConfig(**{k: v for k, v in state["config"].items()})
+        mine, theirs = self.cfg.identity(), saved.identity()
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k) and k != "epochs")
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"cannot resume: {k} was {theirs.get(k)!r} in the saved run but is {mine[k]!r} now; "
+                f"use the saved config or start a new run in another out= directory"
+            )
+        self.student.load_state_dict(state["model"])
+        self.method_modules.load_state_dict(state["method_modules"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.train_time = float(state.get("train_time", 0.0))
+        self.train_images = int(state.get("train_images", 0))
+        self.teacher_info = state.get("teacher_info") or self.teacher_info
+        self.init_info = state.get("init_info") or self.init_info
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._setup_done = True
+
+    def save_state(self, path: str | Path) -> None:
+        atomic_torch_save(self.state_dict(), Path(path))
+
+    def load_state(self, path: str | Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"no training state at {path}; nothing to resume") from None
+        except Exception as e:  # noqa: BLE001 - corrupt or foreign file
+            raise CheckpointError(f"cannot read training state {path}: {type(e).__name__}; start a new run") from None
+        self.load_state_dict(state)
+
+    def save_model(self, path: str | Path) -> None:
+        from kdtune.models.checkpoint import save_model
+
+        d = self.data
+        save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import kdtune
+
+    env = {
+        "kdtune": kdtune.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
