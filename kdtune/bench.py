@@ -42,14 +42,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="resnet32x4", help="teacher architecture (default resnet32x4)")
     p.add_argument("--student", default="resnet8x4", help="student architecture (default resnet8x4)")
     p.add_argument("--batch", type=int, nargs="+", default=[64], help="batch sizes to measure (default 64)")
-    p.add_argument("--data", default=None, help="a registered in-memory data set (default: synthetic CIFAR-100)")
+    p.add_argument(
+        "--data", default=None, help="a registered in-memory data set (default: synthetic CIFAR-100)"
+    )
     p.add_argument("--data-root", default=None)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20 CPU / 100 GPU)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per repeat (default 20 CPU / 100 GPU)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU / 30 GPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers of the reference loop (default min(8, CPUs))")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers of the reference loop (default min(8, CPUs))",
+    )
     p.add_argument("--compile", action="store_true", help="also torch.compile kdtune's student")
     p.add_argument("--only", choices=["kdtune", "reference"], default=None, help="measure one loop only")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -66,9 +74,17 @@ def synthetic_bundle(n_train: int, num_classes: int = 100, size: int = 32, seed:
     test = Split(x[:256].clone(), y[:256].clone())
     empty = Split(x[:0], y[:0])
     return DataBundle(
-        name="synthetic-cifar100", num_classes=num_classes, in_channels=3, image_size=size,
-        train=Split(x, y), val=empty, test=test,
-        mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761), crop_padding=4, flip=True,
+        name="synthetic-cifar100",
+        num_classes=num_classes,
+        in_channels=3,
+        image_size=size,
+        train=Split(x, y),
+        val=empty,
+        test=test,
+        mean=(0.5071, 0.4867, 0.4408),
+        std=(0.2675, 0.2565, 0.2761),
+        crop_padding=4,
+        flip=True,
     )
 
 
@@ -117,8 +133,13 @@ def reference_loop(bundle, teacher, student, batch: int, device, workers: int, w
 
     ds = PILDataset(bundle.train.x, bundle.train.y, bundle.mean, bundle.std, bundle.crop_padding, bundle.flip)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
-        drop_last=True, persistent_workers=workers > 0,
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
     )
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     teacher.eval()
@@ -147,16 +168,27 @@ def reference_loop(bundle, teacher, student, batch: int, device, workers: int, w
     return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
 
 
-def kdtune_loop(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, compile_: bool, warmup, steps,
-                repeats):
+def kdtune_loop(
+    bundle, teacher_ckpt: str, student_arch: str, batch: int, device, compile_: bool, warmup, steps, repeats
+):
     """The engine's own training pass (Trainer.train_pass) with method kd."""
     from kdtune.config import TrainConfig
     from kdtune.engine.trainer import Trainer
 
-    cfg = TrainConfig.from_dict(dict(
-        data="cifar100", model=student_arch, teacher=teacher_ckpt, method="kd", batch_size=batch,
-        epochs=1, device=str(device), compile=compile_, val_fraction=0.0, lr=0.05,
-    ))
+    cfg = TrainConfig.from_dict(
+        dict(
+            data="cifar100",
+            model=student_arch,
+            teacher=teacher_ckpt,
+            method="kd",
+            batch_size=batch,
+            epochs=1,
+            device=str(device),
+            compile=compile_,
+            val_fraction=0.0,
+            lr=0.05,
+        )
+    )
     trainer = Trainer(cfg, data=bundle)
     state = {"epoch": 0}
 
@@ -243,21 +275,37 @@ def run(args) -> list[dict]:
         t_flops, s_flops = flops_per_image(teacher, student, in_shape, torch.device("cpu"))
         peak = bf16_peak(device, args.peak_tflops)
         for batch in args.batch:
-            row = {"batch": batch, "device": _device_name(device), "teacher": args.teacher, "student": args.student,
-                   "flops_per_image": t_flops + s_flops, "teacher_flops": t_flops, "student_flops": s_flops,
-                   "steps": steps, "repeats": args.repeats, "workers": workers, "torch": torch.__version__}
+            row = {
+                "batch": batch,
+                "device": _device_name(device),
+                "teacher": args.teacher,
+                "student": args.student,
+                "flops_per_image": t_flops + s_flops,
+                "teacher_flops": t_flops,
+                "student_flops": s_flops,
+                "steps": steps,
+                "repeats": args.repeats,
+                "workers": workers,
+                "torch": torch.__version__,
+            }
             if args.only != "kdtune":
                 ref_t = create_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
                 ref_t.load_state_dict(teacher.state_dict())
                 ref_s = create_model(args.student, bundle.num_classes, bundle.in_channels).to(device)
-                secs = reference_loop(bundle, ref_t, ref_s, batch, device, workers, warmup, steps, args.repeats)
+                secs = reference_loop(
+                    bundle, ref_t, ref_s, batch, device, workers, warmup, steps, args.repeats
+                )
                 row["reference"] = [batch * steps / s for s in secs]
                 del ref_t, ref_s
             if args.only != "reference":
-                secs = kdtune_loop(bundle, ckpt, args.student, batch, device, False, warmup, steps, args.repeats)
+                secs = kdtune_loop(
+                    bundle, ckpt, args.student, batch, device, False, warmup, steps, args.repeats
+                )
                 row["kdtune"] = [batch * steps / s for s in secs]
                 if args.compile:
-                    secs = kdtune_loop(bundle, ckpt, args.student, batch, device, True, warmup, steps, args.repeats)
+                    secs = kdtune_loop(
+                        bundle, ckpt, args.student, batch, device, True, warmup, steps, args.repeats
+                    )
                     row["kdtune+compile"] = [batch * steps / s for s in secs]
             row["peak_flops"] = peak
             results.append(row)

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     t = sub.add_parser(
-        "train", help="train one model (teacher or student)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="train one model (teacher or student)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TRAIN_EPILOG.format(fields=", ".join(TrainConfig.fields())),
     )
     t.add_argument("--config", help="YAML file of settings; key=value words override it")

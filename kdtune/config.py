@@ -56,7 +56,9 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    milestones: list = field(default_factory=list)  # epochs at which a step schedule multiplies lr by lr_decay
+    milestones: list = field(
+        default_factory=list
+    )  # epochs at which a step schedule multiplies lr by lr_decay
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
     # execution
@@ -159,7 +161,9 @@ class TrainConfig:
         if self.preset is not None:
             _choice("preset", self.preset, PRESETS)
         for m in self.milestones:
-            _require(0 < m < self.epochs, "milestones", self.milestones, "epochs strictly between 0 and epochs")
+            _require(
+                0 < m < self.epochs, "milestones", self.milestones, "epochs strictly between 0 and epochs"
+            )
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"milestones={self.milestones} must be increasing")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
@@ -242,7 +246,9 @@ def preset_values(name: str, model: str) -> dict[str, Any]:
             "lr_decay": 0.1,
             "warmup_epochs": 0.0,
         }
-    raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; valid presets: {', '.join(PRESETS)}")
+    raise ConfigError(
+        f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; valid presets: {', '.join(PRESETS)}"
+    )
 
 
 def parse_overrides(words: list[str]) -> dict[str, Any]:
@@ -273,7 +279,9 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of key: value, not a {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of key: value, not a {type(data).__name__}"
+        )
     return data
 
 
@@ -294,7 +302,9 @@ def _require(ok: bool, name: str, value: Any, valid: str) -> None:
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid{did_you_mean(value, choices)}; choose one of {', '.join(choices)}")
+        raise ConfigError(
+            f"{name}={value!r} is not valid{did_you_mean(value, choices)}; choose one of {', '.join(choices)}"
+        )
 
 
 def dumps(obj: Any) -> str:

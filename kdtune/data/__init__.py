@@ -28,10 +28,16 @@ def default_root() -> Path:
 
 
 def load_data(
-    name: str, root: str | os.PathLike | None = None, download: bool = False, val_fraction: float = 0.1, seed: int = 0
+    name: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
 ) -> DataBundle:
     factory = DATASETS.get(name)
-    return factory(root=Path(root) if root else default_root(), download=download, val_fraction=val_fraction, seed=seed)
+    return factory(
+        root=Path(root) if root else default_root(), download=download, val_fraction=val_fraction, seed=seed
+    )
 
 
 def list_datasets() -> list[str]:

@@ -47,7 +47,9 @@ def epoch_permutation(n: int, data_seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-def augment_uint8(x: Tensor, index: Tensor, *, data_seed: int, epoch: int, padding: int, flip: bool) -> Tensor:
+def augment_uint8(
+    x: Tensor, index: Tensor, *, data_seed: int, epoch: int, padding: int, flip: bool
+) -> Tensor:
     """Random crop with zero padding and horizontal flip of a uint8 NCHW batch, drawn per (seed, epoch, index).
 
     Zero padding of the uint8 image is what torchvision's ``RandomCrop(32, padding=4)`` does on the PIL image.
@@ -134,7 +136,9 @@ class DeviceLoader:
         x = self.x[idx]
         if self.images:
             if self.crop_padding or self.flip:
-                x = augment_uint8(x, idx, data_seed=self.data_seed, epoch=e, padding=self.crop_padding, flip=self.flip)
+                x = augment_uint8(
+                    x, idx, data_seed=self.data_seed, epoch=e, padding=self.crop_padding, flip=self.flip
+                )
             x = x.float().mul_(self._scale).add_(self._shift)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

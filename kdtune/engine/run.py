@@ -118,5 +118,3 @@ def train(cfg: TrainConfig | dict | None = None, /, **kwargs) -> dict[str, Any]:
             next(gen)
         except StopIteration as stop:
             return stop.value
-
-

@@ -5,8 +5,15 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(epoch_float: float, *, epochs: int, schedule: str, milestones=(), lr_decay: float = 0.1,
-              warmup_epochs: float = 0.0) -> float:
+def lr_factor(
+    epoch_float: float,
+    *,
+    epochs: int,
+    schedule: str,
+    milestones=(),
+    lr_decay: float = 0.1,
+    warmup_epochs: float = 0.0,
+) -> float:
     """Multiplier of the base lr at fractional epoch ``epoch_float`` (0 = start of training).
 
     - warmup: linear from 1/steps up to 1 over ``warmup_epochs``;

@@ -42,7 +42,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was asked for but no CUDA device is visible; use device=cpu or device=auto")
+        raise ConfigError(
+            "device=cuda was asked for but no CUDA device is visible; use device=cpu or device=auto"
+        )
     return dev
 
 
@@ -95,8 +97,16 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed)
 
-        self.data = data if data is not None else load_data(
-            cfg.data, root=cfg.data_root, download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.data_seed
+        self.data = (
+            data
+            if data is not None
+            else load_data(
+                cfg.data,
+                root=cfg.data_root,
+                download=cfg.download,
+                val_fraction=cfg.val_fraction,
+                seed=cfg.data_seed,
+            )
         )
         d = self.data
         self.method_cls = METHODS.get(cfg.method)
@@ -132,7 +142,10 @@ class Trainer:
         params = list(self.student.parameters()) + list(self.method_modules.parameters())
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                params,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                nesterov=cfg.nesterov and cfg.momentum > 0,
                 weight_decay=cfg.weight_decay,
             )
         else:
@@ -142,7 +155,12 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"val_acc": -1.0, "test_acc": -1.0, "epoch": 0, "test_acc_at_best_val": None}
+        self.best: dict[str, Any] = {
+            "val_acc": -1.0,
+            "test_acc": -1.0,
+            "epoch": 0,
+            "test_acc_at_best_val": None,
+        }
         self._setup_done = False
         self.train_time = 0.0
         self.train_images = 0
@@ -161,21 +179,46 @@ class Trainer:
 
     def _make_loaders(self) -> None:
         cfg, d = self.cfg, self.data
-        common = dict(device=self.device, mean=d.mean, std=d.std, data_seed=cfg.data_seed,
-                      channels_last=self.use_channels_last)
+        common = dict(
+            device=self.device,
+            mean=d.mean,
+            std=d.std,
+            data_seed=cfg.data_seed,
+            channels_last=self.use_channels_last,
+        )
         if d.in_memory:
+
             def mk(split: Split, train: bool, bs: int):
-                return DeviceLoader(split, bs, train=train, crop_padding=d.crop_padding, flip=d.flip,
-                                    augment=cfg.augment, **common)
+                return DeviceLoader(
+                    split,
+                    bs,
+                    train=train,
+                    crop_padding=d.crop_padding,
+                    flip=d.flip,
+                    augment=cfg.augment,
+                    **common,
+                )
         else:
             from kdtune.data.folder import FolderLoader
 
             def mk(split, train: bool, bs: int):
-                return FolderLoader(split, bs, train=train, device=self.device, mean=d.mean, std=d.std,
-                                    image_size=d.image_size, data_seed=cfg.data_seed, num_workers=cfg.num_workers)
+                return FolderLoader(
+                    split,
+                    bs,
+                    train=train,
+                    device=self.device,
+                    mean=d.mean,
+                    std=d.std,
+                    image_size=d.image_size,
+                    data_seed=cfg.data_seed,
+                    num_workers=cfg.num_workers,
+                )
+
         self.train_loader = mk(d.train, True, cfg.batch_size)
         if len(self.train_loader) == 0:
-            raise ConfigError(f"data set {d.name!r} has no training examples; check data_root and val_fraction")
+            raise ConfigError(
+                f"data set {d.name!r} has no training examples; check data_root and val_fraction"
+            )
         self.val_loader = mk(d.val, False, cfg.eval_batch_size) if len(d.val) else None
         self.test_loader = mk(d.test, False, cfg.eval_batch_size)
         self._plain_train_loader = mk(d.train, False, cfg.eval_batch_size)
@@ -187,8 +230,13 @@ class Trainer:
         from kdtune.models.checkpoint import load_model
 
         cfg, d = self.cfg, self.data
-        model, info = load_model(checkpoint_file(cfg.teacher), arch=cfg.teacher_model, num_classes=d.num_classes,
-                                 in_channels=d.in_channels, map_location="cpu")
+        model, info = load_model(
+            checkpoint_file(cfg.teacher),
+            arch=cfg.teacher_model,
+            num_classes=d.num_classes,
+            in_channels=d.in_channels,
+            map_location="cpu",
+        )
         model = model.to(self.device).eval()
         if self.use_channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -212,8 +260,13 @@ class Trainer:
         from kdtune.models.checkpoint import load_model
 
         cfg, d = self.cfg, self.data
-        model, info = load_model(checkpoint_file(cfg.init), arch=cfg.model, num_classes=d.num_classes,
-                                 in_channels=d.in_channels, map_location="cpu")
+        model, info = load_model(
+            checkpoint_file(cfg.init),
+            arch=cfg.model,
+            num_classes=d.num_classes,
+            in_channels=d.in_channels,
+            map_location="cpu",
+        )
         self.student.load_state_dict(model.state_dict())
         train = self.evaluate(self.student, self._plain_train_loader)
         val = self.evaluate(self.student, self.val_loader) if self.val_loader is not None else {}
@@ -249,8 +302,14 @@ class Trainer:
 
     def _set_lr(self) -> None:
         cfg = self.cfg
-        f = lr_factor(self.step / len(self.train_loader), epochs=cfg.epochs, schedule=cfg.schedule,
-                      milestones=cfg.milestones, lr_decay=cfg.lr_decay, warmup_epochs=cfg.warmup_epochs)
+        f = lr_factor(
+            self.step / len(self.train_loader),
+            epochs=cfg.epochs,
+            schedule=cfg.schedule,
+            milestones=cfg.milestones,
+            lr_decay=cfg.lr_decay,
+            warmup_epochs=cfg.warmup_epochs,
+        )
         for g in self.optimizer.param_groups:
             g["lr"] = cfg.lr * f
 
@@ -278,8 +337,14 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc=f"epoch {e + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                       dynamic_ncols=True, mininterval=0.5)
+            bar = tqdm(
+                total=total,
+                desc=f"epoch {e + 1}/{cfg.epochs}",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
         self._sync()
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader.epoch(e)):
@@ -295,8 +360,13 @@ class Trainer:
                     t_feats = t_out[1].float().clone() if t_out[1] is not None else None
                 s_logits, s_feats = forward(self.student_fwd, x, m.needs_student_features)
             out = StepOutputs(
-                student_logits=s_logits.float(), targets=y, epoch=e, step=i, teacher_logits=t_logits,
-                student_features=s_feats.float() if s_feats is not None else None, teacher_features=t_feats,
+                student_logits=s_logits.float(),
+                targets=y,
+                epoch=e,
+                step=i,
+                teacher_logits=t_logits,
+                student_features=s_feats.float() if s_feats is not None else None,
+                teacher_features=t_feats,
                 images=x,
             )
             terms = self.method.losses(out)
@@ -354,8 +424,12 @@ class Trainer:
         key = "val_acc" if val else "test_acc"
         is_best = metrics[key] > self.best["val_acc"]
         if is_best:
-            self.best = {"val_acc": metrics[key], "epoch": self.epoch, "test_acc_at_best_val": test["acc"],
-                         "test_acc": self.best.get("test_acc", -1.0)}
+            self.best = {
+                "val_acc": metrics[key],
+                "epoch": self.epoch,
+                "test_acc_at_best_val": test["acc"],
+                "test_acc": self.best.get("test_acc", -1.0),
+            }
         self.best["test_acc"] = max(self.best.get("test_acc", -1.0), test["acc"])
         metrics["best_val_acc"] = self.best["val_acc"] if val else None
         metrics["best_test_acc"] = self.best["test_acc"]
@@ -393,8 +467,14 @@ class Trainer:
 
     def model_meta(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        return {"data": self.data.name, "method": self.cfg.method, "epochs": self.epoch,
-                "test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"), "seed": self.cfg.seed}
+        return {
+            "data": self.data.name,
+            "method": self.cfg.method,
+            "epochs": self.epoch,
+            "test_acc": last.get("test_acc"),
+            "val_acc": last.get("val_acc"),
+            "seed": self.cfg.seed,
+        }
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -421,7 +501,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kdtune_state") != STATE_FORMAT:
-            raise CheckpointError("this file is not a kdtune training state (state.pt); resume from a run directory")
+            raise CheckpointError(
+                "this file is not a kdtune training state (state.pt); resume from a run directory"
+            )
         saved = TrainConfig(**{k: v for k, v in state["config"].items()})
         mine, theirs = self.cfg.identity(), saved.identity()
         diff = sorted(k for k in mine if mine[k] != theirs.get(k) and k != "epochs")
@@ -456,7 +538,9 @@ class Trainer:
         except FileNotFoundError:
             raise CheckpointError(f"no training state at {path}; nothing to resume") from None
         except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-            raise CheckpointError(f"cannot read training state {path}: {type(e).__name__}; start a new run") from None
+            raise CheckpointError(
+                f"cannot read training state {path}: {type(e).__name__}; start a new run"
+            ) from None
         self.load_state_dict(state)
 
     def save_model(self, path: str | Path) -> None:

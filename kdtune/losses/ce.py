@@ -33,10 +33,14 @@ class CE(Method):
 class LabelSmoothing(Method):
     name = "ls"
     summary = "cross-entropy with label smoothing (Szegedy et al. 2016)"
-    hparams = {"smoothing": HParam(0.1, "mass spread uniformly over all classes", float, 0.0, 1.0, high_open=True)}
+    hparams = {
+        "smoothing": HParam(0.1, "mass spread uniformly over all classes", float, 0.0, 1.0, high_open=True)
+    }
 
     def losses(self, out: StepOutputs):
-        return {"ce_ls": F.cross_entropy(out.student_logits, out.targets, label_smoothing=self.hp["smoothing"])}
+        return {
+            "ce_ls": F.cross_entropy(out.student_logits, out.targets, label_smoothing=self.hp["smoothing"])
+        }
 
 
 @register_method

@@ -1,0 +1,40 @@
+# Two commands a new user types: `make demo` (a real sweep on the embedded default) and `make test`.
+# Each creates the virtual environment when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo demo-train test test-all lint bench install clean
+
+$(BIN)/kdtune: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(BIN)/kdtune
+
+install: $(BIN)/kdtune
+
+demo: $(BIN)/kdtune
+	$(BIN)/kdtune sweep sweeps/digits.yaml
+
+# The engine alone: a teacher, a KD student and its CE-trained twin on digits.
+demo-train: $(BIN)/kdtune
+	$(BIN)/kdtune train data=digits model=resnet8x4 method=ce epochs=30 seed=0 out=runs/teacher overwrite=true --no-progress
+	$(BIN)/kdtune train data=digits model=resnet8 method=ce epochs=30 seed=0 out=runs/ce overwrite=true --no-progress
+	$(BIN)/kdtune train data=digits model=resnet8 teacher=runs/teacher method=kd epochs=30 seed=0 out=runs/kd overwrite=true --no-progress
+
+test: $(BIN)/kdtune
+	$(BIN)/python -m pytest
+
+test-all: $(BIN)/kdtune
+	$(BIN)/python -m pytest -m "not gpu"
+
+lint: $(BIN)/kdtune
+	$(BIN)/ruff check kdtune tests search_spaces launch
+
+bench: $(BIN)/kdtune
+	$(BIN)/kdtune bench --batch 64 512
+
+clean:
+	rm -rf $(VENV) runs kdtune-experiments
