@@ -15,9 +15,24 @@ for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base" and not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
+from kdtune.losses.dist import dist  # noqa: E402
+from kdtune.losses.dkd import dkd  # noqa: E402
 from kdtune.losses.kd import kd  # noqa: E402
+from kdtune.losses.ttm import ttm, wttm  # noqa: E402
 
-__all__ = ["METHODS", "HParam", "Method", "MethodContext", "StepOutputs", "register_method", "kd"]
+__all__ = [
+    "METHODS",
+    "HParam",
+    "Method",
+    "MethodContext",
+    "StepOutputs",
+    "register_method",
+    "kd",
+    "dkd",
+    "dist",
+    "ttm",
+    "wttm",
+]
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,190 @@
+"""IPWD, inverse probability weighting distillation (Niu, Chen, Zhou & Zhang, "Respecting Transfer Gap in
+Knowledge Distillation", NeurIPS 2022, arXiv:2210.12787).
+
+The paper treats the teacher's soft labels as a "machine domain" whose knowledge is imbalanced over the
+transfer set, estimates for each training sample the propensity ``P(x | machine)`` of being represented
+there, and weighs the sample's KD term by its inverse. The estimate comes from two outputs of the student
+(appendix 2.4): ``y^kd`` from its original head (trained with the usual KD loss, labels included) and
+``y^cls`` from an extra linear head on the same backbone features, trained with cross-entropy only. The
+public summary of the estimator is ``w_x = 1 / P(x | machine) = 1 + H(y^cls, y) / H(y^kd, y)``, ``H`` the
+cross-entropy with the label. No official code exists, so kdtune fixes the following, each a hyperparameter
+where it is a choice:
+
+- ``H(y^kd, y)`` is the per-sample cross-entropy of the student's normal logits (untempered, ``T = 1``),
+  ``H(y^cls, y)`` that of the extra head; both **detached** (the weights are treated as constants of the
+  step, as inverse-propensity weights are);
+- ``weighting="sample"`` (default, the summary's ``w_x``): ``w_i = 1 + H_cls,i / max(H_kd,i, 1e-8)``.
+  ``weighting="class"``: ``H_cls`` and ``H_kd`` are replaced by exponential moving averages per label
+  class (``ema_c <- momentum * ema_c + (1 - momentum) * batch mean over the samples of class c``, set to
+  the batch mean the first time class ``c`` is seen, updated before use), so all samples of a class share
+  ``w_c = 1 + ema_cls[c] / ema_kd[c]``. The class statistics are method state (``state_dict``);
+- ``clip``: the raw weight (``>= 1`` by construction) is capped at ``clip`` before normalisation, so a
+  sample the KD head already fits almost perfectly (``H_kd -> 0``) cannot take the whole batch;
+- ``normalize`` (default on): weights are divided by their batch mean, so ``mean_b w = 1`` and the KD
+  term keeps the scale of plain KD (``w_kd`` keeps its meaning);
+- the KD term is Hinton's per sample, ``L = w_ce * CE(s, y) + w_kd * mean_b(w_b * T^2 * KL(p_t^T || p_s^T))
+  + w_cls * CE(head(f), y)``, with the CRD-recipe defaults ``T = 4``, ``w_ce = 0.1``, ``w_kd = 0.9`` (the
+  paper follows Tian et al.'s training details);
+- ``detach_features`` (default on): the extra head reads the backbone features detached, so its CE trains
+  the head only. The head is a probe of what label-only training reads from the student's features; letting
+  its CE reach the shared backbone would add a second label term to the student's objective (a loss-scale
+  change the paper does not describe), and the appendix's IPWD* ablation, which uses a whole separate
+  CE-trained student, performs on par, i.e. the head's job is only to estimate ``y^cls``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.errors import ConfigError
+from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, register_method
+
+_EPS = 1e-8
+
+
+def inverse_propensity_weights(h_cls: Tensor, h_kd: Tensor, clip: float, normalize: bool) -> Tensor:
+    """IPWD sample weights ``w = 1 + H(y^cls, y) / H(y^kd, y)`` (Niu et al. 2022, public summary).
+
+    Inputs are per-sample (or per-sample class-level) cross-entropies; the result is detached, capped at
+    ``clip`` and, if ``normalize``, divided by its mean.
+    """
+    w = 1.0 + h_cls.detach().float() / h_kd.detach().float().clamp_min(_EPS)
+    w = w.clamp(max=clip)
+    if normalize:
+        w = w / w.mean()
+    return w
+
+
+def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` per sample (Hinton et al. 2015), shape (B,), float32."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+
+
+@register_method
+class IPWD(Method):
+    name = "ipwd"
+    summary = "Niu et al. NeurIPS 2022: KD weighted per sample by inverse propensity from an extra CE head"
+    needs_teacher = True
+    needs_student_features = True
+    hparams = {
+        "T": HParam(4.0, "softmax temperature of the KD term", float, 0.0, None, low_open=True),
+        "w_ce": HParam(0.1, "weight of the cross-entropy of the student's own head", float, 0.0, None),
+        "w_kd": HParam(
+            0.9, "weight of the inverse-propensity-weighted KD term (carries T^2)", float, 0.0, None
+        ),
+        "w_cls": HParam(
+            1.0,
+            "weight of the cross-entropy of the extra head that estimates y^cls",
+            float,
+            0.0,
+            None,
+            low_open=True,
+        ),
+        "weighting": HParam(
+            "sample",
+            "propensity per sample, or per label class via moving averages",
+            str,
+            choices=("sample", "class"),
+        ),
+        "momentum": HParam(
+            0.9,
+            "momentum of the per-class moving averages (weighting=class)",
+            float,
+            0.0,
+            1.0,
+            high_open=True,
+        ),
+        "clip": HParam(10.0, "cap on the raw weight 1 + H_cls/H_kd before normalisation", float, 1.0, None),
+        "normalize": HParam(True, "divide the weights by their batch mean (mean weight 1)", bool),
+        "detach_features": HParam(
+            True, "the extra head reads detached features (its CE trains the head only)", bool
+        ),
+    }
+
+    def __init__(self, hp: dict[str, Any], ctx: MethodContext):
+        super().__init__(hp, ctx)
+        if not ctx.student_feat_dim:
+            raise ConfigError(
+                "ipwd needs the student's feature size (student_feat_dim); use a student model with feat_dim"
+            )
+        self.cls_head = nn.Linear(int(ctx.student_feat_dim), ctx.num_classes)
+        self.ema_cls: Tensor | None = None
+        self.ema_kd: Tensor | None = None
+        self.seen: Tensor | None = None
+        self.last_weights: Tensor | None = None  # diagnostics: the weights of the latest step
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"cls_head": self.cls_head}
+
+    def _class_stats(self, y: Tensor, h_cls: Tensor, h_kd: Tensor) -> tuple[Tensor, Tensor]:
+        """Update the per-class moving averages with this batch and return them gathered at ``y``."""
+        c = self.ctx.num_classes
+        device = h_cls.device
+        if self.ema_cls is None:
+            self.ema_cls = torch.zeros(c, device=device)
+            self.ema_kd = torch.zeros(c, device=device)
+            self.seen = torch.zeros(c, dtype=torch.bool, device=device)
+        elif self.ema_cls.device != device:
+            self.ema_cls, self.ema_kd, self.seen = (
+                t.to(device) for t in (self.ema_cls, self.ema_kd, self.seen)
+            )
+        onehot = F.one_hot(y, c).float()  # (B, C): per-class sums as a matmul, deterministic on every device
+        counts = onehot.sum(dim=0)
+        present = counts > 0
+        m = self.hp["momentum"]
+        updated = []
+        for ema, h in ((self.ema_cls, h_cls), (self.ema_kd, h_kd)):
+            mean = (onehot.t() @ h.float()) / counts.clamp_min(1.0)
+            new = torch.where(self.seen, m * ema + (1.0 - m) * mean, mean)
+            updated.append(torch.where(present, new, ema))
+        self.ema_cls, self.ema_kd = updated
+        self.seen = self.seen | present
+        return self.ema_cls[y], self.ema_kd[y]
+
+    def losses(self, out: StepOutputs):
+        hp = self.hp
+        if out.student_features is None:
+            raise ConfigError("ipwd needs the student's features; the engine must pass student_features")
+        s = out.student_logits.float()
+        y = out.targets.long()
+        feats = out.student_features.float()
+        if hp["detach_features"]:
+            feats = feats.detach()
+        cls_logits = self.cls_head(feats).float()
+
+        # the weights are constants of the step, computed in float32 even if called under autocast
+        with torch.no_grad(), torch.autocast(device_type=s.device.type, enabled=False):
+            h_kd = F.cross_entropy(s, y, reduction="none")
+            h_cls = F.cross_entropy(cls_logits, y, reduction="none")
+            if hp["weighting"] == "class":
+                h_cls, h_kd = self._class_stats(y, h_cls, h_kd)
+            w = inverse_propensity_weights(h_cls, h_kd, hp["clip"], hp["normalize"])
+        self.last_weights = w
+
+        terms = {
+            "kd": hp["w_kd"] * (w * kd_per_sample(s, out.teacher_logits, hp["T"])).mean(),
+            "cls": hp["w_cls"] * F.cross_entropy(cls_logits, y),
+        }
+        if hp["w_ce"] > 0:
+            terms["ce"] = hp["w_ce"] * F.cross_entropy(s, y)
+        return terms
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.ema_cls is None:
+            return {}
+        return {k: getattr(self, k).detach().cpu().clone() for k in ("ema_cls", "ema_kd", "seen")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self.ema_cls = self.ema_kd = self.seen = None
+            return
+        device = self.ctx.device
+        self.ema_cls = state["ema_cls"].to(device=device, dtype=torch.float32)
+        self.ema_kd = state["ema_kd"].to(device=device, dtype=torch.float32)
+        self.seen = state["seen"].to(device=device, dtype=torch.bool)
