@@ -236,6 +236,8 @@ class Trainer:
             num_classes=d.num_classes,
             in_channels=d.in_channels,
             map_location="cpu",
+            role="teacher checkpoint",
+            data=d.name,
         )
         model = model.to(self.device).eval()
         if self.use_channels_last:
@@ -266,6 +268,8 @@ class Trainer:
             num_classes=d.num_classes,
             in_channels=d.in_channels,
             map_location="cpu",
+            role="init checkpoint",
+            data=d.name,
         )
         self.student.load_state_dict(model.state_dict())
         train = self.evaluate(self.student, self._plain_train_loader)
