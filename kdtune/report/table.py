@@ -1,0 +1,429 @@
+"""The report's table: best configuration per method and teacher -> student pair, read from MLflow.
+
+Protocol (stated in every output): trials are grouped by data set, teacher, student and method; within a
+group, trials that differ only in their seed are one configuration, scored by the mean of the sweep metric
+(a validation metric, ``val_acc`` by default; test metrics are refused for ranking) over its seeds; the
+best configuration's test accuracy is reported beside it (mean ± sample std over seeds), never used to
+choose. Each trial's value is the last one it logged (Tune's default "last" scope). FAILED trials are
+left out; runs still RUNNING (an interrupted sweep) count with what they logged.
+
+What a trial run must carry, as MLflow params (or tags ``kdtune.<name>``, which win): ``method``, ``model``
+(the student), ``teacher_model`` (the teacher's architecture; a ``teacher`` that is a registered model name
+works too), ``data`` and ``seed``. Its other params are its configuration.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdtune.errors import ConfigError, KdtuneError
+from kdtune.report.published import published
+from kdtune.tracking.client import TAG_ROLE, TAG_STAGE, TAG_TRIAL_ID, TAG_TRIAL_NAME
+
+SEED_KEYS = ("seed",)
+# Params that change from trial to trial without changing the computation.
+VOLATILE = frozenset(
+    {"out", "trial_id", "trial_name", "resume", "overwrite", "device", "num_workers", "data_root", "download"}
+)
+# Params that say what is trained rather than how: never shown as hyperparameters.
+BOOKKEEPING = frozenset(
+    {
+        "data",
+        "dataset",
+        "val_fraction",
+        "data_seed",
+        "model",
+        "student",
+        "teacher",
+        "teacher_model",
+        "init",
+        "method",
+        "amp",
+        "channels_last",
+        "compile",
+        "eval_batch_size",
+        "save_every",
+        "preset",
+    }
+)
+
+
+@dataclass
+class Trial:
+    run_id: str
+    name: str
+    status: str
+    data: str | None
+    teacher: str | None
+    student: str | None
+    method: str
+    seed: str | None
+    params: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pair(self) -> tuple[str, str, str]:
+        return (self.data or "-", self.teacher or "-", self.student or "-")
+
+    def config_key(self) -> tuple:
+        return tuple(
+            sorted(
+                (k, v)
+                for k, v in self.params.items()
+                if k not in SEED_KEYS and k not in VOLATILE and not k.startswith("kdtune.")
+            )
+        )
+
+
+def _get(run, *names: str) -> str | None:
+    tags, params = run.data.tags, run.data.params
+    for n in names:
+        if f"kdtune.{n}" in tags:
+            return tags[f"kdtune.{n}"]
+    for n in names:
+        if n in params and params[n] not in ("", "None"):
+            return params[n]
+    return None
+
+
+def _teacher(run) -> str | None:
+    """The teacher's architecture: tag kdtune.teacher, param teacher_model, or param teacher (a name or a path)."""
+    tags, params = run.data.tags, run.data.params
+    for value in (tags.get("kdtune.teacher"), params.get("teacher_model"), params.get("teacher")):
+        if value not in (None, "", "None"):
+            if "/" in value or "\\" in value or Path(value).suffix:
+                parts = Path(value).parts
+                return "/".join(parts[-2:])
+            return value
+    return None
+
+
+def trial_from_run(run) -> Trial | None:
+    """A :class:`Trial` from an MLflow run, or ``None`` for the parent, stages and runs without a method."""
+    tags = run.data.tags
+    role = tags.get(TAG_ROLE)
+    if role in ("parent", "stage") or TAG_STAGE in tags:
+        return None
+    method = _get(run, "method")
+    if method is None or (role is None and TAG_TRIAL_ID not in tags and "mlflow.parentRunId" not in tags):
+        return None
+    return Trial(
+        run_id=run.info.run_id,
+        name=run.info.run_name or tags.get(TAG_TRIAL_NAME) or run.info.run_id,
+        status=run.info.status,
+        data=_get(run, "data", "dataset"),
+        teacher=_teacher(run),
+        student=_get(run, "student", "model"),
+        method=method,
+        seed=_get(run, *SEED_KEYS),
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+    )
+
+
+def collect_trials(client, experiment_id: str) -> list[Trial]:
+    from kdtune.tracking.client import search_all_runs
+
+    runs = search_all_runs(client, [experiment_id], order_by=["attributes.start_time ASC"])
+    return [t for t in (trial_from_run(r) for r in runs) if t is not None]
+
+
+def check_metric(metric: str, mode: str) -> None:
+    if mode not in ("max", "min"):
+        raise ConfigError(f"mode={mode!r} is not valid; use max or min")
+    if metric.lower().startswith("test"):
+        raise ConfigError(
+            f"metric={metric!r} would pick the best trial on the test set; rank by a validation metric "
+            "(default val_acc): test accuracy is reported beside it"
+        )
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def _declared_hparams(method: str) -> set[str]:
+    try:
+        from kdtune.losses import METHODS
+
+        return set(METHODS.get(method).hparams)
+    except Exception:  # an unknown or unregistered method: rely on what varies
+        return set()
+
+
+def _strip(key: str, method: str) -> str:
+    for prefix in ("hp.", f"{method}."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def pretty(value: str) -> str:
+    """A param's string as a short number where it is one (``"0.00050000"`` -> ``"0.0005"``)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if x.is_integer() and abs(x) < 1e15 and "e" not in str(value).lower():
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def hparam_keys(method: str, trials: list[Trial]) -> list[str]:
+    """Params shown as a method's hyperparameters: its declared ones, prefixed ones, and any that vary."""
+    declared = _declared_hparams(method)
+    values: dict[str, set[str]] = {}
+    for t in trials:
+        for k, v in t.params.items():
+            values.setdefault(k, set()).add(v)
+    keys = []
+    for k in sorted(values):
+        if k in SEED_KEYS or k in VOLATILE or k in BOOKKEEPING or k.startswith("kdtune."):
+            continue
+        if _strip(k, method) in declared or k != _strip(k, method) or len(values[k]) > 1:
+            keys.append(k)
+    return keys
+
+
+def best_rows(trials: Iterable[Trial], metric: str = "val_acc", mode: str = "max") -> list[dict[str, Any]]:
+    """The best configuration of each (data, teacher, student, method), as dicts (see module docstring)."""
+    check_metric(metric, mode)
+    groups: dict[tuple, list[Trial]] = {}
+    for t in trials:
+        groups.setdefault((*t.pair, t.method), []).append(t)
+    sign = 1.0 if mode == "max" else -1.0
+    rows = []
+    for (data, teacher, student, method), members in groups.items():
+        ok = [
+            t
+            for t in members
+            if t.status != "FAILED" and t.metrics.get(metric) is not None and math.isfinite(t.metrics[metric])
+        ]
+        if not ok:
+            continue
+        configs: dict[tuple, list[Trial]] = {}
+        for t in ok:
+            configs.setdefault(t.config_key(), []).append(t)
+
+        def score(item):
+            mean, _ = _mean_std([t.metrics[metric] for t in item[1]])
+            return (sign * mean, len(item[1]))
+
+        _, best = max(configs.items(), key=score)
+        value, value_std = _mean_std([t.metrics[metric] for t in best])
+        test, test_std = _mean_std([t.metrics.get("test_acc") for t in best])
+        keys = hparam_keys(method, members)
+        hp = {_strip(k, method): pretty(best[0].params[k]) for k in keys if k in best[0].params}
+        pub = published(None if data == "-" else data, None if teacher == "-" else teacher, student, method)
+        rows.append(
+            {
+                "data": data,
+                "teacher": teacher,
+                "student": student,
+                "method": method,
+                "metric": metric,
+                "mode": mode,
+                "value": value,
+                "value_std": value_std,
+                "n_seeds": len(best),
+                "seeds": [t.seed for t in best],
+                "test_acc": test,
+                "test_acc_std": test_std,
+                "published": pub.acc if pub else None,
+                "published_std": pub.std if pub else None,
+                "published_source": pub.source if pub else None,
+                "hparams": hp,
+                "run_ids": [t.run_id for t in best],
+                "trials": [t.name for t in best],
+                "n_trials": len(members),
+                "n_failed": sum(t.status == "FAILED" for t in members),
+                "n_configs": len(configs),
+            }
+        )
+    rows.sort(key=lambda r: (r["data"], r["teacher"], r["student"], -sign * r["value"], r["method"]))
+    return rows
+
+
+def best_per_method(
+    tracking_uri: str, experiment_name: str, metric: str = "val_acc", mode: str = "max"
+) -> list[dict[str, Any]]:
+    """Best trial configuration per method and teacher-student pair of an MLflow experiment.
+
+    Each dict: data, teacher, student, method, metric, mode, value (mean over seeds), value_std, n_seeds,
+    seeds, test_acc, test_acc_std, published, published_std, published_source, hparams, run_ids, trials,
+    n_trials, n_failed, n_configs. Sorted by pair, best method first.
+    """
+    from kdtune.tracking.client import get_client
+    from kdtune.tracking.uri import normalize_tracking_uri, sqlite_path
+
+    check_metric(metric, mode)
+    uri = normalize_tracking_uri(tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # MLflow would create an empty store
+        raise KdtuneError(f"no MLflow store at {db}; check the tracking URI (run `kdtune sweep` first)")
+    client = get_client(uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        names = [e.name for e in client.search_experiments() if e.name != "Default"]
+        raise KdtuneError(
+            f"no MLflow experiment {experiment_name!r} at {uri}; experiments there: {', '.join(names) or 'none'}"
+        )
+    return best_rows(collect_trials(client, exp.experiment_id), metric, mode)
+
+
+# --------------------------------------------------------------------------- formatting
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def _sources(rows: list[dict]) -> list[str]:
+    out: list[str] = []
+    for r in rows:
+        s = r["published_source"]
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def _cells(row: dict, sources: list[str]) -> list[str]:
+    pub = "-"
+    if row["published"] is not None:
+        pub = _pm(row["published"], row["published_std"]) + f" [{sources.index(row['published_source']) + 1}]"
+    teacher = row["teacher"] if row["teacher"] != "-" else "(none)"
+    hp = ", ".join(f"{k}={v}" for k, v in row["hparams"].items()) or "-"
+    trials = f"{row['n_trials']}" + (f" ({row['n_failed']} failed)" if row["n_failed"] else "")
+    return [
+        f"{teacher} -> {row['student']}",
+        row["method"],
+        _pm(row["value"], row["value_std"]),
+        str(row["n_seeds"]),
+        _pm(row["test_acc"], row["test_acc_std"]),
+        pub,
+        hp,
+        trials,
+    ]
+
+
+def _header(metric: str) -> list[str]:
+    return [
+        "teacher -> student",
+        "method",
+        metric,
+        "seeds",
+        "test_acc",
+        "published",
+        "hyperparameters",
+        "trials",
+    ]
+
+
+def protocol_note(metric: str, mode: str) -> str:
+    return (
+        f"best configuration per method by the mean {metric} ({mode}) over its seeds, each trial's last value; "
+        "test_acc of that configuration is reported, not optimised (mean ± sample std over seeds)"
+    )
+
+
+def format_text(
+    rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None
+) -> str:
+    """A plain-text table, grouped by data set, with the published numbers' sources under it."""
+    sources = _sources(rows)
+    lines: list[str] = []
+    if title:
+        lines.append(title)
+    header = _header(metric)
+    for data in sorted({r["data"] for r in rows}):
+        body = [_cells(r, sources) for r in rows if r["data"] == data]
+        widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
+        lines.append(f"data: {data}")
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in body)
+        lines.append("")
+    lines.append(protocol_note(metric, mode))
+    lines.extend(f"[{i}] {s}" for i, s in enumerate(sources, 1))
+    return "\n".join(lines)
+
+
+def format_markdown(
+    rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None
+) -> str:
+    sources = _sources(rows)
+    out: list[str] = []
+    if title:
+        out += [f"# {title}", ""]
+    for data in sorted({r["data"] for r in rows}):
+        out += [f"## {data}", ""]
+        out.append("| " + " | ".join(_header(metric)) + " |")
+        out.append("|" + "|".join("---" for _ in _header(metric)) + "|")
+        for r in rows:
+            if r["data"] == data:
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r, sources)) + " |")
+        out.append("")
+    out.append(protocol_note(metric, mode) + ".")
+    if sources:
+        out += ["", "Published numbers (CIFAR-100 top-1 test accuracy, %):", ""]
+        out += [f"{i}. {s}" for i, s in enumerate(sources, 1)]
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = [
+    "data",
+    "teacher",
+    "student",
+    "method",
+    "metric",
+    "value",
+    "value_std",
+    "n_seeds",
+    "test_acc",
+    "test_acc_std",
+    "published",
+    "published_std",
+    "published_source",
+    "hparams",
+    "n_trials",
+    "n_failed",
+    "n_configs",
+    "seeds",
+    "run_ids",
+    "trials",
+]
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """One line per row; ``hparams`` as JSON, lists joined with ``;``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            out = {k: r.get(k) for k in CSV_FIELDS}
+            out["hparams"] = json.dumps(r["hparams"], sort_keys=True)
+            for k in ("seeds", "run_ids", "trials"):
+                out[k] = ";".join(str(x) for x in r[k])
+            w.writerow({k: ("" if v is None else v) for k, v in out.items()})
+    return path
+
+
+def write_markdown(
+    rows: list[dict], path: str | Path, metric: str = "val_acc", mode: str = "max", title=None
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_markdown(rows, metric, mode, title))
+    return path

@@ -1,0 +1,296 @@
+"""The sweep's side of MLflow (driver): the experiment, its parent run, stage runs, the model registry.
+
+One parent run per sweep holds the spec (flattened params and ``spec.yaml``), the search spaces' source,
+library versions and the git commit. On resume the parent is found again by tag
+``kdtune.sweep_id=<experiment name>`` and continued, never duplicated. Stages (a teacher trained for the
+sweep, the CE student DiSK starts from) get child runs of their own, logged once per experiment. The best
+student is registered in the model registry with an alias (MLflow 3 aliases, not stages).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdtune.errors import CheckpointError
+from kdtune.tracking.client import (
+    MAX_TAG_VALUE,
+    TAG_GIT_COMMIT,
+    TAG_METRIC,
+    TAG_MODE,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_STAGE,
+    TAG_STAGE_KEY,
+    TAG_SWEEP_ID,
+    check_status,
+    clean_key,
+    default_artifact_location,
+    enable_wal,
+    ensure_experiment,
+    flatten,
+    get_client,
+    global_tracking_uri,
+    log_metric_entities,
+    log_params_once,
+    log_path,
+    metric_entities,
+    quote,
+    retry_locked,
+    search_all_runs,
+    slug,
+    stable_hash,
+)
+from kdtune.tracking.uri import normalize_tracking_uri
+
+VERSIONED = ("torch", "torchvision", "ray", "optuna", "mlflow", "kdtune")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a sweep's numbers depend on (from package metadata, no imports)."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_state(path: str | Path | None = None) -> tuple[str, bool | None]:
+    """(commit, dirty) of the git checkout holding ``path`` (default: kdtune's source); ("unknown", None) else."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return "unknown", None
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def _find_setting(flat: Mapping[str, Any], name: str) -> Any:
+    """The value of the shallowest key whose last part is ``name`` (e.g. ``budget.metric``)."""
+    hits = sorted((k for k in flat if k == name or k.endswith("." + name)), key=lambda k: k.count("."))
+    return flat[hits[0]] if hits else None
+
+
+class SweepTracker:
+    """The driver's handle on a sweep's MLflow experiment.
+
+    >>> st = SweepTracker("sqlite:////abs/exp/mlflow.db", "exp")
+    >>> parent = st.start_parent(spec, spaces={"kd": source}, tags={})
+    >>> ... trials log with TrialTracker(uri, "exp", parent, trial_id, trial_name) ...
+    >>> st.register_best(best_run_id, name="exp-best"); st.end_parent("FINISHED")
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str):
+        self.tracking_uri = normalize_tracking_uri(tracking_uri)
+        self.experiment_name = experiment_name
+        self.client = get_client(self.tracking_uri)
+        self.experiment_id = ensure_experiment(
+            self.client, experiment_name, default_artifact_location(self.tracking_uri, experiment_name)
+        )
+        self.wal = enable_wal(self.tracking_uri)
+        self.parent_run_id: str | None = None
+        self.resumed = False
+
+    # ------------------------------------------------------------------ parent run
+    def find_parent(self) -> str | None:
+        runs = search_all_runs(
+            self.client,
+            [self.experiment_id],
+            f"tags.`{TAG_SWEEP_ID}` = {quote(self.experiment_name)} AND tags.`{TAG_ROLE}` = 'parent'",
+            order_by=["attributes.start_time ASC"],
+        )
+        return runs[0].info.run_id if runs else None
+
+    def start_parent(
+        self,
+        spec: Mapping[str, Any],
+        spaces: Mapping[str, str] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Create the sweep's parent run, or continue the existing one on resume; returns its run id.
+
+        Params: the spec flattened with dots, ``version.<lib>`` and ``git_commit``. Tags: ``kdtune.sweep_id``,
+        ``mlflow.source.git.commit``, ``kdtune.git_dirty``, ``kdtune.metric``/``kdtune.mode`` when the spec
+        names them, plus ``tags``. Artifacts: ``spec.yaml`` and ``search_spaces/<method>.py``.
+        """
+        spec = dict(spec)
+        flat = flatten(spec)
+        commit, dirty = git_state()
+        all_tags: dict[str, str] = {
+            TAG_SWEEP_ID: self.experiment_name,
+            TAG_ROLE: "parent",
+            TAG_GIT_COMMIT: commit,
+        }
+        if dirty is not None:
+            all_tags["kdtune.git_dirty"] = str(dirty).lower()
+        for tag, name in ((TAG_METRIC, "metric"), (TAG_MODE, "mode")):
+            value = _find_setting(flat, name)
+            if value is not None:
+                all_tags[tag] = str(value)
+        all_tags.update({str(k): str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()})
+
+        run_id = self.find_parent()
+        if run_id is None:
+            run = retry_locked(
+                self.client.create_run, self.experiment_id, tags=all_tags, run_name=self.experiment_name
+            )
+            run_id, existing = run.info.run_id, {}
+            self.resumed = False
+        else:
+            run = retry_locked(self.client.get_run, run_id)
+            existing = dict(run.data.params)
+            if run.info.status != "RUNNING":
+                retry_locked(self.client.update_run, run_id, status="RUNNING")
+            self._set_tags(run_id, all_tags)
+            self.resumed = True
+        self.parent_run_id = run_id
+
+        params: dict[str, Any] = dict(flat)
+        params.update({f"version.{k}": v for k, v in library_versions().items()})
+        params["git_commit"] = commit
+        log_params_once(self.client, run_id, params, existing)
+        text = yaml.safe_dump(json.loads(json.dumps(spec, default=str)), sort_keys=False)
+        retry_locked(self.client.log_text, run_id, text, "spec.yaml")
+        for method, source in (spaces or {}).items():
+            fname = method if Path(method).suffix else f"{method}.py"
+            retry_locked(self.client.log_text, run_id, str(source), f"search_spaces/{slug(fname)}")
+        return run_id
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(batch), 100):
+            retry_locked(self.client.log_batch, run_id, tags=batch[i : i + 100])
+
+    def _parent(self) -> str:
+        if self.parent_run_id is None:
+            raise RuntimeError("start_parent() first: the sweep has no parent run yet")
+        return self.parent_run_id
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file or a directory's contents to the parent run."""
+        log_path(self.client, self._parent(), path, artifact_path)
+
+    def end_parent(self, status: str = "FINISHED") -> None:
+        retry_locked(self.client.set_terminated, self._parent(), check_status(status))
+
+    # ------------------------------------------------------------------ registry
+    def register_best(
+        self, run_id: str, artifact_path: str = "model", name: str | None = None, alias: str = "best"
+    ) -> str:
+        """Register the model logged as ``artifact_path`` by run ``run_id``; point ``alias`` at it.
+
+        Idempotent: a version already registered from this run is reused. Returns the version (a string).
+        ``name`` defaults to the experiment name.
+        """
+        from mlflow.exceptions import MlflowException
+
+        name = name or slug(self.experiment_name)
+        try:
+            retry_locked(self.client.create_registered_model, name)
+        except MlflowException as e:
+            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+        versions = retry_locked(
+            self.client.search_model_versions, f"name = {quote(name)} AND run_id = {quote(run_id)}"
+        )
+        if versions:
+            version = max(versions, key=lambda v: int(v.version))
+        else:
+            run = retry_locked(self.client.get_run, run_id)
+            models = retry_locked(
+                self.client.search_logged_models,
+                [run.info.experiment_id],
+                filter_string=f"source_run_id = {quote(run_id)} AND name = {quote(artifact_path)}",
+            )
+            if models:
+                model = max(models, key=lambda m: m.creation_timestamp)
+                source, model_id = f"models:/{model.model_id}", model.model_id
+            else:
+                listed = retry_locked(self.client.list_artifacts, run_id, artifact_path)
+                if not any(Path(f.path).name == "MLmodel" for f in listed):
+                    raise CheckpointError(
+                        f"run {run_id} has no model logged as {artifact_path!r}; log it with "
+                        "TrialTracker.log_model() before registering it"
+                    )
+                source, model_id = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}", None
+            with global_tracking_uri(self.tracking_uri):  # the registry resolves models:/ through it
+                version = retry_locked(
+                    self.client.create_model_version,
+                    name,
+                    source,
+                    run_id=run_id,
+                    tags={TAG_SWEEP_ID: self.experiment_name},
+                    model_id=model_id,
+                )
+        retry_locked(self.client.set_registered_model_alias, name, alias, str(version.version))
+        return str(version.version)
+
+    # ------------------------------------------------------------------ stages
+    def log_stage(
+        self,
+        name: str,
+        cfg: Mapping[str, Any],
+        result: Mapping[str, Any],
+        model_path: str | Path | None = None,
+        key: str | None = None,
+    ) -> str:
+        """Log a stage (a teacher, the CE student) as a child run of its own; returns its run id.
+
+        The stage is identified by ``key`` (default: a hash of ``name`` and ``cfg``), kept in tag
+        ``kdtune.stage_key``; a stage already logged and finished in this experiment is not logged again, and
+        one left unfinished by an interrupted driver is completed. Params: ``cfg`` flattened; metrics: the
+        numeric values of ``result`` (at step ``result["epochs"]``); artifacts: ``result.json`` and the
+        model file or folder under ``model/``.
+        """
+        key = key or stable_hash({"stage": name, "cfg": dict(cfg)})
+        runs = search_all_runs(
+            self.client,
+            [self.experiment_id],
+            f"tags.`{TAG_STAGE_KEY}` = {quote(key)}",
+            order_by=["attributes.start_time ASC"],
+        )
+        if runs and runs[0].info.status == "FINISHED":
+            return runs[0].info.run_id
+        if runs:
+            run_id, existing = runs[0].info.run_id, dict(runs[0].data.params)
+        else:
+            tags = {TAG_ROLE: "stage", TAG_STAGE: name, TAG_STAGE_KEY: key}
+            if self.parent_run_id:
+                tags[TAG_PARENT] = self.parent_run_id
+            run = retry_locked(
+                self.client.create_run, self.experiment_id, tags=tags, run_name=f"stage-{slug(name)}"
+            )
+            run_id, existing = run.info.run_id, {}
+        log_params_once(self.client, run_id, cfg, existing)
+        step = result.get("epochs", 0)
+        step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
+        flat_result = {clean_key(k): v for k, v in flatten(dict(result)).items()}
+        log_metric_entities(self.client, run_id, metric_entities(flat_result, step))
+        retry_locked(
+            self.client.log_text, run_id, json.dumps(dict(result), indent=2, default=str), "result.json"
+        )
+        if model_path is not None:
+            log_path(self.client, run_id, model_path, "model")
+        retry_locked(self.client.set_terminated, run_id, "FINISHED")
+        return run_id

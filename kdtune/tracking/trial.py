@@ -1,0 +1,181 @@
+"""The MLflow run of one Tune trial, created once and found again by its trial id on resume.
+
+Ray's ``MLflowLoggerCallback`` makes a second run for every trial restored after a driver restart, and
+``setup_mlflow`` never ends its runs (``shared/STACK.md``). Here each trial owns one child run of the sweep's
+parent run, tagged ``kdtune.trial_id``; a restored or retried trial finds that run again and continues it
+(status back to RUNNING, metrics appended at their epochs). All calls use explicit run ids, so several
+trials can share a process. Each ``log_metrics`` is one ``log_batch`` round trip.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kdtune.tracking.client import (
+    MAX_TAG_VALUE,
+    TAG_FAILURE,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_TRIAL_ID,
+    TAG_TRIAL_NAME,
+    check_status,
+    default_artifact_location,
+    ensure_experiment,
+    get_client,
+    global_tracking_uri,
+    log_metric_entities,
+    log_params_once,
+    log_path,
+    metric_entities,
+    quote,
+    retry_locked,
+    search_all_runs,
+)
+from kdtune.tracking.uri import normalize_tracking_uri
+
+_experiment_ids: dict[tuple[str, str], str] = {}
+
+
+def experiment_id_for(tracking_uri: str, experiment_name: str) -> str:
+    """The experiment's id, created if missing (cached per process)."""
+    key = (tracking_uri, experiment_name)
+    if key not in _experiment_ids:
+        client = get_client(tracking_uri)
+        _experiment_ids[key] = ensure_experiment(
+            client, experiment_name, default_artifact_location(tracking_uri, experiment_name)
+        )
+    return _experiment_ids[key]
+
+
+class TrialTracker:
+    """One Tune trial's MLflow run: a child of ``parent_run_id`` named after the trial.
+
+    >>> tt = TrialTracker(uri, "my-sweep", parent_run_id, trial_id="a1b2_00000", trial_name="kd_a1b2_00000")
+    >>> tt.log_params({"T": 4.0}); tt.log_metrics({"val_acc": 71.2, "lr": 0.05}, step=0); tt.end("FINISHED")
+
+    ``resumed`` is True when an existing run of this trial id was found and continued.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        parent_run_id: str | None,
+        trial_id: str,
+        trial_name: str | None = None,
+    ):
+        self.tracking_uri = normalize_tracking_uri(tracking_uri)
+        self.experiment_name = experiment_name
+        self.parent_run_id = parent_run_id
+        self.trial_id = str(trial_id)
+        self.trial_name = trial_name or self.trial_id
+        self.client = get_client(self.tracking_uri)
+        self.experiment_id = experiment_id_for(self.tracking_uri, experiment_name)
+        runs = search_all_runs(
+            self.client,
+            [self.experiment_id],
+            f"tags.`{TAG_TRIAL_ID}` = {quote(self.trial_id)}",
+            order_by=["attributes.start_time ASC"],
+        )
+        if runs:
+            run = runs[0]
+            self.run_id = run.info.run_id
+            self.resumed = True
+            self._params = dict(run.data.params)
+            if run.info.status != "RUNNING":
+                retry_locked(self.client.update_run, self.run_id, status="RUNNING")
+            if run.data.tags.get(TAG_FAILURE):
+                retry_locked(self.client.delete_tag, self.run_id, TAG_FAILURE)
+        else:
+            tags = {TAG_ROLE: "trial", TAG_TRIAL_ID: self.trial_id, TAG_TRIAL_NAME: self.trial_name}
+            if parent_run_id:
+                tags[TAG_PARENT] = parent_run_id
+            run = retry_locked(
+                self.client.create_run, self.experiment_id, tags=tags, run_name=self.trial_name
+            )
+            self.run_id = run.info.run_id
+            self.resumed = False
+            self._params = {}
+        self.ended = False
+
+    # ------------------------------------------------------------------ logging
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log hyperparameters (nested mappings flattened with dots); values already logged are skipped."""
+        log_params_once(self.client, self.run_id, params, self._params)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log the numeric values of ``metrics`` at ``step`` (the epoch) in one round trip.
+
+        ``None``, booleans and strings are skipped; NaN and infinities are logged as they are (a diverged
+        loss is worth seeing).
+        """
+        log_metric_entities(self.client, self.run_id, metric_entities(metrics, step))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+        if batch:
+            retry_locked(self.client.log_batch, self.run_id, tags=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file, or a directory's contents, under ``artifact_path`` of the run."""
+        log_path(self.client, self.run_id, path, artifact_path)
+
+    def log_model(self, model, name: str = "model", step: int = 0, input_example=None) -> str:
+        """Log ``model`` with ``mlflow.pytorch.log_model`` as a LoggedModel of this run; returns its URI.
+
+        A CPU copy of the module (unwrapped from ``torch.compile``) is pickled (MLflow's "pickle" format:
+        the default "pt2" export needs an input example and a traceable model); loading it needs kdtune
+        importable. Requirements are pinned here rather than inferred (inference loads the model in a
+        subprocess, seconds per call). Register it with :meth:`SweepTracker.register_best`.
+        """
+        import mlflow.pytorch
+        import torch
+
+        from kdtune import __version__
+
+        module = getattr(model, "_orig_mod", model)
+        module = copy.deepcopy(module).to("cpu").eval()
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"kdtune=={__version__}"]
+        logged = retry_locked(
+            self.client.create_logged_model, self.experiment_id, name=name, source_run_id=self.run_id
+        )
+        with global_tracking_uri(self.tracking_uri):
+            info = mlflow.pytorch.log_model(
+                module,
+                name=name,
+                run_id=self.run_id,
+                model_id=logged.model_id,
+                step=int(step),
+                pip_requirements=requirements,
+                serialization_format="pickle",
+                input_example=input_example,
+            )
+        return info.model_uri
+
+    # ------------------------------------------------------------------ end
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` goes to tag kdtune.failure_reason."""
+        status = check_status(status)
+        if reason:
+            text = " ".join(str(reason).split()) if len(str(reason)) < 300 else str(reason)
+            retry_locked(self.client.set_tag, self.run_id, TAG_FAILURE, text[:MAX_TAG_VALUE])
+        retry_locked(self.client.set_terminated, self.run_id, status)
+        self.ended = True
+
+    def __enter__(self) -> TrialTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.ended:
+            return
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED", "interrupted")
+        else:
+            self.end("FAILED", f"{exc_type.__name__}: {exc}")

@@ -1,0 +1,200 @@
+"""kdtune report on a fabricated sweep in a real MLflow SQLite store: table, seeds, CSV/Markdown, plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from kdtune.errors import ConfigError, KdtuneError  # noqa: E402
+from kdtune.report import add_arguments, best_per_method, main_report  # noqa: E402
+from kdtune.report.published import PUBLISHED, published  # noqa: E402
+from kdtune.tracking import SweepTracker, TrialTracker, default_tracking_uri  # noqa: E402
+
+EXP = "rep"
+PAIR = {"data": "cifar100", "teacher_model": "resnet32x4", "model": "resnet8x4"}
+# (method, pair, hyperparameters, seed, final val_acc, final test_acc, status)
+TRIALS = [
+    # kd: T=4 over three seeds (mean 72 ± 1) beats T=2 over two seeds (70.5); T=8's 76 FAILED (not counted)
+    ("kd", PAIR, {"T": 4.0, "w_kd": 0.9}, 0, 71.0, 73.0, "FINISHED"),
+    ("kd", PAIR, {"T": 4.0, "w_kd": 0.9}, 1, 72.0, 73.5, "FINISHED"),
+    ("kd", PAIR, {"T": 4.0, "w_kd": 0.9}, 2, 73.0, 74.0, "FINISHED"),
+    ("kd", PAIR, {"T": 2.0, "w_kd": 0.9}, 0, 70.0, 72.0, "FINISHED"),
+    ("kd", PAIR, {"T": 2.0, "w_kd": 0.9}, 1, 71.0, 72.0, "FINISHED"),
+    ("kd", PAIR, {"T": 8.0, "w_kd": 0.9}, 0, 76.0, 76.0, "FAILED"),
+    # dkd: beta=8 wins on validation although beta=2 has the higher test accuracy (test never ranks)
+    ("dkd", PAIR, {"beta": 8.0, "T": 4.0}, 0, 74.0, 75.0, "FINISHED"),
+    ("dkd", PAIR, {"beta": 2.0, "T": 4.0}, 0, 73.0, 99.0, "FINISHED"),
+    ("dkd", PAIR, {"beta": 1.0, "T": 4.0}, 0, 65.0, 66.0, "FINISHED"),
+    # ce: the student from scratch, no teacher
+    ("ce", {"data": "cifar100", "model": "resnet8x4"}, {}, 0, 69.0, 70.0, "FINISHED"),
+    # another data set: no published number
+    (
+        "kd",
+        {"data": "digits", "teacher_model": "resnet8x4", "model": "resnet8"},
+        {"T": 4.0},
+        0,
+        90.0,
+        91.0,
+        "FINISHED",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    uri = default_tracking_uri(storage / EXP)
+    st = SweepTracker(uri, EXP)
+    parent = st.start_parent({"name": EXP, "metric": "val_acc", "mode": "max"}, {}, {})
+    st.log_stage("teacher", {"model": "resnet32x4", "method": "ce"}, {"val_acc": 99.0, "test_acc": 99.0})
+    for i, (method, pair, hp, seed, val, test, status) in enumerate(TRIALS):
+        tt = TrialTracker(uri, EXP, parent, trial_id=f"t_{i:05d}", trial_name=f"{method}_t_{i:05d}")
+        tt.log_params({"method": method, **pair, "seed": seed, "lr": 0.05, "out": f"/runs/{i}", **hp})
+        for epoch in range(3):
+            d = 2 - epoch
+            tt.log_metrics(
+                {"val_acc": val - d, "test_acc": test - d, "train_loss": 1.0 / (epoch + 1)}, step=epoch
+            )
+        tt.end(status, reason="DivergedError: NaN" if status == "FAILED" else None)
+    st.end_parent("FINISHED")
+    return storage, uri, st, parent
+
+
+def _row(rows, method, student="resnet8x4", data="cifar100"):
+    (row,) = [r for r in rows if r["method"] == method and r["student"] == student and r["data"] == data]
+    return row
+
+
+def test_published_table_holds_the_papers_numbers():
+    assert published("cifar100", "resnet32x4", "resnet8x4", "kd").acc == 73.33
+    assert published("cifar100", "resnet32x4", "resnet8x4", "dkd").acc == 76.32
+    assert published("cifar100", "resnet32x4", "resnet8x4", "dist").acc == 76.31
+    assert published("cifar100", "resnet32x4", "resnet8x4", "wttm").acc == 76.06
+    assert published("cifar100", "resnet32x4", "resnet8x4", "wttm").std == 0.27
+    assert published("cifar100", "vgg13", "mobilenetv2", "ipwd").acc == 69.81
+    assert published("cifar100", "resnet32x4", "resnet8x4", "ce").acc == 72.50  # from scratch, any teacher
+    assert published("cifar100", "resnet110", "resnet20", "dkd") is None  # n/a in the paper
+    assert published("digits", "resnet32x4", "resnet8x4", "kd") is None
+    assert all("Table" in p.source for p in PUBLISHED.values())
+
+
+def test_best_per_method_rows(experiment):
+    _, uri, _, _ = experiment
+    rows = best_per_method(uri, EXP)
+    assert {(r["data"], r["method"]) for r in rows} == {
+        ("cifar100", "kd"),
+        ("cifar100", "dkd"),
+        ("cifar100", "ce"),
+        ("digits", "kd"),
+    }
+    kd = _row(rows, "kd")
+    assert kd["hparams"] == {"T": "4", "w_kd": "0.9"}
+    assert kd["n_seeds"] == 3 and sorted(kd["seeds"]) == ["0", "1", "2"]
+    assert kd["value"] == pytest.approx(72.0) and kd["value_std"] == pytest.approx(1.0)
+    assert kd["test_acc"] == pytest.approx(73.5) and kd["test_acc_std"] == pytest.approx(0.5)
+    assert kd["n_trials"] == 6 and kd["n_failed"] == 1 and kd["n_configs"] == 2
+    assert kd["published"] == 73.33 and "Table 1" in kd["published_source"]
+    dkd = _row(rows, "dkd")
+    assert dkd["hparams"]["beta"] == "8" and dkd["value"] == 74.0 and dkd["test_acc"] == 75.0
+    assert dkd["value_std"] is None and dkd["published"] == 76.32
+    ce = _row(rows, "ce")
+    assert ce["teacher"] == "-" and ce["published"] == 72.50 and ce["hparams"] == {}
+    digits = _row(rows, "kd", student="resnet8", data="digits")
+    assert digits["published"] is None and digits["teacher"] == "resnet8x4"
+    cifar = [r["method"] for r in rows if r["data"] == "cifar100" and r["teacher"] == "resnet32x4"]
+    assert cifar == ["dkd", "kd"]  # best first within a pair
+
+
+def test_ranking_by_test_or_minimising(experiment):
+    _, uri, _, _ = experiment
+    with pytest.raises(ConfigError, match="validation"):
+        best_per_method(uri, EXP, metric="test_acc")
+    rows = best_per_method(uri, EXP, metric="train_loss", mode="min")
+    assert all(r["value"] == pytest.approx(1 / 3) for r in rows)
+    with pytest.raises(KdtuneError, match="no MLflow experiment 'nope'"):
+        best_per_method(uri, "nope")
+
+
+def _args(**kw):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args([kw.pop("experiment")])
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def test_main_report_writes_table_csv_markdown_and_plots(experiment, tmp_path, capsys):
+    storage, uri, st, parent = experiment
+    args = _args(
+        experiment=EXP,
+        storage=str(storage),
+        csv=str(tmp_path / "r.csv"),
+        markdown=str(tmp_path / "r.md"),
+        plots=True,
+    )
+    assert main_report(args) == 0
+    out = capsys.readouterr().out
+    assert "resnet32x4 -> resnet8x4" in out and "72.00 ± 1.00" in out and "73.33 ± 0.25 [" in out
+    assert "mlflow ui --backend-store-uri" in out and "importance dkd: beta 1.00" in out
+
+    with open(tmp_path / "r.csv") as f:
+        rows = list(csv.DictReader(f))
+    kd = [r for r in rows if r["method"] == "kd" and r["data"] == "cifar100"][0]
+    assert float(kd["value"]) == 72.0 and float(kd["published"]) == 73.33 and kd["n_seeds"] == "3"
+    assert '"T": "4"' in kd["hparams"]
+    md = (tmp_path / "r.md").read_text()
+    assert "| resnet32x4 -> resnet8x4 | dkd | 74.00 | 1 | 75.00 | 76.32 [" in md
+    assert "TTM/WTTM (Zheng & Yang, ICLR 2024)" in md and "## digits" in md
+
+    report_dir = storage / EXP / "report"
+    pngs = sorted(p.name for p in report_dir.glob("*.png"))
+    assert (
+        "curves_cifar100_resnet32x4-resnet8x4.png" in pngs and "curves_digits_resnet8x4-resnet8.png" in pngs
+    )
+    assert {"importance_kd.png", "importance_dkd.png"} <= set(pngs)
+    for p in report_dir.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+    logged = {f.path for f in st.client.list_artifacts(parent, "report")}
+    assert "report/importance_kd.png" in logged and "report/r.md" in logged
+
+
+def test_importances_come_from_the_optuna_mirror_when_present(experiment, tmp_path, capsys):
+    optuna = pytest.importorskip("optuna")
+    storage, _, _, _ = experiment
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = storage / EXP / "optuna.db"
+    study = optuna.create_study(study_name=f"{EXP}/kd", storage=f"sqlite:///{db}", direction="maximize")
+    for i in range(6):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"mirror_only": float(i), "flat": 0.5 + 0.01 * (i % 2)},
+                distributions={
+                    "mirror_only": optuna.distributions.FloatDistribution(0, 10),
+                    "flat": optuna.distributions.FloatDistribution(0, 1),
+                },
+                value=float(i),
+            )
+        )
+    try:
+        assert main_report(_args(experiment=str(storage / EXP), plots=True, plots_dir=str(tmp_path))) == 0
+    finally:
+        db.unlink()
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("importance kd:")][0]
+    assert line.startswith("importance kd: mirror_only")  # the mirror's parameter, ranked first
+    assert "importance dkd: beta" in out  # no mirror study for dkd: MLflow params
+    assert (tmp_path / "importance_kd.png").stat().st_size > 0
+
+
+def test_report_refuses_a_missing_experiment(tmp_path):
+    with pytest.raises(KdtuneError, match="kdtune sweep"):
+        main_report(_args(experiment="ghost", storage=str(tmp_path)))
+    assert not (tmp_path / "ghost").exists()  # no empty database created
+    with pytest.raises(KdtuneError, match="no MLflow store"):
+        best_per_method(f"sqlite:///{tmp_path}/ghost/mlflow.db", "ghost")
+    assert not (tmp_path / "ghost").exists()

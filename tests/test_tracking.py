@@ -1,0 +1,266 @@
+"""kdtune.tracking against a real MLflow on a SQLite file: parent/child runs, resume, stages, registry."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from kdtune.errors import KdtuneError  # noqa: E402
+from kdtune.tracking import (  # noqa: E402
+    SweepTracker,
+    TrialTracker,
+    check_tracking_uri,
+    default_tracking_uri,
+    normalize_tracking_uri,
+    sqlite_path,
+)
+from kdtune.tracking.client import get_client, retry_locked  # noqa: E402
+
+EXP = "sweep-a"
+SPEC = {
+    "name": EXP,
+    "data": "digits",
+    "budget": {"trials": 4, "epochs": 3, "metric": "val_acc", "mode": "max"},
+    "methods": ["kd", "dkd"],
+    "students": [{"model": "resnet8"}],
+}
+SPACES = {"kd": "def space(trial):\n    return {'T': trial.suggest_float('T', 1, 8)}\n"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One experiment (the SQLite schema takes ~2 s to create) shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("exp") / EXP
+    uri = default_tracking_uri(root)
+    st = SweepTracker(uri, EXP)
+    parent = st.start_parent(SPEC, SPACES, tags={"kdtune.storage": str(root.parent)})
+    return st, parent, uri
+
+
+def _runs(client, exp_id, flt=""):
+    return client.search_runs([exp_id], filter_string=flt, max_results=1000)
+
+
+def test_uri_helpers(tmp_path):
+    uri = default_tracking_uri(tmp_path / "e")
+    assert uri == f"sqlite:///{tmp_path}/e/mlflow.db" and sqlite_path(uri) == tmp_path / "e" / "mlflow.db"
+    rel = normalize_tracking_uri("sqlite:///rel/m.db?timeout=30")
+    assert rel.startswith("sqlite:////") and rel.endswith("/rel/m.db?timeout=30")
+    assert normalize_tracking_uri("http://host:5000") == "http://host:5000"
+    assert sqlite_path("sqlite://") is None and sqlite_path("http://x") is None
+
+
+def test_parent_run_has_spec_versions_and_spaces(sweep):
+    st, parent, _ = sweep
+    run = st.client.get_run(parent)
+    tags, params = run.data.tags, run.data.params
+    assert tags["kdtune.sweep_id"] == EXP and tags["kdtune.role"] == "parent"
+    assert tags["kdtune.metric"] == "val_acc" and tags["kdtune.mode"] == "max"
+    assert "mlflow.source.git.commit" in tags and tags["kdtune.storage"]
+    assert params["budget.trials"] == "4" and params["data"] == "digits"
+    assert params["methods"] == '["kd","dkd"]'
+    for lib in ("torch", "ray", "optuna", "mlflow", "kdtune"):
+        assert params[f"version.{lib}"] and params[f"version.{lib}"] != "not installed"
+    assert params["git_commit"] == tags["mlflow.source.git.commit"]
+    files = {f.path for f in st.client.list_artifacts(parent)} | {
+        f.path for f in st.client.list_artifacts(parent, "search_spaces")
+    }
+    assert {"spec.yaml", "search_spaces/kd.py"} <= files
+    local = st.client.download_artifacts(parent, "spec.yaml")
+    assert "trials: 4" in open(local).read()
+
+
+def test_resume_reuses_parent(sweep):
+    st, parent, uri = sweep
+    st2 = SweepTracker(uri, EXP)
+    assert st2.start_parent(SPEC, SPACES, tags={}) == parent and st2.resumed
+    parents = _runs(st.client, st.experiment_id, "tags.`kdtune.role` = 'parent'")
+    assert len(parents) == 1
+    st2.end_parent("KILLED")
+    assert st.client.get_run(parent).info.status == "KILLED"
+    assert st2.start_parent(SPEC, SPACES, tags={}) == parent  # a resumed sweep runs again
+    assert st.client.get_run(parent).info.status == "RUNNING"
+
+
+def test_trial_child_run_params_and_metrics(sweep):
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="abc_00000", trial_name="kd_abc_00000")
+    assert not tt.resumed
+    tt.log_params({"method": "kd", "T": 4.0, "nested": {"x": 1}, "none": None})
+    for epoch in range(3):
+        tt.log_metrics(
+            {"val_acc": 50.0 + epoch, "loss_kd": 0.5, "is_best": True, "note": "x", "skip": None}, step=epoch
+        )
+    tt.end("FINISHED")
+    run = st.client.get_run(tt.run_id)
+    assert run.info.run_name == "kd_abc_00000" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["kdtune.trial_id"] == "abc_00000" and run.data.tags["kdtune.role"] == "trial"
+    assert run.data.params == {"method": "kd", "T": "4.0", "nested.x": "1", "none": "None"}
+    assert set(run.data.metrics) == {"val_acc", "loss_kd"}  # bool, str, None skipped
+    hist = st.client.get_metric_history(tt.run_id, "val_acc")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [
+        (0, 50.0),
+        (1, 51.0),
+        (2, 52.0),
+    ]
+
+
+def test_reattach_by_trial_id_in_process_and_in_another_process(sweep):
+    st, parent, uri = sweep
+    first = TrialTracker(uri, EXP, parent, trial_id="res_00001", trial_name="dkd_res_00001")
+    first.log_params({"beta": 8.0})
+    first.log_metrics({"val_acc": 40.0}, step=0)
+    # the driver dies: the run is left RUNNING; a restored trial in this process finds it again
+    again = TrialTracker(uri, EXP, parent, trial_id="res_00001", trial_name="dkd_res_00001")
+    assert again.resumed and again.run_id == first.run_id
+    again.log_params({"beta": 8.0})  # same value again: fine
+    again.log_metrics({"val_acc": 41.0}, step=1)
+    again.end("FAILED", reason="worker died")
+    # ...and a retried trial in another process (a Ray worker) continues the same run
+    code = textwrap.dedent(
+        f"""
+        from kdtune.tracking import TrialTracker
+        tt = TrialTracker({uri!r}, {EXP!r}, {parent!r}, trial_id="res_00001", trial_name="dkd_res_00001")
+        assert tt.resumed
+        tt.log_params({{"beta": 8.0, "gamma": 1.0}})
+        tt.log_metrics({{"val_acc": 42.0}}, step=2)
+        tt.end("FINISHED")
+        print(tt.run_id)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == first.run_id
+    assert "WARNING" not in out.stderr and "INFO" not in out.stderr, out.stderr[-2000:]  # MLflow kept quiet
+    runs = _runs(st.client, st.experiment_id, "tags.`kdtune.trial_id` = 'res_00001'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and "kdtune.failure_reason" not in run.data.tags
+    assert run.data.params == {"beta": "8.0", "gamma": "1.0"}
+    steps = sorted((m.step, m.value) for m in st.client.get_metric_history(run.info.run_id, "val_acc"))
+    assert steps == [(0, 40.0), (1, 41.0), (2, 42.0)]
+
+
+def test_changed_param_goes_to_a_tag(sweep):
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="chg_00002")
+    tt.log_params({"lr": 0.1})
+    tt.log_params({"lr": 0.2})
+    run = st.client.get_run(tt.run_id)
+    assert run.data.params["lr"] == "0.1" and run.data.tags["kdtune.changed_param.lr"] == "0.2"
+
+
+def test_failed_trial_keeps_reason(sweep):
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="nan_00003", trial_name="kd_nan_00003")
+    tt.log_metrics({"train_loss": float("nan")}, step=0)
+    tt.end("FAILED", reason="DivergedError: loss became NaN at epoch 0")
+    run = st.client.get_run(tt.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["kdtune.failure_reason"] == "DivergedError: loss became NaN at epoch 0"
+    with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
+        tt.end("DONE")
+    with pytest.raises(RuntimeError), TrialTracker(uri, EXP, parent, trial_id="ctx_00004") as tt2:
+        raise RuntimeError("boom")
+    run2 = st.client.get_run(tt2.run_id)
+    assert run2.info.status == "FAILED" and "RuntimeError: boom" in run2.data.tags["kdtune.failure_reason"]
+
+
+def test_stage_logged_once(sweep, tmp_path):
+    st, parent, _ = sweep
+    ckpt = tmp_path / "final.pt"
+    ckpt.write_bytes(b"weights")
+    cfg = {"model": "resnet8x4", "method": "ce", "epochs": 3, "hp": {}}
+    result = {"test_acc": 91.5, "val_acc": 90.0, "epochs": 3, "out": "runs/teacher"}
+    rid = st.log_stage("teacher", cfg, result, ckpt)
+    assert st.log_stage("teacher", cfg, result, ckpt) == rid
+    other = st.log_stage("teacher", {**cfg, "epochs": 4}, result, ckpt)
+    assert other != rid
+    runs = _runs(st.client, st.experiment_id, "tags.`kdtune.stage` = 'teacher'")
+    assert sorted(r.info.run_id for r in runs) == sorted([rid, other])
+    run = st.client.get_run(rid)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
+    assert run.data.metrics["test_acc"] == 91.5 and run.data.params["model"] == "resnet8x4"
+    assert {f.path for f in st.client.list_artifacts(rid, "model")} == {"model/final.pt"}
+
+
+def test_log_model_and_register_best_with_alias(sweep, monkeypatch):
+    torch = pytest.importorskip("torch")
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="best_00005", trial_name="kd_best_00005")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    tt.log_model(model, name="model", step=2)
+    tt.end("FINISHED")
+    version = st.register_best(tt.run_id, artifact_path="model", name="sweep-a-best", alias="best")
+    assert st.register_best(tt.run_id, name="sweep-a-best") == version  # idempotent
+    mv = st.client.get_model_version_by_alias("sweep-a-best", "best")
+    assert str(mv.version) == version and mv.run_id == tt.run_id
+    import mlflow.pytorch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pytorch.load_model("models:/sweep-a-best@best")
+    x = torch.randn(2, 4)
+    assert torch.allclose(loaded(x), model(x))
+    with pytest.raises(KdtuneError, match="no model logged"):
+        st.register_best(parent, name="sweep-a-best")
+
+
+def test_retry_locked_retries_only_lock_errors():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert retry_locked(flaky) == "ok" and len(calls) == 3
+    with pytest.raises(KeyError):
+        retry_locked(lambda: {}["x"])
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="locked"):
+        retry_locked(lambda: (_ for _ in ()).throw(RuntimeError("database is locked")), timeout_s=0.3)
+    assert time.monotonic() - t0 < 2
+
+
+def test_check_tracking_uri_refuses_closed_port_fast():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with pytest.raises(KdtuneError) as e:
+        check_tracking_uri(uri)
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert uri in msg and "unreachable" in msg and "\n" not in msg
+
+
+def test_check_tracking_uri_local(tmp_path, monkeypatch):
+    check_tracking_uri(default_tracking_uri(tmp_path / "new" / "exp"))  # creatable: fine
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(KdtuneError, match="not a directory"):
+        check_tracking_uri(f"sqlite:///{blocker}/exp/mlflow.db")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(KdtuneError, match="sqlite:///"):
+        check_tracking_uri(str(tmp_path / "mlruns"))
+    check_tracking_uri(None)
+
+
+def test_client_is_shared_per_uri_and_store_in_wal_mode(sweep):
+    st, _, uri = sweep
+    assert get_client(uri) is get_client(uri)
+    con = sqlite3.connect(str(sqlite_path(uri)))
+    assert st.wal and con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
