@@ -53,6 +53,10 @@ class HParam:
     def range_text(self) -> str:
         if self.choices is not None:
             return "{" + ", ".join(map(str, self.choices)) + "}"
+        if self.type is bool:
+            return "{true, false}"
+        if self.type not in (int, float):
+            return self.type.__name__
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
