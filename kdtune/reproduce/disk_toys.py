@@ -1,0 +1,512 @@
+"""``kdtune reproduce disk-toys``: Table 1 of DiSK (Kag et al., "Scaffolding a Student to Instill Knowledge",
+ICLR 2023 submission) on its two toy problems, appendix A.1-A.2.
+
+For each problem a teacher is trained once, then a student is trained from many seeds with CE, KD and DiSK,
+and the table counts how often each method lands in each minimum, next to the paper's Table 1.
+
+Protocol, as the appendix writes it: SGD, momentum 0.9, learning rate 0.1, weight decay 0.01, 200 epochs, for
+teacher and students ("similar training setup as the teacher"). Not given by the paper, chosen here: batch
+size 200 (A.5), constant learning rate (A.1/A.2 name no schedule), the interval sigmoid scale ``k = 10``, the
+teacher kept from the best of ``--teacher-restarts`` random starts by training loss (the paper only says the
+teacher recovers ``f*``), student end points / weights initialised uniformly (``nn.Linear``'s rule), and
+KD with T = 4 (A.5) and CE weight 0.1. KD and DiSK start from the same seed's CE-trained student
+(``--init ce``, the warm start of A.4, which "benefits both DiSK and KD"); ``--init random`` starts them from
+the seed's random initialisation instead. DiSK uses the defaults A.1 gives for both toys: tau_t = 7,
+lambda_min = 0.1, lambda_max = 50, delta = 0, Lambda_T = 50; alpha = 0.1 (the official script's CE weight);
+the student temperature fitted on the warm-started student (section 3.2); K = the number of classes (A.1's
+default K = 2 on the binary problem; on the 3-class problem K = 2 with eq. 4's full teacher target pulls
+helped examples towards the teacher's third class and ruins the student -- see kdtune.losses.disk -- so
+K = 3, inside A.1's scan {1, 2, 3}); the guide has the student's capacity (A.1: "similar capacity as the
+student"): one hidden layer of 2 units with batch norm and ReLU on the teacher's features and soft
+predictions; 3 guide SGD steps (lr 0.1, momentum 0.9) per student step. The interval models' sigmoid scale
+and probability floor are not given either (see kdtune.models.toys: they decide what a minimum is).
+
+"Lands in a minimum", as the paper identifies its minima:
+
+- 1-D intervals (Figure 1: the student's single interval covers the blue cluster [2, 3], both clusters, or
+  the cluster [5, 7]): a run is in A if its predicted-blue region covers more than half of the test's blue
+  points in [2, 3] and at most half of those in [5, 7]; B if it covers more than half of both (the interval
+  then spans the red gap [3, 5]); C (the global minimum, censoring [2, 3]) if it covers more than half of
+  [5, 7] only; "other" if neither. The paper's accuracies 67 / 83 / 87 % are those of its 100-point test
+  set; in expectation A is 67 % and B and C are both 83 %, so accuracy alone cannot tell B from C.
+- 2-D Gaussians (Figure 2, identified by accuracy only): a run is in the minimum whose Table 1 accuracy
+  (70, 80, 90, 100 %) is nearest to its test accuracy -- cut points 75, 85, 95 % -- and "other" below 65 %.
+
+All seeds train at once as one ensemble (parameters with a leading seed dimension, see
+:mod:`kdtune.models.toys`); run ``i`` depends only on its seed ``i``, not on how many seeds run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.data.base import Split
+from kdtune.data.toys import GAUSS_STD, INTERVAL_KAPPA, gaussians_splits, intervals_splits
+from kdtune.losses.disk import disk_distill, fit_student_temperature, guide_objective, lambda_schedule
+from kdtune.models.toys import BNMLP, LOG_FLOOR_EPS, STUDENT_WIDTHS, TEACHER_WIDTHS, IntervalNet
+
+METHODS = ("CE", "KD", "DiSK")
+
+# Table 1 of the paper: runs out of 100 landing in each minimum; the last minimum is the global one.
+PAPER = {
+    "intervals": {
+        "title": "1D Intervals",
+        "minima": ("A", "B", "C"),
+        "accuracy": (67, 83, 87),
+        "rows": {"CE": (35, 64, 1), "KD": (30, 67, 3), "DiSK": (9, 1, 90)},
+    },
+    "gaussians": {
+        "title": "2D Gaussians",
+        "minima": ("A", "B", "C", "D"),
+        "accuracy": (70, 80, 90, 100),
+        "rows": {"CE": (73, 12, 9, 6), "KD": (1, 11, 31, 57), "DiSK": (0, 0, 3, 97)},
+    },
+}
+
+
+@dataclass
+class ToyConfig:
+    seeds: int = 100
+    first_seed: int = 0
+    epochs: int = 200
+    batch_size: int = 200
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    teacher_restarts: int = 16
+    init: str = "ce"
+    data_seed: int = 0
+    kappa: float = INTERVAL_KAPPA
+    interval_eps: float = LOG_FLOOR_EPS
+    gauss_std: float = GAUSS_STD
+    kd_T: float = 4.0
+    kd_alpha: float = 0.1
+    alpha: float = 0.1
+    tau_t: float = 7.0
+    student_T: float | None = None
+    K: int | None = None  # None: the number of classes of each problem (2 and 3)
+    target: str = "full"
+    lambda_min: float = 0.1
+    lambda_max: float = 50.0
+    lambda_period: int = 50
+    delta: float = 0.0
+    guide_steps: int = 3
+    guide_lr: float = 0.1
+    guide_wd: float = 5e-4
+    guide_hidden: tuple[int, ...] = (2,)
+    problems: tuple[str, ...] = ("intervals", "gaussians")
+
+
+@dataclass
+class Problem:
+    key: str
+    train: Split
+    test: Split
+    num_classes: int
+    make_teacher: Callable[[int | None], nn.Module]
+    make_student: Callable[[int | None], nn.Module]
+    classify: Callable[[nn.Module, Split], tuple[list[str], Tensor]]
+    info: dict = field(default_factory=dict)
+
+
+# -- ensemble training ---------------------------------------------------------------------------------------
+def _per_member_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean CE per member: logits (S, B, C), y (S, B) -> (S,)."""
+    s, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(s * b, c), y.reshape(-1), reduction="none").view(s, b).mean(dim=1)
+
+
+def _per_member_kd(s_logits: Tensor, t_logits: Tensor, T: float) -> Tensor:
+    """Hinton et al. 2015: ``T^2 KL(t^T || s^T)`` per member, batch mean: (S, B, C) -> (S,)."""
+    log_ps = F.log_softmax(s_logits / T, dim=-1)
+    log_pt = F.log_softmax(t_logits / T, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1).mean(dim=-1) * T * T
+
+
+def _shuffles(seeds: list[int], n: int, tag: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1_000_003 * tag + 7919 * int(s) + 1) for s in seeds]
+
+
+def train_ensemble(
+    model: nn.Module,
+    train: Split,
+    seeds: list[int],
+    cfg: ToyConfig,
+    step_loss: Callable[[Tensor, int], Tensor],
+    tag: int,
+    on_epoch: Callable[[int], None] | None = None,
+    tick: Callable[[], None] | None = None,
+) -> None:
+    """SGD (cfg.lr, momentum, weight decay) over cfg.epochs; each member its own shuffle of the training set.
+
+    ``step_loss(idx, epoch)`` gets the (S, B) indices of the batch and returns the sum over members of each
+    member's batch-mean loss, so every member's gradient is its own.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gens = _shuffles(seeds, len(train), tag)
+    n = len(train)
+    b = min(cfg.batch_size, n)
+    steps = max(n // b, 1)
+    model.train()
+    for epoch in range(cfg.epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)
+        perm = torch.stack([torch.randperm(n, generator=g) for g in gens])
+        for i in range(steps):
+            loss = step_loss(perm[:, i * b : (i + 1) * b], epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if tick is not None:
+            tick()
+    model.eval()
+
+
+def take_member(ensemble: nn.Module, single: nn.Module, i: int) -> nn.Module:
+    """Copy member ``i`` of an ensemble into a single model of the same class."""
+    single.load_state_dict({k: v[i].clone() for k, v in ensemble.state_dict().items()})
+    return single.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split) -> Tensor:
+    model.eval()
+    pred = model(split.x).argmax(dim=-1)
+    return (pred == split.y).float().mean(dim=-1) * 100
+
+
+# -- the two problems ------------------------------------------------------------------------------------------
+def _classify_intervals(model: nn.Module, test: Split) -> tuple[list[str], Tensor]:
+    with torch.no_grad():
+        model.eval()
+        blue_pred = model(test.x).argmax(dim=-1) == 1  # (S, N)
+    x = test.x[:, 0]
+    left = (test.y == 1) & (x >= 2) & (x <= 3)
+    right = (test.y == 1) & (x >= 5) & (x <= 7)
+    cov_l = blue_pred[:, left].float().mean(dim=1)
+    cov_r = blue_pred[:, right].float().mean(dim=1)
+    labels = []
+    for a, b in zip(cov_l.tolist(), cov_r.tolist()):
+        if a > 0.5 and b <= 0.5:
+            labels.append("A")
+        elif a > 0.5 and b > 0.5:
+            labels.append("B")
+        elif b > 0.5:
+            labels.append("C")
+        else:
+            labels.append("other")
+    return labels, accuracy(model, test)
+
+
+def _classify_gaussians(model: nn.Module, test: Split) -> tuple[list[str], Tensor]:
+    acc = accuracy(model, test)
+    labels = []
+    for a in acc.tolist():
+        if a >= 95:
+            labels.append("D")
+        elif a >= 85:
+            labels.append("C")
+        elif a >= 75:
+            labels.append("B")
+        elif a >= 60:
+            labels.append("A")
+        else:
+            labels.append("other")
+    return labels, acc
+
+
+def make_problem(key: str, cfg: ToyConfig) -> Problem:
+    if key == "intervals":
+        train, _val, test = intervals_splits(cfg.data_seed, kappa=cfg.kappa)
+        return Problem(
+            key, train, test, 2,
+            make_teacher=lambda e: IntervalNet(2, cfg.kappa, ensemble=e, eps=cfg.interval_eps),
+            make_student=lambda e: IntervalNet(1, cfg.kappa, ensemble=e, eps=cfg.interval_eps),
+            classify=_classify_intervals,
+        )  # fmt: skip
+    if key == "gaussians":
+        train, _val, test = gaussians_splits(cfg.data_seed, std=cfg.gauss_std)
+        return Problem(
+            key, train, test, 3,
+            make_teacher=lambda e: BNMLP(2, TEACHER_WIDTHS, 3, ensemble=e),
+            make_student=lambda e: BNMLP(2, STUDENT_WIDTHS, 3, ensemble=e),
+            classify=_classify_gaussians,
+        )  # fmt: skip
+    raise ValueError(f"unknown toy problem {key!r}")
+
+
+# -- one problem, all methods ------------------------------------------------------------------------------------
+@dataclass
+class ProblemResult:
+    key: str
+    teacher_acc: float
+    labels: dict[str, list[str]]
+    accs: dict[str, Tensor]
+    seconds: float
+
+
+def _train_teacher(p: Problem, cfg: ToyConfig, tick) -> nn.Module:
+    r = max(cfg.teacher_restarts, 1)
+    seeds = [10_000 + i for i in range(r)]
+    ens = p.make_teacher(r)
+    ens.init_members(seeds)
+    x, y = p.train.x, p.train.y
+
+    def ce_loss(idx: Tensor, epoch: int) -> Tensor:
+        return _per_member_ce(ens(x[idx]), y[idx]).sum()
+
+    train_ensemble(ens, p.train, seeds, cfg, ce_loss, tag=1, tick=tick)
+    with torch.no_grad():
+        logits = ens(x)  # (R, N, C), eval mode
+        loss = torch.stack([F.cross_entropy(logits[i], y) for i in range(r)])
+    return take_member(ens, p.make_teacher(None), int(loss.argmin()))
+
+
+def run_problem(p: Problem, cfg: ToyConfig, tick=None) -> ProblemResult:
+    t0 = time.time()
+    teacher = _train_teacher(p, cfg, tick)
+    with torch.no_grad():
+        t_logits, t_feats = teacher(p.train.x, return_features=True)
+    teacher_acc = float(accuracy(teacher, p.test))
+    x, y = p.train.x, p.train.y
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    s = len(seeds)
+    labels: dict[str, list[str]] = {}
+    accs: dict[str, Tensor] = {}
+
+    # CE from the seeds' random initialisations.
+    ce_student = p.make_student(s)
+    ce_student.init_members(seeds)
+    init_state = {k: v.clone() for k, v in ce_student.state_dict().items()}
+
+    def ce_loss(idx: Tensor, epoch: int) -> Tensor:
+        return _per_member_ce(ce_student(x[idx]), y[idx]).sum()
+
+    train_ensemble(ce_student, p.train, seeds, cfg, ce_loss, tag=2, tick=tick)
+    labels["CE"], accs["CE"] = p.classify(ce_student, p.test)
+    start_state = ce_student.state_dict() if cfg.init == "ce" else init_state
+
+    # KD (Hinton et al. 2015): alpha CE + (1 - alpha) T^2 KL, eq. 1 of the paper.
+    kd_student = p.make_student(s)
+    kd_student.load_state_dict({k: v.clone() for k, v in start_state.items()})
+
+    def kd_loss(idx: Tensor, epoch: int) -> Tensor:
+        logits = kd_student(x[idx])
+        ce = _per_member_ce(logits, y[idx])
+        kd = _per_member_kd(logits, t_logits[idx], cfg.kd_T)
+        return (cfg.kd_alpha * ce + (1 - cfg.kd_alpha) * kd).sum()
+
+    train_ensemble(kd_student, p.train, seeds, cfg, kd_loss, tag=3, tick=tick)
+    labels["KD"], accs["KD"] = p.classify(kd_student, p.test)
+
+    # DiSK (Algorithm 1): guide steps on (1 - alpha) L_dist + lambda L_budget, then the student's step.
+    dk_student = p.make_student(s)
+    dk_student.load_state_dict({k: v.clone() for k, v in start_state.items()})
+    guide = BNMLP(t_feats.shape[-1] + p.num_classes, cfg.guide_hidden, 1, ensemble=s)
+    guide.init_members([20_000 + sd for sd in seeds])
+    gopt = torch.optim.SGD(guide.parameters(), lr=cfg.guide_lr, momentum=0.9, weight_decay=cfg.guide_wd)
+    g_in = torch.cat([t_feats, F.softmax(t_logits, dim=-1)], dim=-1)
+    if cfg.student_T is not None:
+        tau_s: Tensor = torch.full((s,), float(cfg.student_T))
+    else:
+        with torch.no_grad():
+            dk_student.eval()
+            tau_s = fit_student_temperature(dk_student(x), t_logits, cfg.tau_t)
+            dk_student.train()
+    state = {"lam": cfg.lambda_min}
+    kw = dict(alpha=cfg.alpha, tau_t=cfg.tau_t, k=cfg.K or p.num_classes, delta=cfg.delta, target=cfg.target)
+
+    def on_epoch(epoch: int) -> None:
+        state["lam"] = lambda_schedule(epoch, cfg.epochs, cfg.lambda_min, cfg.lambda_max, cfg.lambda_period)
+
+    def disk_loss(idx: Tensor, epoch: int) -> Tensor:
+        logits = dk_student(x[idx])
+        tl, yb, gi = t_logits[idx], y[idx], g_in[idx]
+        guide.train()
+        for _ in range(cfg.guide_steps):
+            g = torch.sigmoid(guide(gi)).squeeze(-1)
+            obj = guide_objective(logits.detach(), tl, yb, g, lam=state["lam"], tau_s=tau_s, **kw).sum()
+            gopt.zero_grad(set_to_none=True)
+            obj.backward()
+            gopt.step()
+        with torch.no_grad():
+            g = torch.sigmoid(guide(gi)).squeeze(-1)
+        ce = _per_member_ce(logits, yb)
+        dist = disk_distill(logits, tl, g, cfg.tau_t, tau_s, kw["k"], target=cfg.target)
+        return (cfg.alpha * ce + (1 - cfg.alpha) * dist).sum()
+
+    train_ensemble(dk_student, p.train, seeds, cfg, disk_loss, tag=4, on_epoch=on_epoch, tick=tick)
+    labels["DiSK"], accs["DiSK"] = p.classify(dk_student, p.test)
+    return ProblemResult(p.key, teacher_acc, labels, accs, time.time() - t0)
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+def format_table(results: list[ProblemResult], cfg: ToyConfig) -> str:
+    lines = [
+        f"DiSK toy problems (Kag et al., ICLR 2023 submission, Table 1): {cfg.seeds} runs per method, "
+        f"{cfg.epochs} epochs, KD/DiSK start: {cfg.init}",
+        "counts: runs landing in each minimum (* = global minimum); paper: its Table 1, 100 runs",
+    ]
+    for r in results:
+        paper = PAPER[r.key]
+        minima = paper["minima"]
+        cols = [m + ("*" if j == len(minima) - 1 else "") for j, m in enumerate(minima)] + ["other"]
+        w = 7
+        head = (
+            f"{'':<18}"
+            + "".join(f"{c:>{w}}" for c in cols)
+            + "  |  paper"
+            + "".join(f"{c:>{w}}" for c in cols[:-1])
+        )
+        lines += [
+            "",
+            f"{paper['title']}  (teacher test accuracy {r.teacher_acc:.1f}%, {r.seconds:.0f} s)",
+            head,
+        ]
+        mean_acc = []
+        for m in [*minima, "other"]:
+            vals = [
+                float(a)
+                for meth in METHODS
+                for lab, a in zip(r.labels[meth], r.accs[meth].tolist())
+                if lab == m
+            ]
+            mean_acc.append(f"{sum(vals) / len(vals):.0f}%" if vals else "-")
+        lines.append(
+            f"{'accuracy':<18}"
+            + "".join(f"{v:>{w}}" for v in mean_acc)
+            + "  |       "
+            + "".join(f"{str(a) + '%':>{w}}" for a in paper["accuracy"])
+        )
+        for meth in METHODS:
+            counts = [r.labels[meth].count(m) for m in [*minima, "other"]]
+            mean = float(r.accs[meth].mean())
+            lines.append(
+                f"{meth:<8}{mean:>6.1f}%   "
+                + "".join(f"{c:>{w}}" for c in counts)
+                + "  |       "
+                + "".join(f"{c:>{w}}" for c in paper["rows"][meth])
+            )
+    lines.append("")
+    lines.append(
+        "accuracy row: mean test accuracy of the runs in that minimum; method rows: mean test accuracy."
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ToyConfig()
+    p = argparse.ArgumentParser(
+        prog="kdtune reproduce disk-toys",
+        description="DiSK's Table 1: how often CE, KD and DiSK land in each minimum of the two toy problems.",
+    )
+    p.add_argument("--seeds", type=int, default=d.seeds, help="runs per method (paper: 100)")
+    p.add_argument("--first-seed", type=int, default=d.first_seed)
+    p.add_argument(
+        "--epochs", type=int, default=d.epochs, help="epochs for teacher and students (paper: 200)"
+    )
+    p.add_argument("--quick", action="store_true", help="4 seeds, 20 epochs: a smoke test, not a result")
+    p.add_argument("--problems", default="intervals,gaussians", help="comma list of: intervals, gaussians")
+    p.add_argument("--init", choices=("ce", "random"), default=d.init, help="start of KD and DiSK students")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--teacher-restarts", type=int, default=d.teacher_restarts)
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--kappa", type=float, default=d.kappa, help="sigmoid scale of the interval functions")
+    p.add_argument(
+        "--interval-eps", type=float, default=d.interval_eps, help="floor of the interval probabilities"
+    )
+    p.add_argument("--gauss-std", type=float, default=d.gauss_std, help="std of the Gaussian clusters")
+    p.add_argument("--kd-T", type=float, default=d.kd_T)
+    p.add_argument("--kd-alpha", type=float, default=d.kd_alpha, help="KD's CE weight")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="DiSK's CE weight")
+    p.add_argument("--tau-t", type=float, default=d.tau_t)
+    p.add_argument(
+        "--student-T", type=float, default=None, help="fixed student temperature (default: fitted)"
+    )
+    p.add_argument("--K", type=int, default=d.K, help="DiSK's top-K (default: all classes: 2 and 3)")
+    p.add_argument(
+        "--target", choices=("full", "topk"), default=d.target, help="DiSK's teacher target (eq. 4: full)"
+    )
+    p.add_argument("--lambda-min", type=float, default=d.lambda_min)
+    p.add_argument("--lambda-max", type=float, default=d.lambda_max)
+    p.add_argument("--lambda-period", type=int, default=d.lambda_period)
+    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--guide-steps", type=int, default=d.guide_steps)
+    p.add_argument("--guide-lr", type=float, default=d.guide_lr)
+    p.add_argument("--guide-hidden", default=",".join(map(str, d.guide_hidden)), help="e.g. '2' or '64,128'")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for these tiny ops)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ToyConfig:
+    from kdtune.errors import ConfigError
+    from kdtune.losses.disk import parse_hidden
+
+    problems = tuple(q.strip() for q in args.problems.split(",") if q.strip())
+    bad = [q for q in problems if q not in PAPER]
+    if bad or not problems:
+        raise ConfigError(f"--problems {args.problems!r}: choose from intervals, gaussians")
+    cfg = ToyConfig(
+        seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs, batch_size=args.batch_size,
+        teacher_restarts=args.teacher_restarts, init=args.init, data_seed=args.data_seed, kappa=args.kappa,
+        interval_eps=args.interval_eps,
+        gauss_std=args.gauss_std, kd_T=args.kd_T, kd_alpha=args.kd_alpha, alpha=args.alpha, tau_t=args.tau_t,
+        student_T=args.student_T, K=args.K, target=args.target, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
+        lambda_period=args.lambda_period, delta=args.delta, guide_steps=args.guide_steps, guide_lr=args.guide_lr,
+        guide_hidden=parse_hidden(args.guide_hidden), problems=problems,
+    )  # fmt: skip
+    if args.quick:
+        cfg.seeds, cfg.epochs, cfg.teacher_restarts = min(cfg.seeds, 4), min(cfg.epochs, 20), 2
+        cfg.lambda_period = min(cfg.lambda_period, 10)
+    if cfg.seeds < 1 or cfg.epochs < 1 or cfg.batch_size < 2:
+        raise ConfigError("--seeds and --epochs must be >= 1 and --batch-size >= 2")
+    classes = min({"intervals": 2, "gaussians": 3}[q] for q in problems)
+    if cfg.K is not None and not 1 <= cfg.K <= classes:
+        raise ConfigError(
+            f"--K {cfg.K} must lie in [1, {classes}] (the number of classes of the problems run)"
+        )
+    if cfg.lambda_max <= cfg.lambda_min:
+        raise ConfigError("--lambda-max must exceed --lambda-min")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdtune.errors import KdtuneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except KdtuneError as e:
+        print(f"kdtune: error: {e}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    per_problem = cfg.epochs * (1 + len(METHODS))
+    bar = tqdm(total=per_problem * len(cfg.problems), file=sys.stderr, disable=args.no_progress, unit="epoch",
+               desc="disk-toys")  # fmt: skip
+    results = []
+    try:
+        for key in cfg.problems:
+            bar.set_postfix_str(key)
+            results.append(run_problem(make_problem(key, cfg), cfg, tick=lambda: bar.update(1)))
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    print(format_table(results, cfg))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
