@@ -1,0 +1,235 @@
+"""Sweep subcommands of ``kdtune``: sweep, resume, report, spaces, validate.
+
+Ray, Optuna and MLflow are imported inside the commands only, so ``kdtune train`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdtune.errors import ConfigError
+
+SWEEP_EPILOG = """\
+examples:
+  kdtune sweep sweeps/digits.yaml                 the README demo: several methods on digits, a few minutes
+  kdtune sweep sweeps/cifar100-r32x4-r8x4.yaml    a published CIFAR-100 pair (GPU)
+  RAY_ADDRESS=auto kdtune sweep spec.yaml         on a running Ray cluster (storage must be shared)
+Running it again on an unfinished experiment resumes it; a finished one prints its results.
+"""
+
+
+def add_commands(sub) -> None:
+    """Add the sweep subcommands to the ``kdtune`` parser."""
+    s = sub.add_parser("sweep", help="run a sweep described in one YAML file (resumes an unfinished one)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_EPILOG)  # fmt: skip
+    s.add_argument("spec", help="the sweep spec (YAML); examples in sweeps/")
+    s.add_argument("--name", help="experiment name (default: the spec's name:, else the file name)")
+    s.add_argument(
+        "--storage", help="where experiments live (default: the spec's storage:, else runs/sweeps)"
+    )
+    s.set_defaults(func=_sweep)
+
+    r = sub.add_parser("resume", help="finish a sweep that was interrupted (killed driver, Ctrl-C, crash)")
+    r.add_argument("experiment", help="the experiment's directory, or its name under --storage")
+    r.add_argument("--storage", help="where experiments live (default runs/sweeps)")
+    r.set_defaults(func=_resume)
+
+    p = sub.add_parser(
+        "report", help="best trial per method and pair, with its config (table, CSV, Markdown)"
+    )
+    p.add_argument("experiment", help="the experiment's directory, or its name under --storage")
+    p.add_argument("--storage", help="where experiments live (default runs/sweeps)")
+    p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
+    p.add_argument(
+        "--plots", action="store_true", help="save validation curves and parameter importances (PNG)"
+    )
+    p.set_defaults(func=_report)
+
+    sp = sub.add_parser("spaces", help="print a method's search space and published starting points")
+    sp.add_argument("method", nargs="?", help="a method (default: all with a space file)")
+    sp.add_argument("--data", default="cifar100", help="data set of the context (default cifar100)")
+    sp.add_argument("--teacher", default="resnet32x4", help="teacher architecture (default resnet32x4)")
+    sp.add_argument("--student", default="resnet8x4", help="student architecture (default resnet8x4)")
+    sp.add_argument("--epochs", type=int, default=240, help="epochs per trial (default 240)")
+    sp.add_argument("--classes", type=int, default=None, help="number of classes (default: the data set's)")
+    sp.add_argument("--ce-error", type=float, default=None, help="CE student's train error (DiSK's anchor)")
+    sp.set_defaults(func=_spaces)
+
+    v = sub.add_parser(
+        "validate", help="check a sweep spec (fields, spaces, starting points) without starting"
+    )
+    v.add_argument("spec")
+    v.set_defaults(func=_validate)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _load(args):
+    from kdtune.spec import load_spec
+
+    spec_path = Path(args.spec)
+    if not spec_path.is_file():
+        raise ConfigError(f"sweep spec {args.spec!r} does not exist; check the path (examples in sweeps/)")
+    if getattr(args, "name", None) or getattr(args, "storage", None):
+        import yaml
+
+        from kdtune.config import load_yaml_mapping
+
+        raw = (
+            load_yaml_mapping(spec_path)
+            if spec_path.suffix in (".yaml", ".yml")
+            else yaml.safe_load(spec_path.read_text())
+        )
+        raw.setdefault("name", spec_path.stem)
+        if args.name:
+            raw["name"] = args.name
+        if args.storage:
+            raw["storage"] = args.storage
+        return load_spec(raw, base_dir=spec_path.resolve().parent)
+    return load_spec(spec_path)
+
+
+def _sweep(args) -> int:
+    from kdtune.tune.runner import sweep
+
+    spec = _load(args)
+    result = sweep(spec, log=_print)
+    _finish(result)
+    return 0
+
+
+def _resume(args) -> int:
+    from kdtune.tune.runner import resume
+
+    result = resume(args.experiment, args.storage, log=_print)
+    _finish(result)
+    return 0
+
+
+def _report(args) -> int:
+    try:
+        from kdtune.report import main_report
+    except ImportError:
+        return _fallback_report(args)
+    return int(main_report(args) or 0)
+
+
+def _fallback_report(args) -> int:
+    """The sweep's own summary (results/state.json) when the MLflow report module is not installed."""
+    from kdtune.tune.runner import find_experiment, read_state, spec_of
+
+    exp = find_experiment(args.experiment, args.storage)
+    from kdtune.tune.runner import _Sweep
+
+    s = _Sweep(spec_of(exp), log=_print)
+    print(s._result_from_state(read_state(exp)).table())
+    return 0
+
+
+def _spaces(args) -> int:
+    from kdtune.data import DATASETS
+    from kdtune.losses import METHODS
+    from kdtune.tune.spaces import SpaceContext, available_spaces, build_space
+
+    DATASETS.get(args.data)
+    names = [args.method] if args.method else [m for m in available_spaces() if m in METHODS]
+    if args.method:
+        METHODS.get(args.method)
+    classes = args.classes or {"cifar100": 100, "cifar10": 10, "digits": 10, "tiny-imagenet": 200,
+                               "imagenet": 1000}.get(args.data)  # fmt: skip
+    for i, name in enumerate(names):
+        cls = METHODS.get(name)
+        teacher = args.teacher if cls.needs_teacher else None
+        ctx = SpaceContext(method=name, data=args.data, student=args.student, teacher=teacher, epochs=args.epochs,
+                           num_classes=classes, ce_error=args.ce_error)  # fmt: skip
+        fn = build_space(name, ctx)
+        pair = f"{teacher} -> {args.student}" if teacher else args.student
+        if i:
+            print()
+        print(f"{name}: {cls.summary}")
+        print(f"  file: {fn.filename}")
+        print(f"  context: {args.data}, {pair}, {args.epochs} epochs")
+        lines = fn.describe()
+        print("  space:" + ("" if lines else " empty (one run per student)"))
+        for ln in lines:
+            print(f"    {ln}")
+        points, notes = fn.valid_starts()
+        print("  starting points:" + ("" if points else " none"))
+        for p in points:
+            print("    " + ", ".join(f"{k}={_short(v)}" for k, v in p.items()))
+        for n in notes:
+            print(f"    ({n})")
+        published = getattr(fn.module, "PUBLISHED", None) or getattr(fn.module, "BETA", None)
+        if published:
+            pairs = sorted({f"{d}:{t}->{s}" for (d, t, s) in published})
+            print(f"  published pairs: {', '.join(pairs)}")
+    return 0
+
+
+def _validate(args) -> int:
+    from kdtune.tune.runner import prepare
+
+    spec = _load(args)
+    info = prepare(spec)
+    b = spec.budget
+    teacher = "none"
+    if spec.teacher is not None:
+        teacher = spec.teacher.checkpoint or f"stage {spec.teacher.model} ({spec.teacher.method})"
+    print(f"spec {args.spec} is valid: experiment {spec.name} at {spec.experiment_dir}")
+    print(f"  data {spec.data}, teacher {teacher}, students {', '.join(spec.students)}")
+    print(f"  budget: {b.trials} trials x {b.epochs} epochs per method, {b.concurrency} at a time, "
+          f"{b.cpus_per_trial:g} CPU + {b.gpus_per_trial:g} GPU per trial; scheduler {spec.scheduler.name}; "
+          f"metric {spec.metric} ({spec.mode})")  # fmt: skip
+    for g in info["groups"]:
+        params = (
+            ", ".join(ln.split()[0] for ln in g["parameters"] if " fixed " not in ln) or "nothing (one run)"
+        )
+        print(f"  {g['student']}-{g['method']}: searches {params}; {len(g['starts'])} starting points")
+        for n in g["notes"]:
+            print(f"    ({n})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _short(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _finish(result) -> None:
+    """After a sweep: the report (MLflow's when available, else the sweep's own table) and where to look."""
+    shown = False
+    if result.tracking_uri:
+        try:
+            from kdtune.report import main_report
+
+            ns = argparse.Namespace(experiment=result.experiment_dir, storage=None, csv=None, markdown=None,
+                                    plots=False)  # fmt: skip
+            main_report(ns)
+            shown = True
+        except ImportError:
+            pass
+        except Exception as e:  # noqa: BLE001 - the sweep is done; a report problem must not hide it
+            print(f"(report failed: {type(e).__name__}: {e}; the sweep's own table follows)", file=sys.stderr)
+    if not shown:
+        print(result.table())
+    if result.best:
+        b = result.best
+        print(f"best: {b['method']} on {b['student']}, {result.metric} {b.get(result.metric, float('nan')):.2f}"
+              + (f", registered as {b['registered']}" if b.get("registered") else ""))  # fmt: skip
+    exp = Path(result.experiment_dir)
+    if result.tracking_uri and not shown:
+        print(f"MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}"
+              if result.tracking_uri.startswith("sqlite") else f"MLflow UI:  {result.tracking_uri}")  # fmt: skip
+    if (exp / "optuna.db").exists():
+        print(f"Optuna:     optuna-dashboard sqlite:///{exp / 'optuna.db'}")
+    print(f"report:     kdtune report {exp}")

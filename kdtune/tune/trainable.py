@@ -1,0 +1,265 @@
+"""The Ray Tune function trainable: one trial = one engine run, reported once per epoch with a checkpoint.
+
+The trial's config holds only the searched hyperparameters (and constants of the space); everything shared by
+the trials of a group (the base TrainConfig, the teacher and warm-start paths, tracking) travels in a
+:class:`TrialContext`, and the preloaded :class:`~kdtune.data.DataBundle` through ``tune.with_parameters``.
+
+Per trial:
+
+1. ``TrainConfig`` = the group's base + the config (a key names a method hyperparameter when the method has
+   one of that name, else a TrainConfig field);
+2. restore the engine's full state: a retried or resumed trial goes on from its last epoch, not from scratch;
+3. per epoch: save ``state.pt`` (and ``best.pt`` when validation improves), log the metrics to the trial's
+   MLflow run, ``tune.report(metrics, checkpoint=...)``;
+4. after the last epoch, before its report (Tune may end the process once it has the final result): the best
+   checkpoint and the final student as MLflow artifacts, the run ended FINISHED, ``done.json`` written. A
+   trial stopped by the scheduler (ASHA) ends FINISHED with the reason; a diverged one (NaN loss) FAILED
+   with the reason, and a marker keeps its retries from training again. The driver closes any run a killed
+   process left open (:func:`kdtune.tune.runner.close_open_runs`).
+
+Each trial keeps a folder of its own, ``<experiment>/trials/<trial id>/``, on the experiment's (shared)
+storage: ``ckpt/`` (``state.pt``, ``best.pt``, ``progress.json``; also what each report hands to Tune as
+the checkpoint), ``done.json`` (the final result) and ``events.jsonl`` (an append-only log of each start,
+with the epoch restored, and each epoch: the audit trail the kill-and-resume test reads). Tune restores a
+trial from the checkpoint of its last experiment snapshot, which lags the trial by up to a snapshot period
+after a driver is killed (or has none yet); the trial's own folder is never behind, so a restored trial
+continues from its newest state, and a trial that had finished reports its final result again without
+training. (A sweep resumed with ``failures.on_resume: restart`` clears the folders of its errored trials.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+# Result keys reported to Tune: numbers only (the scheduler and searcher read them).
+_SKIP = ("is_best",)
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one (student, method) group shares; pickled to the trial by Ray."""
+
+    group: str
+    method: str
+    base: dict  # TrainConfig dict without the searched values
+    experiment_dir: str
+    threads: int = 1
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+    parent_run_id: str | None = None
+    phase: str = "search"  # "search" | "repeat"
+    params: dict = field(default_factory=dict)  # extra MLflow params (student, teacher, data, ...)
+
+
+@dataclass
+class SharedData:
+    """A DataBundle put in Ray's object store once per sweep and shared by every group's trials (passing the
+    bundle itself through ``tune.with_parameters`` would store one copy per group)."""
+
+    ref: Any
+
+    def get(self):
+        import ray
+
+        return ray.get(self.ref)
+
+
+def split_config(config: dict[str, Any], method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(TrainConfig fields, method hyperparameters) of a trial config. A name that is both (IPWD's
+    ``momentum``) is the hyperparameter; ``train.<field>`` forces the field."""
+    from kdtune.losses import METHODS
+
+    hps = METHODS.get(method).hparams
+    fields: dict[str, Any] = {}
+    hp: dict[str, Any] = {}
+    for k, v in config.items():
+        if k.startswith("train."):
+            fields[k[len("train.") :]] = v
+        elif k in hps:
+            hp[k] = v
+        else:
+            fields[k] = v
+    return fields, hp
+
+
+def trial_config(ctx: TrialContext, config: dict[str, Any]):
+    from kdtune.config import TrainConfig
+
+    fields, hp = split_config(config, ctx.method)
+    base = dict(ctx.base)
+    base_hp = dict(base.pop("hp", None) or {})
+    return TrainConfig.from_dict({**base, **fields, "hp": {**base_hp, **hp}})
+
+
+def diverged_marker(ctx: TrialContext, trial_id: str) -> Path:
+    return Path(ctx.experiment_dir) / "diverged" / f"{trial_id}.txt"
+
+
+def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
+    return Path(experiment_dir) / "trials" / trial_id
+
+
+def read_events(folder: Path) -> list[dict]:
+    """The events of a trial folder (``trial_folder(...)``), oldest first."""
+    try:
+        lines = (folder / EVENTS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(ln) for ln in lines if ln.strip()]
+
+
+def _event(folder: Path, **kw) -> None:
+    kw.setdefault("time", time.time())
+    kw.setdefault("pid", os.getpid())
+    kw.setdefault("host", socket.gethostname())
+    try:
+        with open(folder / EVENTS_FILE, "a") as f:
+            f.write(json.dumps(kw, default=str) + "\n")
+    except OSError:
+        pass
+
+
+def _epoch_of(ckpt_dir: Path) -> int:
+    try:
+        return int(json.loads((ckpt_dir / "progress.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, default=str))
+    tmp.replace(path)
+
+
+def _numeric(m: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in m.items():
+        if k in _SKIP or v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = v
+    return out
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None) -> None:
+    """The function trainable (wrap with ``tune.with_parameters(run_trial, ctx=..., data=...)``)."""
+    import torch
+    from ray import tune
+
+    from kdtune.engine.trainer import DivergedError, Trainer
+
+    assert ctx is not None, "run_trial needs its TrialContext through tune.with_parameters"
+    torch.set_num_threads(max(1, int(ctx.threads)))
+    tctx = tune.get_context()
+    trial_id, trial_name, trial_dir = tctx.get_trial_id(), tctx.get_trial_name(), tctx.get_trial_dir()
+
+    marker = diverged_marker(ctx, trial_id)
+    if marker.exists():
+        # A diverged trial retried by Ray (max_failures) or resumed with resume_errored: it would diverge again.
+        raise DivergedError(marker.read_text().strip())
+
+    folder = trial_folder(ctx.experiment_dir, trial_id)
+    ck = folder / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    done = folder / "done.json"
+    if done.exists():
+        # Finished before the driver died, but after Tune's last snapshot: report the final result again.
+        final = json.loads(done.read_text())
+        _event(folder, event="start", epoch=final.get("epoch"), finished=True, trial_id=trial_id)
+        tune.report(final)
+        return
+
+    tracker = None
+    if ctx.tracking_uri:
+        from kdtune.tracking import TrialTracker
+
+        tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, trial_id, trial_name)
+        seed = config.get("train.seed", config.get("seed", ctx.base.get("seed")))
+        tracker.log_params({**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed, **config})
+        tracker.set_tags({"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
+                          "kdtune.trial_dir": str(trial_dir)})  # fmt: skip
+
+    trainer = None
+    cfg = None
+    try:
+        if isinstance(data, SharedData):
+            data = data.get()
+        cfg = trial_config(ctx, config)
+        trainer = Trainer(cfg, data=data)
+        tune_ckpt = tune.get_checkpoint()
+        if tune_ckpt is not None:
+            with tune_ckpt.as_directory() as d:
+                if _epoch_of(Path(d)) > _epoch_of(ck):  # our folder is never behind, unless it was lost
+                    for f in Path(d).iterdir():
+                        if f.is_file():
+                            shutil.copy2(f, ck / f.name)
+        if (ck / "state.pt").is_file():
+            trainer.load_state(ck / "state.pt")
+        _event(folder, event="start", epoch=trainer.epoch, epochs=cfg.epochs, trial_id=trial_id)
+
+        if trainer.epoch >= cfg.epochs and trainer.history:
+            # Restored after its last epoch, before it closed: close the run, report the final result again.
+            final = _numeric(trainer.history[-1])
+            _finish(tracker, trainer, folder, final, trial_id)
+            tune.report(final)
+        for m in trainer.run():
+            trainer.save_state(ck / "state.pt")
+            if m["is_best"]:
+                trainer.save_model(ck / "best.pt")
+            _write_json(ck / "progress.json", {"epoch": trainer.epoch})
+            if tracker is not None:
+                tracker.log_metrics(m, step=m["epoch"])
+            _event(folder, event="epoch", epoch=m["epoch"], trial_id=trial_id)
+            result = _numeric(m)
+            if trainer.epoch >= cfg.epochs:
+                # Close the run before the last report: once Tune has the final result it may end this
+                # process at any moment.
+                _finish(tracker, trainer, folder, result, trial_id)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(ck)))
+    except DivergedError as e:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(e))
+        _event(folder, event="diverged", reason=str(e), trial_id=trial_id)
+        if tracker is not None:
+            tracker.end("FAILED", f"diverged: {e}")
+        raise
+    except SystemExit:
+        # Tune ends a trial by raising SystemExit in tune.report: after its last epoch (already closed above),
+        # or earlier when the scheduler (ASHA) stops it: complete by design, at lower fidelity.
+        epoch = trainer.epoch if trainer is not None else 0
+        total = cfg.epochs if cfg is not None else None
+        if total is None or epoch < total:
+            _event(folder, event="stopped", epoch=epoch, trial_id=trial_id)
+            if tracker is not None and not tracker.ended:
+                tracker.end("FINISHED", f"stopped by the scheduler after epoch {epoch}/{total}")
+                _log_best(tracker, ck)
+        raise
+    except BaseException as e:
+        if tracker is not None and not tracker.ended:
+            tracker.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+
+
+def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str) -> None:
+    """The end of a complete trial: artifacts, the run closed, ``done.json`` (the final result)."""
+    if tracker is not None:
+        _log_best(tracker, folder / "ckpt")
+        tracker.log_model(trainer.student, name="model", step=trainer.epoch)
+        tracker.end("FINISHED")
+    _write_json(folder / "done.json", final)
+    _event(folder, event="done", epoch=trainer.epoch, trial_id=trial_id)
+
+
+def _log_best(tracker, ck: Path) -> None:
+    best = ck / "best.pt"
+    if best.is_file():
+        tracker.log_artifact(best, "checkpoints")

@@ -1,0 +1,209 @@
+"""Search spaces: one contract test over every method (its space samples only valid training configs and its
+published starting points fit it), the published values themselves, conditional and dependent ranges, spec
+overrides, pickling for Ray, and the lookup path."""
+
+from __future__ import annotations
+
+import pickle
+
+import optuna
+import pytest
+
+from kdtune.config import TrainConfig
+from kdtune.errors import ConfigError
+from kdtune.losses import METHODS
+from kdtune.spec import Override
+from kdtune.tune.spaces import SpaceContext, available_spaces, build_space, find_space_file, search_path
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ALL = METHODS.names()
+
+PAIRS = [
+    ("cifar100", "resnet32x4", "resnet8x4"),
+    ("cifar100", "wrn_40_2", "wrn_16_2"),
+    ("cifar100", "vgg13", "vgg8"),
+    ("cifar100", "resnet56", "resnet20"),
+    ("digits", "resnet8x4", "resnet8"),
+]
+
+
+def ctx_for(method, pair=PAIRS[0], epochs=240, classes=None, ce_error=0.3):
+    data, teacher, student = pair
+    classes = classes or {"cifar100": 100, "digits": 10}[data]
+    return SpaceContext(method=method, data=data, student=student, teacher=teacher, epochs=epochs,
+                        num_classes=classes, ce_error=ce_error)  # fmt: skip
+
+
+def as_train_config(method, config, ctx):
+    """Build the TrainConfig a trial would run (paths are placeholders: nothing is loaded)."""
+    from kdtune.tune.trainable import TrialContext, trial_config
+
+    base = {"data": ctx.data, "model": ctx.student, "method": method, "epochs": ctx.epochs,
+            "teacher": "<teacher>", "init": "<ce student>"}  # fmt: skip
+    return trial_config(TrialContext(group="g", method=method, base=base, experiment_dir="/x"), config)
+
+
+def test_every_method_has_a_space_file():
+    assert set(ALL) <= set(available_spaces())
+    for m in ALL:
+        assert find_space_file(m).name == f"{m}.py"
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[1]}-{p[2]}")
+def test_space_contract(method, pair):
+    """Every sampled config and every starting point is a valid TrainConfig for this method."""
+    ctx = ctx_for(method, pair, epochs=240 if pair[0] == "cifar100" else 8)
+    fn = build_space(method, ctx)
+    points, notes = fn.valid_starts()
+    assert notes == [], notes
+    assert len(points) == len(fn.starts())  # no published point is dropped
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for p in points:
+        study.enqueue_trial(p)
+    for i in range(len(points) + 12):
+        trial = study.ask()
+        config = fn(trial)
+        config = {**trial.params, **config}
+        if i < len(points):
+            assert {k: config[k] for k in points[i]} == points[i]  # starting points are run as given
+        cfg = as_train_config(method, config, ctx)  # raises ConfigError on an invalid value
+        assert set(config) <= set(METHODS.get(method).hparams) | set(TrainConfig.fields())
+        study.tell(trial, float(i % 5))
+    assert cfg.method == method
+
+
+def test_dkd_starting_points_are_the_official_beta_times_the_gamma_set():
+    fn = build_space("dkd", ctx_for("dkd", PAIRS[0]))
+    pts = fn.starts()
+    assert [p["beta"] for p in pts] == [8.0, 16.0, 32.0, 1.6, 64.0]
+    assert [p["alpha"] for p in pts] == [1.0, 2.0, 4.0, 0.2, 8.0]
+    assert all(p["T"] == 4.0 for p in pts)
+    assert build_space("dkd", ctx_for("dkd", PAIRS[2])).starts()[0]["beta"] == 6.0  # vgg13 -> vgg8
+    assert build_space("dkd", ctx_for("dkd", PAIRS[3])).starts()[0]["beta"] == 2.0  # resnet56 -> resnet20
+    # the 20-epoch warm-up of a 240-epoch run; a short sweep keeps the fraction
+    assert fn.record()[0]["warmup"] == 20
+    assert build_space("dkd", ctx_for("dkd", PAIRS[4], epochs=24)).record()[0]["warmup"] == 2
+
+
+def test_ttm_wttm_dist_kd_published_points():
+    assert build_space("wttm", ctx_for("wttm", PAIRS[1])).starts() == [{"gamma": 0.1, "beta": 4.0}]
+    assert build_space("wttm", ctx_for("wttm", PAIRS[0])).starts() == [{"gamma": 0.1, "beta": 3.0}]
+    assert build_space(
+        "wttm", ctx_for("wttm", ("imagenet", "resnet34", "resnet18"), classes=1000)
+    ).starts() == [{"gamma": 0.8, "beta": 1.6}]
+    assert build_space("ttm", ctx_for("ttm", PAIRS[3])).starts() == [{"gamma": 0.3, "beta": 7.0}]
+    assert build_space("dist", ctx_for("dist", PAIRS[0])).starts() == [
+        {"beta": 1.0, "gamma": 1.0, "tau": 4.0, "w_kd": 2.0}
+    ]
+    assert build_space("kd", ctx_for("kd", PAIRS[0])).starts() == [{"T": 4.0, "w_ce": 0.1, "w_kd": 0.9}]
+
+
+def test_disk_dependent_ranges_follow_lambda_min_and_the_ce_error():
+    ce_error = 0.1
+    fn = build_space("disk", ctx_for("disk", PAIRS[4], epochs=8, classes=10, ce_error=ce_error))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_min = set()
+    for _ in range(60):
+        t = study.ask()
+        consts = fn(t)
+        c = {**t.params, **consts}
+        assert c["lambda_max"] > c["lambda_min"]
+        assert -ce_error - 1e-12 <= c["delta_offset"] <= 0.2 and c["delta_offset"] >= -0.2
+        assert 0.0 <= ce_error + c["delta_offset"] <= 1.0
+        assert c["K"] <= 10  # digits has 10 classes
+        seen_min.add(c["lambda_min"])
+        study.tell(t, 0.0)
+    assert len(seen_min) > 2
+    start = fn.starts()[0]
+    assert start["K"] == 10 and start["tau_t"] == 7.0 and start["lambda_max"] == 50.0
+    # CIFAR-100: the paper's K = 20 default, and the +-0.2 window when the error is far from 0 and 1
+    fn = build_space("disk", ctx_for("disk", PAIRS[0], ce_error=0.5))
+    _, dists, _ = fn.record()
+    assert (dists["delta_offset"].low, dists["delta_offset"].high) == (-0.2, 0.2)
+    assert fn.starts()[0]["K"] == 20
+
+
+def test_ipwd_momentum_is_conditional():
+    fn = build_space("ipwd", ctx_for("ipwd"))
+    assert "momentum" not in fn.record({"weighting": "sample"})[1]
+    assert "momentum" in fn.record({"weighting": "class"})[1]
+    assert any(ln.startswith("momentum") for ln in fn.describe())
+
+
+def test_overrides_fix_choose_narrow_and_add():
+    ov = {
+        "T": Override("fixed", value=3.0),
+        "w_kd": Override("choices", choices=(0.5, 2.0)),
+        "w_ce": Override("range", low=0.2, high=0.3),
+        "lr": Override("range", low=0.01, high=0.1, log=True),
+    }
+    fn = build_space("kd", ctx_for("kd"), ov)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        t = study.ask()
+        consts = fn(t)
+        c = {**t.params, **consts}
+        assert c["T"] == 3.0 and "T" not in t.params
+        assert c["w_kd"] in (0.5, 2.0)
+        assert 0.2 <= c["w_ce"] <= 0.3
+        assert 0.01 <= c["lr"] <= 0.1
+        assert as_train_config("kd", c, fn.ctx).lr == c["lr"]
+        study.tell(t, 0.0)
+    # the published point (w_ce 0.1, w_kd 0.9) lies outside the narrowed space: left out, with a note
+    points, notes = fn.valid_starts()
+    assert points == [] and notes and "outside the space" in notes[0]
+    # a point inside survives, with the fixed T removed from it
+    points, notes = fn.valid_starts([{"T": 9.0, "w_kd": 2.0, "w_ce": 0.25, "lr": 0.05}])
+    assert points == [{"w_kd": 2.0, "w_ce": 0.25, "lr": 0.05}] and notes == []
+
+
+def test_integer_override_and_bad_space_values():
+    fn = build_space("disk", ctx_for("disk"), {"K": Override("range", low=2, high=6, integer=True)})
+    _, dists, _ = fn.record()
+    assert type(dists["K"]).__name__ == "IntDistribution"
+    # a space whose range leaves the hyperparameter's valid range is refused when built
+    with pytest.raises(ConfigError, match="kd.T"):
+        build_space(
+            "kd",
+            ctx_for("kd"),
+            source=("bad_kd.py", "def space(trial, ctx):\n    trial.suggest_float('T', 0.0, 4.0)\n"),
+        )
+    with pytest.raises(ConfigError, match="neither a hyperparameter"):
+        build_space(
+            "kd", ctx_for("kd"), source=("bad.py", "def space(trial, ctx):\n    return {'temperature': 4}\n")
+        )
+    with pytest.raises(ConfigError, match="fails to load"):
+        build_space("kd", ctx_for("kd"), source=("broken.py", "def space(trial, ctx)\n"))
+    with pytest.raises(ConfigError, match="no space"):
+        build_space("kd", ctx_for("kd"), source=("empty.py", "X = 1\n"))
+
+
+def test_space_fn_pickles_with_its_source():
+    fn = build_space("dkd", ctx_for("dkd"), {"T": Override("fixed", value=4.0)})
+    clone = pickle.loads(pickle.dumps(fn))
+    assert "_module" not in clone.__dict__ and clone.source == fn.source
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    t = study.ask()
+    c = clone(t)
+    assert c["T"] == 4.0 and c["warmup"] == 20
+
+
+def test_lookup_path_prefers_kdtune_spaces(tmp_path, monkeypatch):
+    (tmp_path / "kd.py").write_text("def space(trial, ctx):\n    trial.suggest_float('T', 2.0, 3.0)\n")
+    monkeypatch.setenv("KDTUNE_SPACES", str(tmp_path))
+    assert search_path()[0] == tmp_path
+    assert find_space_file("kd") == tmp_path / "kd.py"
+    fn = build_space("kd", ctx_for("kd"))
+    assert list(fn.parameters()) == ["T"]
+    # other methods still come from the shipped folder
+    assert find_space_file("dkd").parent.name == "search_spaces"
+
+
+def test_cli_spaces_prints_space_and_points(capsys):
+    from kdtune.cli import main
+
+    assert main(["spaces", "wttm", "--teacher", "wrn_40_2", "--student", "wrn_16_2"]) == 0
+    out = capsys.readouterr().out
+    assert "gamma" in out and "float log [0.05, 1]" in out
+    assert "gamma=0.1, beta=4" in out

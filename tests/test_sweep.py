@@ -1,0 +1,245 @@
+"""Sweeps end to end on digits with a local Ray (one session for the module): stages trained once and cached,
+OptunaSearch starting at the published points, the Optuna database mirror, one MLflow run per trial under
+the sweep's parent run, the best student registered, a diverging trial failing alone, repeats over seeds,
+and the refusals (finished experiment, changed spec, a running sweep's lock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+
+from kdtune.errors import ConfigError  # noqa: E402
+from kdtune.spec import load_spec  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from kdtune.tune.runner import _init_ray
+
+    started = _init_ray()
+    yield
+    if started:
+        ray.shutdown()
+
+
+def make_spec(tmp_path, **over) -> dict:
+    d = {
+        "name": "mini", "data": "digits", "teacher": {"model": "resnet8", "train": {"epochs": 1}},
+        "students": ["resnet8"],
+        "methods": {"kd": {}, "disk": {"trials": 1}},
+        "budget": {"trials": 3, "epochs": 2, "concurrency": 2, "cpus_per_trial": 1},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "train": {"device": "cpu", "batch_size": 128},
+        "storage": str(tmp_path / "runs"), "tracking": {"enabled": True}, "seed": 0,
+    }  # fmt: skip
+    d.update(over)
+    return d
+
+
+@pytest.fixture(scope="module")
+def main_sweep(tmp_path_factory):
+    from kdtune.tune import sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    lines: list[str] = []
+    result = sweep(make_spec(tmp), log=lines.append)
+    return tmp, result, lines
+
+
+def test_sweep_results_and_stages(main_sweep):
+    tmp, result, lines = main_sweep
+    assert result.status == "finished"
+    assert [(g["student"], g["method"]) for g in result.groups] == [("resnet8", m) for m in ("kd", "disk")]
+    kd, disk = result.groups
+    assert kd["trials"] == 3 and disk["trials"] == 1
+    assert all(g["errored"] == 0 and g["best"]["val_acc"] > 10 for g in result.groups)
+    # the published starting point is the first KD trial
+    assert {"T": 4.0, "w_ce": 0.1, "w_kd": 0.9} in [t["config"] for t in kd["all"]]
+    # stages: teacher and DiSK's CE student, trained once, complete, cached; DiSK started at delta = CE error
+    assert set(result.stages) == {"teacher", "ce-resnet8"}
+    ce_stage = result.stages["ce-resnet8"]
+    assert 0.0 <= ce_stage["train_error"] <= 1.0
+    assert disk["best"]["config"]["delta_offset"] == 0.0
+    stages_dir = tmp / "runs" / "stages"
+    dirs = sorted(p.name for p in stages_dir.iterdir())
+    assert len(dirs) == 2 and not any(d.startswith(".tmp") for d in dirs)
+    for d in dirs:
+        assert (stages_dir / d / "final.pt").is_file() and (stages_dir / d / "result.json").is_file()
+    assert any(ln.startswith("stage teacher: training") for ln in lines)
+    assert "finished in" in lines[-1]
+    assert sum(1 for ln in lines if "resnet8-kd " in ln and ("done" in ln or "stopped" in ln)) == 3
+    # a later sweep with the same stage definition reuses it
+    from kdtune.tune.stages import ensure_stage
+
+    spec = load_spec(make_spec(tmp))
+    again = ensure_stage("teacher", spec.teacher_stage_config(), spec.stages_dir, log=lines.append)
+    assert again.cached and str(again.dir) == result.stages["teacher"]["dir"]
+    # the experiment folder
+    exp = tmp / "runs" / "mini"
+    state = json.loads((exp / "state.json").read_text())
+    assert state["status"] == "finished" and not (exp / "sweep.lock").exists()
+    assert (exp / "spaces" / "kd.py").is_file() and (exp / "results.json").is_file()
+
+
+def test_optuna_database_mirror(main_sweep):
+    import optuna
+
+    tmp, result, _ = main_sweep
+    kd = result.group("kd")
+    study = optuna.load_study(
+        study_name="resnet8-kd", storage=f"sqlite:///{tmp / 'runs' / 'mini' / 'optuna.db'}"
+    )
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.user_attrs["tune_trial_id"] for t in trials) == sorted(t["trial_id"] for t in kd["all"])
+    assert all(t.state.name == "COMPLETE" and set(t.params) == {"T", "w_ce", "w_kd"} for t in trials)
+    by_id = {t["trial_id"]: t for t in kd["all"]}
+    for t in trials:
+        assert t.params == by_id[t.user_attrs["tune_trial_id"]]["config"]
+        assert t.value == pytest.approx(by_id[t.user_attrs["tune_trial_id"]]["val_acc"])
+
+
+def test_mlflow_runs(main_sweep):
+    from mlflow import MlflowClient
+
+    tmp, result, _ = main_sweep
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mini' / 'mlflow.db'}")
+    eid = client.get_experiment_by_name("mini").experiment_id
+    runs = client.search_runs([eid], max_results=1000)
+    roles = [r.data.tags.get("kdtune.role") for r in runs]
+    assert roles.count("parent") == 1 and roles.count("stage") == 2
+    parent = next(r for r in runs if r.data.tags.get("kdtune.role") == "parent")
+    assert parent.info.status == "FINISHED"
+    trial_runs = [r for r in runs if r.data.tags.get("kdtune.role") == "trial"]
+    tune_ids = [t["trial_id"] for g in result.groups for t in g["all"]]
+    assert sorted(r.data.tags["kdtune.trial_id"] for r in trial_runs) == sorted(tune_ids)
+    for r in trial_runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.params["method"] in ("kd", "disk") and r.data.params["student"] == "resnet8"
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        assert steps and steps == sorted(set(steps)) and steps[0] == 1
+        assert "loss_ce" in r.data.metrics or "loss_kd" in r.data.metrics
+    kd_runs = [r for r in trial_runs if r.data.params["method"] == "kd"]
+    assert all("T" in r.data.params for r in kd_runs)
+    # the sweep's best student is registered with an alias, from the best trial's run
+    best = result.best
+    assert best["mlflow_run_id"] and "models:/mini@best" in best["registered"]
+    mv = client.get_model_version_by_alias("mini", "best")
+    assert mv.run_id == best["mlflow_run_id"]
+
+
+def test_second_call_reports_a_finished_sweep_and_a_changed_spec_is_refused(main_sweep):
+    from kdtune.tune import sweep
+
+    tmp, result, _ = main_sweep
+    lines: list[str] = []
+    again = sweep(make_spec(tmp), log=lines.append)
+    assert "already finished" in lines[0]
+    assert [g["best"]["trial_id"] for g in again.groups] == [g["best"]["trial_id"] for g in result.groups]
+    changed = make_spec(tmp, budget={"trials": 4, "epochs": 2, "concurrency": 2, "cpus_per_trial": 1})
+    with pytest.raises(ConfigError, match=r"budget\.trials"):
+        sweep(changed)
+
+
+def test_a_running_sweep_holds_the_lock(tmp_path):
+    from kdtune.tune import sweep
+
+    exp = tmp_path / "runs" / "locked"
+    exp.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (exp / "sweep.lock").write_text(
+            json.dumps({"pid": live.pid, "host": socket.gethostname(), "started": 0})
+        )
+        with pytest.raises(ConfigError, match=f"being swept by pid {live.pid}"):
+            sweep(make_spec(tmp_path, name="locked", methods=["ce"]))
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_diverging_trial_fails_alone(tmp_path):
+    """Two trials of one group, one with a learning rate that makes the loss NaN: it fails with the reason in
+    its MLflow run, its retry fails at once, the other trial and the sweep go on."""
+    from mlflow import MlflowClient
+
+    from kdtune.tune import sweep
+
+    points = [{"smoothing": 0.1, "lr": 1.0e5}, {"smoothing": 0.1, "lr": 0.05}]
+    spec = make_spec(
+        tmp_path, name="nan", teacher=None, failures={"max_failures": 1},
+        methods={"ls": {"space": {"lr": [1.0e5, 0.05], "smoothing": [0.1]}, "starts": points, "trials": 2}},
+        budget={"trials": 2, "epochs": 1, "concurrency": 2, "cpus_per_trial": 1},
+    )  # fmt: skip
+    result = sweep(spec, log=lambda s: None)
+    assert result.status == "finished"
+    ls = result.group("ls")
+    by_lr = {t["config"]["lr"]: t for t in ls["all"]}
+    err = by_lr[1.0e5]["error"] or ""
+    assert ls["errored"] == 1 and "DivergedError" in err and "loss became nan" in err, err
+    assert by_lr[0.05]["error"] is None and ls["best"]["config"]["lr"] == 0.05
+    exp = tmp_path / "runs" / "nan"
+    assert len(list((exp / "diverged").glob("*.txt"))) == 1
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    eid = client.get_experiment_by_name("nan").experiment_id
+    runs = [r for r in client.search_runs([eid]) if r.data.tags.get("kdtune.role") == "trial"]
+    search = [r for r in runs if r.data.params.get("phase") == "search"]
+    assert len(search) == 2  # the retry of the diverged trial found its run again
+    failed = [r for r in search if r.info.status == "FAILED"]
+    assert len(failed) == 1 and "diverged" in failed[0].data.tags["kdtune.failure_reason"]
+    assert "loss became nan" in failed[0].data.tags["kdtune.failure_reason"]
+
+
+@pytest.mark.slow
+def test_repeats_rerun_the_best_config_with_more_seeds(tmp_path):
+    from mlflow import MlflowClient
+
+    from kdtune.tune import sweep
+
+    spec = make_spec(tmp_path, name="rep", teacher=None, methods=["ce"],
+                     budget={"trials": 1, "epochs": 1, "concurrency": 2, "repeats": 3})  # fmt: skip
+    result = sweep(spec, log=lambda s: None)
+    rep = result.group("ce")["repeats"]
+    assert rep["seeds"] == [0, 1, 2] and rep["n"] == 3
+    assert len(set(rep["test"])) > 1 and rep["test_std"] > 0  # different seeds, different students
+    assert "±" in result.table()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'rep' / 'mlflow.db'}")
+    eid = client.get_experiment_by_name("rep").experiment_id
+    runs = [r for r in client.search_runs([eid]) if r.data.params.get("phase") == "repeat"]
+    assert sorted(r.data.params["train.seed"] for r in runs) == ["1", "2"]
+
+
+def test_cli_validate_and_yaml_roundtrip(tmp_path, capsys):
+    from kdtune.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(make_spec(tmp_path)))
+    assert main(["validate", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out and "resnet8-kd: searches T, w_ce, w_kd; 1 starting points" in out
+    assert "resnet8-disk: searches" in out and "delta_offset" in out
+
+
+def test_schedulers():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    from kdtune.tune.runner import make_scheduler
+
+    def spec(s):
+        return load_spec({"name": "s", "data": "digits", "students": ["resnet8"], "methods": ["ce"],
+                          "budget": {"epochs": 12}, "scheduler": s})  # fmt: skip
+
+    a = make_scheduler(spec({"name": "asha", "grace_period": 3, "reduction_factor": 3}))
+    assert isinstance(a, ASHAScheduler) and a._max_t == 12 and a._reduction_factor == 3
+    assert isinstance(make_scheduler(spec("hyperband")), HyperBandScheduler)
+    assert isinstance(make_scheduler(spec("none")), FIFOScheduler)
