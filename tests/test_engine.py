@@ -13,7 +13,7 @@ import torch
 from kdtune.config import TrainConfig
 from kdtune.data.base import Split
 from kdtune.data.loader import DeviceLoader, augment_uint8
-from kdtune.engine import Trainer, iter_train, train
+from kdtune.engine import Trainer, epoch_line, iter_train, train
 from kdtune.engine.schedule import lr_factor
 from kdtune.engine.trainer import DivergedError
 from kdtune.errors import CheckpointError, ConfigError
@@ -67,6 +67,17 @@ def test_iter_train_yields_one_dict_per_epoch():
     epochs = list(iter_train(dict(FAST, method="ce", epochs=2)))
     assert [m["epoch"] for m in epochs] == [1, 2]
     assert {"val_acc", "test_acc", "lr", "train_loss", "loss_ce", "train_images_per_s"} <= set(epochs[0])
+
+
+def test_host_memory_is_reported_and_flat_across_epochs():
+    """A trial's host memory must not grow with the epochs (no per-epoch leak of tensors or history)."""
+    epochs = list(iter_train(dict(FAST, method="ce", epochs=6)))
+    rss = [m["host_rss_mb"] for m in epochs]
+    assert all(isinstance(v, float) and v > 10 for v in rss)
+    # after the first epoch (allocator warm-up), each further epoch adds well under a megabyte on average
+    growth = (rss[-1] - rss[1]) / (len(rss) - 2)
+    assert growth < 2.0, rss
+    assert "host " in epoch_line(epochs[-1]) and " MB" in epoch_line(epochs[-1])
 
 
 @pytest.mark.parametrize("method", ["ce", "kd"])
@@ -274,3 +285,22 @@ def test_lr_schedules():
     assert lr_factor(5.0, schedule="cosine", **kw) == pytest.approx(0.5)
     assert lr_factor(0.5, schedule="cosine", warmup_epochs=1.0, **kw) == pytest.approx(0.5)
     assert lr_factor(10.0, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cifar100_sized_data_resident_within_200_mb():
+    """The whole of CIFAR-100 (50k train carved into train + val, 10k test) as the engine holds it on its device."""
+    from kdtune.data.base import DataBundle, carve_val
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 100, (50_000,), generator=g)
+    train_split, val_split = carve_val(x, y, 0.1, seed=0)
+    test = Split(x[:10_000].clone(), y[:10_000].clone())
+    bundle = DataBundle(name="cifar100", num_classes=100, in_channels=3, image_size=32, train=train_split,
+                        val=val_split, test=test, mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)  # fmt: skip
+    trainer = Trainer(TrainConfig.from_dict(dict(data="cifar100", model="resnet8", epochs=1, device="cpu")),
+                      data=bundle)  # fmt: skip
+    resident = trainer.data_resident_bytes()
+    assert resident == 60_000 * 3 * 32 * 32 + 60_000 * 8  # uint8 images and int64 labels, nothing else
+    assert resident / 1e6 <= 200
+    assert trainer.train_loader.x.dtype == torch.uint8

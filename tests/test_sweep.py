@@ -48,11 +48,11 @@ def make_spec(tmp_path, **over) -> dict:
 
 @pytest.fixture(scope="module")
 def main_sweep(tmp_path_factory):
-    from kdtune.tune import sweep
+    import kdtune
 
     tmp = tmp_path_factory.mktemp("sweep")
     lines: list[str] = []
-    result = sweep(make_spec(tmp), log=lines.append)
+    result = kdtune.sweep(make_spec(tmp), log=lines.append)  # the top-level Python API
     return tmp, result, lines
 
 
@@ -76,7 +76,11 @@ def test_sweep_results_and_stages(main_sweep):
     for d in dirs:
         assert (stages_dir / d / "final.pt").is_file() and (stages_dir / d / "result.json").is_file()
     assert any(ln.startswith("stage teacher: training") for ln in lines)
-    assert "finished in" in lines[-1]
+    assert any("finished in" in ln for ln in lines)
+    # every trial reported its orchestration share; the sweep summarises it in one line, last
+    assert all(0.0 < t["orch_frac"] < 1.0 for g in result.groups for t in g["all"])
+    assert lines[-1].startswith("orchestration (checkpoints, MLflow, Tune reports): median ")
+    assert f"over {sum(g['trials'] for g in result.groups)} trials" in lines[-1]
     assert sum(1 for ln in lines if "resnet8-kd " in ln and ("done" in ln or "stopped" in ln)) == 3
     # a later sweep with the same stage definition reuses it
     from kdtune.tune.stages import ensure_stage
@@ -129,6 +133,9 @@ def test_mlflow_runs(main_sweep):
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         assert steps and steps == sorted(set(steps)) and steps[0] == 1
         assert "loss_ce" in r.data.metrics or "loss_kd" in r.data.metrics
+        # orchestration (checkpoints, MLflow, Tune reports) is measured and logged as a share of wall time
+        assert 0.0 < r.data.metrics["orch_frac"] < 1.0 and r.data.metrics["orch_s"] > 0.0
+        assert r.data.metrics["host_rss_mb"] > 0.0
     kd_runs = [r for r in trial_runs if r.data.params["method"] == "kd"]
     assert all("T" in r.data.params for r in kd_runs)
     # the sweep's best student is registered with an alias, from the best trial's run
@@ -243,3 +250,21 @@ def test_schedulers():
     assert isinstance(a, ASHAScheduler) and a._max_t == 12 and a._reduction_factor == 3
     assert isinstance(make_scheduler(spec("hyperband")), HyperBandScheduler)
     assert isinstance(make_scheduler(spec("none")), FIFOScheduler)
+
+
+def test_orchestration_clock_counts_only_the_bookkeeping():
+    from kdtune.tune.trainable import OrchestrationClock
+
+    now = [0.0]
+    clock = OrchestrationClock(clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 9.0  # an epoch of training
+        clock.begin()
+        now[0] += 0.5  # checkpoint writes and logging before the figures are taken
+        fig = clock.figures()
+        now[0] += 0.5  # the report
+        clock.end()
+    # two whole epochs' bookkeeping (1 s each) and this epoch's first half second, over 29.5 s of wall time
+    assert fig["orch_s"] == pytest.approx(2.5)
+    assert fig["orch_frac"] == pytest.approx(2.5 / 29.5)
+    assert clock.figures() == {"orch_s": pytest.approx(3.0), "orch_frac": pytest.approx(3.0 / 30.0)}

@@ -119,6 +119,11 @@ class DeviceLoader:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     @property
+    def resident_bytes(self) -> int:
+        """Bytes this loader keeps on its device: the uint8 images and the labels."""
+        return self.x.nbytes + self.y.nbytes
+
+    @property
     def num_examples(self) -> int:
         return len(self) * self.batch_size if self.drop_last else self.n
 

@@ -30,9 +30,11 @@ def epoch_line(m: dict[str, Any]) -> str:
     terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss_"))
     val = f"val {m['val_acc']:6.2f}%  " if m.get("val_acc") is not None else ""
     width = len(str(m["epochs"]))
+    host = f"  host {m['host_rss_mb']:,.0f} MB" if m.get("host_rss_mb") is not None else ""
     return (
         f"epoch {m['epoch']:>{width}}/{m['epochs']}  loss {m['train_loss']:.4f} ({terms})  lr {m['lr']:.4g}  "
         f"{val}test {m['test_acc']:6.2f}%  {m['train_images_per_s']:,.0f} img/s  {m['train_s'] + m['eval_s']:.1f}s"
+        f"{host}"
     )
 
 

@@ -8,6 +8,7 @@ after epoch k and resumed ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import sys
@@ -424,6 +425,7 @@ class Trainer:
             "train_images_per_s": n_img / max(train_s, 1e-9),
             "train_s": train_s,
             "eval_s": eval_s,
+            "host_rss_mb": host_rss_mb(),
         }
         key = "val_acc" if val else "test_acc"
         is_best = metrics[key] > self.best["val_acc"]
@@ -440,6 +442,11 @@ class Trainer:
         metrics["is_best"] = is_best
         self.history.append(metrics)
         return metrics
+
+    def data_resident_bytes(self) -> int:
+        """Bytes of data held on the device by the train, validation and test loaders (0 for folder data)."""
+        loaders = (self.train_loader, self.val_loader, self.test_loader)
+        return sum(getattr(ld, "resident_bytes", 0) for ld in loaders if ld is not None)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -464,6 +471,7 @@ class Trainer:
             "teacher": self.teacher_info or None,
             "init": self.init_info or None,
             "num_params": sum(p.numel() for p in self.student.parameters()),
+            "data_resident_mb": self.data_resident_bytes() / 1e6,
             "environment": environment(self.device),
             "config": self.cfg.to_dict(),
             "history": self.history,
@@ -552,6 +560,19 @@ class Trainer:
 
         d = self.data
         save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta())
+
+
+def host_rss_mb() -> float | None:
+    """This process's resident host memory now, in MiB (Linux: /proc/self/statm); None where unknown.
+
+    Logged once per epoch: a trial's host memory should stay flat across epochs.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

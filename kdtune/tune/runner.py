@@ -427,6 +427,9 @@ class _Sweep:
             self.tracker.log_artifact(exp / RESULTS_FILE)
             self.tracker.end_parent("FINISHED")
         log(f"sweep {spec.name} finished in {_dur(result.wall_s)}")
+        orch = orchestration_summary(summaries)
+        if orch:
+            log(orch)
         return result
 
     def _stage_resources(self) -> dict:
@@ -587,7 +590,7 @@ class _Sweep:
             trials.append({
                 "trial_id": tid, "config": dict(r.config or {}), "epochs_run": m.get("epoch"),
                 spec.metric: m.get(spec.metric), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
-                "best_val_acc": m.get("best_val_acc"),
+                "best_val_acc": m.get("best_val_acc"), "orch_frac": m.get("orch_frac"),
                 "error": (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error is not None else None,
             })  # fmt: skip
         ok = [t for t in trials if t["error"] is None and _finite(t.get(spec.metric))]
@@ -676,6 +679,16 @@ def _clear_errored(tune_dir: Path, exp: Path) -> None:
 
     for tid in errored_trials(tune_dir):
         shutil.rmtree(trial_folder(exp, tid), ignore_errors=True)
+
+
+def orchestration_summary(summaries: list[dict]) -> str | None:
+    """One line: the median and largest share of a trial's wall time spent on orchestration (checkpoint
+    writes, MLflow logging, Tune reporting), over the trials of this run that reported it."""
+    fracs = [t["orch_frac"] for g in summaries for t in g.get("all", []) if _finite(t.get("orch_frac"))]
+    if not fracs:
+        return None
+    return (f"orchestration (checkpoints, MLflow, Tune reports): median {100 * statistics.median(fracs):.2f}% "
+            f"of a trial's wall time, max {100 * max(fracs):.2f}%, over {len(fracs)} trials")  # fmt: skip
 
 
 def _rank(t: dict, spec: SweepSpec, epochs: int):

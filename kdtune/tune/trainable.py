@@ -10,7 +10,8 @@ Per trial:
    one of that name, else a TrainConfig field);
 2. restore the engine's full state: a retried or resumed trial goes on from its last epoch, not from scratch;
 3. per epoch: save ``state.pt`` (and ``best.pt`` when validation improves), log the metrics to the trial's
-   MLflow run, ``tune.report(metrics, checkpoint=...)``;
+   MLflow run, ``tune.report(metrics, checkpoint=...)``; the time all this takes is measured
+   (:class:`OrchestrationClock`) and reported as ``orch_s`` and ``orch_frac`` of the trial's wall time;
 4. after the last epoch, before its report (Tune may end the process once it has the final result): the best
    checkpoint and the final student as MLflow artifacts, the run ended FINISHED, ``done.json`` written. A
    trial stopped by the scheduler (ASHA) ends FINISHED with the reason; a diverged one (NaN loss) FAILED
@@ -150,6 +151,34 @@ def _numeric(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class OrchestrationClock:
+    """Seconds a trial spends on everything but training and evaluation: checkpoint writes, MLflow logging,
+    ``tune.report`` (and the wait for Tune to take the result), between one epoch's end and the next's start.
+
+    ``figures()`` gives ``orch_s`` (all bookkeeping of the epochs before, plus this epoch's so far) and
+    ``orch_frac``, that over the trial's wall time since its training loop began (in this process).
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.start = clock()
+        self.total = 0.0
+        self._t0: float | None = None
+
+    def begin(self) -> None:
+        self._t0 = self.clock()
+
+    def end(self) -> None:
+        if self._t0 is not None:
+            self.total += self.clock() - self._t0
+            self._t0 = None
+
+    def figures(self) -> dict[str, float]:
+        now = self.clock()
+        spent = self.total + (now - self._t0 if self._t0 is not None else 0.0)
+        return {"orch_s": spent, "orch_frac": spent / max(now - self.start, 1e-9)}
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None) -> None:
     """The function trainable (wrap with ``tune.with_parameters(run_trial, ctx=..., data=...)``)."""
     import torch
@@ -211,20 +240,23 @@ def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None
             final = _numeric(trainer.history[-1])
             _finish(tracker, trainer, folder, final, trial_id)
             tune.report(final)
+        orch = OrchestrationClock()
         for m in trainer.run():
+            orch.begin()
             trainer.save_state(ck / "state.pt")
             if m["is_best"]:
                 trainer.save_model(ck / "best.pt")
             _write_json(ck / "progress.json", {"epoch": trainer.epoch})
+            result = {**_numeric(m), **orch.figures()}
             if tracker is not None:
-                tracker.log_metrics(m, step=m["epoch"])
-            _event(folder, event="epoch", epoch=m["epoch"], trial_id=trial_id)
-            result = _numeric(m)
+                tracker.log_metrics(result, step=m["epoch"])
+            _event(folder, event="epoch", epoch=m["epoch"], trial_id=trial_id, orch_s=result["orch_s"])
             if trainer.epoch >= cfg.epochs:
                 # Close the run before the last report: once Tune has the final result it may end this
                 # process at any moment.
-                _finish(tracker, trainer, folder, result, trial_id)
+                _finish(tracker, trainer, folder, result, trial_id, orch)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(ck)))
+            orch.end()
     except DivergedError as e:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(e))
@@ -249,11 +281,17 @@ def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None
         raise
 
 
-def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str) -> None:
-    """The end of a complete trial: artifacts, the run closed, ``done.json`` (the final result)."""
+def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str, orch=None) -> None:
+    """The end of a complete trial: artifacts, the run closed, ``done.json`` (the final result, whose
+    orchestration figures then include the artifact uploads)."""
     if tracker is not None:
         _log_best(tracker, folder / "ckpt")
         tracker.log_model(trainer.student, name="model", step=trainer.epoch)
+    if orch is not None:
+        final.update(orch.figures())
+        if tracker is not None:
+            tracker.log_metrics({k: final[k] for k in ("orch_s", "orch_frac")}, step=trainer.epoch)
+    if tracker is not None:
         tracker.end("FINISHED")
     _write_json(folder / "done.json", final)
     _event(folder, event="done", epoch=trainer.epoch, trial_id=trial_id)
