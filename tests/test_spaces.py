@@ -207,3 +207,39 @@ def test_cli_spaces_prints_space_and_points(capsys):
     out = capsys.readouterr().out
     assert "gamma" in out and "float log [0.05, 1]" in out
     assert "gamma=0.1, beta=4" in out
+
+
+def test_a_wheel_install_finds_the_spaces(tmp_path):
+    """Built as a wheel and installed elsewhere (no checkout beside it), kdtune still finds every space."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, src / name)
+    for name in ("kdtune", "search_spaces"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("kdtune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(Path(n).stem for n in names if "/data/share/kdtune/search_spaces/" in n)
+    assert shipped == sorted(available_spaces())
+    prefix = tmp_path / "prefix"
+    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--prefix", str(prefix), str(wheel)],
+                   check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    (site,) = prefix.glob("lib/python*/site-packages")
+    code = ("import kdtune; from kdtune.tune.spaces import find_space_file; "
+            "print(kdtune.__file__); print(find_space_file('dkd'))")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)})  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    pkg_file, space_file = p.stdout.split()
+    assert Path(pkg_file).is_relative_to(site)
+    assert Path(space_file) == prefix / "share" / "kdtune" / "search_spaces" / "dkd.py"

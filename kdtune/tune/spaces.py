@@ -14,7 +14,8 @@ the method (or TrainConfig fields such as ``lr``).
 
 Lookup path (first hit wins): the directories in ``$KDTUNE_SPACES`` (``os.pathsep``-separated: your own
 spaces), then ``search_spaces/`` beside the ``kdtune`` package (a source checkout or editable install), then
-``<prefix>/share/kdtune/search_spaces`` (a wheel install: the files are shipped as data files). A sweep copies
+``<prefix>/share/kdtune/search_spaces`` (a wheel install: the files are shipped as data files; the prefix
+kdtune's own site-packages lies in, then the interpreter's). A sweep copies
 the source of the spaces it uses into its experiment directory and runs that copy ever after, so resuming
 never picks up an edited file.
 
@@ -65,9 +66,12 @@ def search_path() -> list[Path]:
     dirs = [Path(p).expanduser() for p in os.environ.get("KDTUNE_SPACES", "").split(os.pathsep) if p]
     pkg = Path(__file__).resolve().parents[1]  # .../kdtune
     dirs.append(pkg.parent / "search_spaces")
-    for scheme_key in ("data",):
-        dirs.append(Path(sysconfig.get_path(scheme_key)) / "share" / "kdtune" / "search_spaces")
-    dirs.append(Path(sys.prefix) / "share" / "kdtune" / "search_spaces")
+    share = Path("share") / "kdtune" / "search_spaces"
+    # the prefix this kdtune was installed into (.../lib/pythonX.Y/site-packages/kdtune: --prefix, --user)
+    if len(pkg.parents) > 3 and pkg.parent.name == "site-packages":
+        dirs.append(pkg.parents[3] / share)
+    dirs.append(Path(sysconfig.get_path("data")) / share)
+    dirs.append(Path(sys.prefix) / share)
     seen, out = set(), []
     for d in dirs:
         if d not in seen:
