@@ -1,0 +1,71 @@
+"""The CUDA paths: bf16 autocast, channels_last, the device-resident loader on the GPU, and `kdtune bench`
+reaching a fraction of the bf16 peak. Marked `gpu` (run with `pytest -m gpu` on a machine with CUDA); the
+same code runs on the CPU in test_engine.py and test_data.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdtune.config import TrainConfig
+from kdtune.data.base import Split
+from kdtune.data.loader import DeviceLoader, augment_uint8
+from kdtune.engine import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _bundle(n=2048, classes=100):
+    from kdtune.bench import synthetic_bundle
+
+    return synthetic_bundle(n, num_classes=classes)
+
+
+def test_bf16_channels_last_training_on_cuda(tmp_path):
+    cfg = TrainConfig.from_dict(dict(data="cifar100", model="resnet8x4", method="ce", epochs=2, batch_size=256,
+                                     device="cuda", val_fraction=0.0))  # fmt: skip
+    trainer = Trainer(cfg, data=_bundle())
+    assert trainer.device.type == "cuda" and trainer.amp_dtype == torch.bfloat16
+    conv = next(m for m in trainer.student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.train_loader.x.device.type == "cuda" and trainer.train_loader.x.dtype == torch.uint8
+    history = list(trainer.run())
+    assert all(math.isfinite(m["train_loss"]) for m in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] * 1.05
+
+
+def test_views_are_identical_on_cpu_and_gpu():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    idx = torch.arange(64)
+    cpu = augment_uint8(x, idx, data_seed=3, epoch=5, padding=4, flip=True)
+    gpu = augment_uint8(x.cuda(), idx.cuda(), data_seed=3, epoch=5, padding=4, flip=True)
+    assert torch.equal(cpu, gpu.cpu())
+    loader = DeviceLoader(Split(x, torch.zeros(64, dtype=torch.int64)), 16, train=True, device="cuda",
+                          crop_padding=4, flip=True, channels_last=True)  # fmt: skip
+    xb, yb = next(iter(loader.epoch(0)))
+    assert xb.is_cuda and xb.dtype == torch.float32 and xb.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bench_reports_the_peak_fraction_on_gpu(tmp_path):
+    import json
+
+    from kdtune.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "--batch", "128", "--steps", "10", "--warmup", "5", "--repeats", "2", "--json", str(out)]
+    )
+    assert rc == 0
+    (row,) = json.loads(out.read_text())
+    from kdtune.bench import BF16_PEAK_TFLOPS
+
+    assert not row["device"].startswith("cpu")
+    if any(k in row["device"] for k in BF16_PEAK_TFLOPS):  # a device of the peak table: the share is printed
+        assert row["peak_flops"] > 1e14
+    assert min(row["kdtune"]) > 0 and min(row["reference"]) > 0
