@@ -114,6 +114,53 @@ def test_trial_child_run_params_and_metrics(sweep):
     ]
 
 
+def test_background_logging_keeps_order_and_end_waits_for_it(sweep, monkeypatch):
+    """Metrics logged from a thread of the tracker's own: in order, all there once end() returns, and the
+    thread gone after it; a write that fails is raised by flush(), not lost in silence."""
+    import threading
+
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="bg_00000", background=True)
+    for epoch in range(1, 6):
+        tt.log_metrics({"train_loss": 1.0 / epoch, "val_acc": 10.0 * epoch}, step=epoch)
+    tt.end("FINISHED")
+    hist = st.client.get_metric_history(tt.run_id, "val_acc")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.timestamp)] == [
+        (e, 10.0 * e) for e in range(1, 6)
+    ]
+    assert st.client.get_run(tt.run_id).info.status == "FINISHED"
+    time.sleep(0.2)
+    assert not any(t.name == "mlflow-bg_00000" for t in threading.enumerate())
+
+    bad = TrialTracker(uri, EXP, parent, trial_id="bg_00001", background=True)
+
+    def refuse(*_a, **_k):
+        raise ValueError("store is read-only")
+
+    monkeypatch.setattr(bad.client, "log_batch", refuse)
+    bad.log_metrics({"val_acc": 1.0}, step=1)
+    with pytest.raises(RuntimeError, match="could not log the metrics.*read-only"):
+        bad.end("FINISHED")
+    assert st.client.get_run(bad.run_id).info.status == "FINISHED"  # closed all the same
+
+
+def test_backfill_logs_only_the_epochs_the_run_lacks(sweep):
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="fill_00000")
+    history = [
+        {"epoch": e, "train_loss": 2.0 / e, "val_acc": 20.0 * e, "is_best": True} for e in (1, 2, 3, 4)
+    ]
+    for m in history[:2]:
+        tt.log_metrics(m, step=m["epoch"])
+    # killed after the checkpoint of epoch 4, before its metrics of epochs 3 and 4 reached MLflow; resumed:
+    again = TrialTracker(uri, EXP, parent, trial_id="fill_00000")
+    assert again.resumed and again.backfill(history) == 2
+    assert again.backfill(history) == 0
+    steps = sorted(m.step for m in st.client.get_metric_history(tt.run_id, "val_acc"))
+    assert steps == [1, 2, 3, 4]
+    again.end("FINISHED")
+
+
 def test_reattach_by_trial_id_in_process_and_in_another_process(sweep):
     st, parent, uri = sweep
     first = TrialTracker(uri, EXP, parent, trial_id="res_00001", trial_name="dkd_res_00001")
@@ -198,7 +245,11 @@ def test_log_model_and_register_best_with_alias(sweep, monkeypatch):
     st, parent, uri = sweep
     tt = TrialTracker(uri, EXP, parent, trial_id="best_00005", trial_name="kd_best_00005")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    import mlflow.utils.environment as env
+
+    check = env.warn_dependency_requirement_mismatches
     tt.log_model(model, name="model", step=2)
+    assert env.warn_dependency_requirement_mismatches is check  # skipped inside log_model only
     tt.end("FINISHED")
     version = st.register_best(tt.run_id, artifact_path="model", name="sweep-a-best", alias="best")
     assert st.register_best(tt.run_id, name="sweep-a-best") == version  # idempotent

@@ -4,13 +4,19 @@ Ray's ``MLflowLoggerCallback`` makes a second run for every trial restored after
 ``setup_mlflow`` never ends its runs (``shared/STACK.md``). Here each trial owns one child run of the sweep's
 parent run, tagged ``kdtune.trial_id``; a restored or retried trial finds that run again and continues it
 (status back to RUNNING, metrics appended at their epochs). All calls use explicit run ids, so several
-trials can share a process. Each ``log_metrics`` is one ``log_batch`` round trip.
+trials can share a process. Each ``log_metrics`` is one ``log_batch`` round trip; with ``background=True``
+that round trip happens on a thread of the tracker's own, off the training loop, in order, and ``flush()``
+(called by ``end()``) waits for it and raises what it could not log. ``backfill(history)`` logs the epochs a
+resumed trial's checkpoint holds but its run lacks (a process killed between its checkpoint and its log).
 """
 
 from __future__ import annotations
 
 import copy
+import queue
+import threading
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,27 @@ def experiment_id_for(tracking_uri: str, experiment_name: str) -> str:
     return _experiment_ids[key]
 
 
+@contextmanager
+def _no_requirement_check():
+    """Skip MLflow's check that the model's pinned requirements match this environment.
+
+    They are read from this very environment (torch's and kdtune's versions), so the check cannot fail; it
+    costs 1-4 s of CPU per process (it maps every installed distribution's files to its modules), which
+    would land after a trial's last epoch.
+    """
+    import mlflow.utils.environment as env
+
+    original = getattr(env, "warn_dependency_requirement_mismatches", None)
+    if original is None:
+        yield
+        return
+    env.warn_dependency_requirement_mismatches = lambda *_a, **_k: None
+    try:
+        yield
+    finally:
+        env.warn_dependency_requirement_mismatches = original
+
+
 class TrialTracker:
     """One Tune trial's MLflow run: a child of ``parent_run_id`` named after the trial.
 
@@ -66,8 +93,12 @@ class TrialTracker:
         parent_run_id: str | None,
         trial_id: str,
         trial_name: str | None = None,
+        background: bool = False,
     ):
         self.tracking_uri = normalize_tracking_uri(tracking_uri)
+        self.background = background
+        self._queue: queue.Queue | None = None
+        self._error: BaseException | None = None
         self.experiment_name = experiment_name
         self.parent_run_id = parent_run_id
         self.trial_id = str(trial_id)
@@ -112,7 +143,52 @@ class TrialTracker:
         ``None``, booleans and strings are skipped; NaN and infinities are logged as they are (a diverged
         loss is worth seeing).
         """
-        log_metric_entities(self.client, self.run_id, metric_entities(metrics, step))
+        entities = metric_entities(metrics, step)  # stamped now, whenever they are written
+        if not self.background:
+            log_metric_entities(self.client, self.run_id, entities)
+            return
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._writer, name=f"mlflow-{self.trial_id}", daemon=True).start()
+        self._queue.put(entities)
+
+    def _writer(self) -> None:
+        # Import what log_model needs while the trial trains, not after its last epoch (over a second).
+        try:
+            import mlflow.pyfunc  # noqa: F401
+            import mlflow.pytorch  # noqa: F401
+        except Exception:  # noqa: BLE001 - log_model will say what is missing
+            pass
+        q = self._queue
+        while True:
+            entities = q.get()
+            if entities is None:  # end(): the run is closed, the thread goes
+                q.task_done()
+                return
+            try:
+                if self._error is None:
+                    log_metric_entities(self.client, self.run_id, entities)
+            except BaseException as e:  # noqa: BLE001 - kept and raised by flush()
+                self._error = e
+            finally:
+                q.task_done()
+
+    def flush(self) -> None:
+        """Wait until every metric handed to ``log_metrics`` is written; raise the first write that failed."""
+        if self._queue is not None:
+            self._queue.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"MLflow could not log the metrics of run {self.run_id}: {err}") from err
+
+    def backfill(self, history: list[Mapping[str, Any]], key: str = "train_loss") -> int:
+        """Log the epochs of ``history`` (the engine's per-epoch metrics) whose ``key`` the run lacks; returns
+        how many. A resumed trial calls it once: its checkpoint may be ahead of its run."""
+        logged = {m.step for m in retry_locked(self.client.get_metric_history, self.run_id, key)}
+        missing = [m for m in history if m.get("epoch") is not None and int(m["epoch"]) not in logged]
+        for m in missing:
+            log_metric_entities(self.client, self.run_id, metric_entities(m, int(m["epoch"])))
+        return len(missing)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -144,7 +220,7 @@ class TrialTracker:
         logged = retry_locked(
             self.client.create_logged_model, self.experiment_id, name=name, source_run_id=self.run_id
         )
-        with global_tracking_uri(self.tracking_uri):
+        with global_tracking_uri(self.tracking_uri), _no_requirement_check():
             info = mlflow.pytorch.log_model(
                 module,
                 name=name,
@@ -161,11 +237,21 @@ class TrialTracker:
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` goes to tag kdtune.failure_reason."""
         status = check_status(status)
+        unlogged = None
+        try:
+            self.flush()
+        except RuntimeError as e:  # close the run all the same, then say what was lost
+            unlogged = e
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
         if reason:
             text = " ".join(str(reason).split()) if len(str(reason)) < 300 else str(reason)
             retry_locked(self.client.set_tag, self.run_id, TAG_FAILURE, text[:MAX_TAG_VALUE])
         retry_locked(self.client.set_terminated, self.run_id, status)
         self.ended = True
+        if unlogged is not None:
+            raise unlogged
 
     def __enter__(self) -> TrialTracker:
         return self

@@ -211,7 +211,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None
     if ctx.tracking_uri:
         from kdtune.tracking import TrialTracker
 
-        tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, trial_id, trial_name)
+        tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, trial_id, trial_name,
+                               background=True)  # fmt: skip
         seed = config.get("train.seed", config.get("seed", ctx.base.get("seed")))
         tracker.log_params({**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed, **config})
         tracker.set_tags({"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
@@ -233,6 +234,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None
                             shutil.copy2(f, ck / f.name)
         if (ck / "state.pt").is_file():
             trainer.load_state(ck / "state.pt")
+            if tracker is not None and trainer.history:
+                tracker.backfill(trainer.history)
         _event(folder, event="start", epoch=trainer.epoch, epochs=cfg.epochs, trial_id=trial_id)
 
         if trainer.epoch >= cfg.epochs and trainer.history:
