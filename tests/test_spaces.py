@@ -232,8 +232,11 @@ def test_a_wheel_install_finds_the_spaces(tmp_path):
     shipped = sorted(Path(n).stem for n in names if "/data/share/kdtune/search_spaces/" in n)
     assert shipped == sorted(available_spaces())
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--prefix", str(prefix), str(wheel)],
+    script = Path(sys.executable).with_name("kdtune")  # this environment's own install must survive the test
+    had_script = script.exists()
+    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--ignore-installed", "--prefix", str(prefix), str(wheel)],
                    check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert script.exists() == had_script
     (site,) = prefix.glob("lib/python*/site-packages")
     code = ("import kdtune; from kdtune.tune.spaces import find_space_file; "
             "print(kdtune.__file__); print(find_space_file('dkd'))")  # fmt: skip
