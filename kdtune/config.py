@@ -266,22 +266,24 @@ def parse_overrides(words: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+def load_yaml_mapping(
+    path: str | Path, what: str = "config file", hint: str = "check the path"
+) -> dict[str, Any]:
+    """The mapping a YAML file holds (``{}`` for an empty file); a missing file, bad YAML or another kind of
+    value raises :class:`ConfigError` naming the file as ``what`` (a missing one with ``hint``)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; check the path")
+        raise ConfigError(f"{what} {str(p)!r} does not exist; {hint}")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix its syntax") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}; fix its syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(p)!r} must hold a mapping of key: value, not a {type(data).__name__}"
-        )
+        raise ConfigError(f"{what} {str(p)!r} must be a mapping of key: value, not a {type(data).__name__}")
     return data
 
 

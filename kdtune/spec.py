@@ -252,19 +252,10 @@ def load_spec(path_or_dict: str | Path | dict, *, base_dir: str | Path | None = 
     if isinstance(path_or_dict, dict):
         raw = dict(path_or_dict)
     else:
+        from kdtune.config import load_yaml_mapping
+
         p = Path(path_or_dict)
-        if not p.is_file():
-            raise ConfigError(f"sweep spec {str(p)!r} does not exist; check the path (examples in sweeps/)")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"sweep spec {str(p)!r} is not valid YAML{where}; fix its syntax") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(
-                f"sweep spec {str(p)!r} must be a mapping of key: value, not {type(raw).__name__}"
-            )
+        raw = load_yaml_mapping(p, "sweep spec", "check the path (examples in sweeps/)")
         raw.setdefault("name", p.stem)
         source = str(p.resolve())
         base_dir = base_dir or p.resolve().parent

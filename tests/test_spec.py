@@ -135,6 +135,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
     p.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_spec(p)
+    p.write_text("")  # an empty file is an empty spec: the first field it lacks is named
+    with pytest.raises(ConfigError, match="students must be a non-empty list"):
+        load_spec(p)
 
 
 def test_did_you_mean(tmp_path):
