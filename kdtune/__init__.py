@@ -8,6 +8,8 @@ imports them when called.
 
 __version__ = "0.1.0"
 
+from kdtune.tune import sweep as sweep  # noqa: E402 - kdtune.tune imports nothing heavy until a sweep runs
+
 
 def train(cfg=None, /, **overrides):
     from kdtune.engine import train as _train
@@ -19,9 +21,3 @@ def iter_train(cfg=None, /, **overrides):
     from kdtune.engine import iter_train as _iter_train
 
     return _iter_train(cfg, **overrides)
-
-
-def sweep(spec_or_path, **kwargs):
-    from kdtune.tune import sweep as _sweep
-
-    return _sweep(spec_or_path, **kwargs)
