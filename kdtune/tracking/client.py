@@ -2,7 +2,10 @@
 
 Every call goes through :class:`mlflow.MlflowClient` with explicit run ids; the fluent API's global active
 run is never used, since several trials may share a process. Several processes writing one SQLite file
-contend for its lock: :func:`retry_locked` retries such calls briefly with jittered backoff.
+contend for its lock: :func:`retry_locked` retries such calls briefly with jittered backoff. It also retries
+a tag write that collided with another process writing the same new tag: MLflow's SQLAlchemy store sets a
+tag as SELECT-then-INSERT, so two writers can both INSERT and one gets ``UNIQUE constraint failed``; on the
+retry the row exists and the write becomes an update, so a tag write is idempotent.
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ MAX_KEY = 250
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 
-_LOCK_WORDS = ("database is locked", "database table is locked", "database is busy")
+_LOCK_WORDS = (
+    "database is locked",
+    "database table is locked",
+    "database is busy",
+    # a tag/param upsert that lost the race to another writer of the same key (see the module docstring)
+    "unique constraint failed: tags.",
+    "duplicate key value violates unique constraint \"tag_pk\"",
+)
 _configured = False
 _URI_LOCK = threading.RLock()
 _config_lock = threading.Lock()
@@ -81,7 +91,8 @@ def _is_locked(exc: BaseException) -> bool:
 
 
 def retry_locked(fn: Callable[..., T], *args: Any, timeout_s: float = 30.0, **kwargs: Any) -> T:
-    """Call ``fn``; on SQLite's "database is locked" retry with jittered backoff for up to ``timeout_s``."""
+    """Call ``fn``; on SQLite's "database is locked" (or a tag upsert that collided with another writer's)
+    retry with jittered backoff for up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:

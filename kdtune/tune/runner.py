@@ -491,7 +491,7 @@ class _Sweep:
             tuner = self._new_tuner(gname, method, fn, trainable, num_samples, points)
         results = tuner.fit()
         _check_finished(results, num_samples, path)
-        close_open_runs(self.tracking_uri, spec.name, results, b.epochs, group=gname)
+        close_open_runs(self.tracking_uri, spec.name, results, b.epochs, group=gname, experiment_dir=self.exp)
         summary = self._summarize(gname, student, method, results)
         if b.repeats > 1 and summary.get("best"):
             summary["repeats"] = self._run_repeats(gname, summary, tctx, data)
@@ -567,7 +567,7 @@ class _Sweep:
             )  # fmt: skip
         results = tuner.fit()
         _check_finished(results, len(seeds), path)
-        close_open_runs(self.tracking_uri, spec.name, results, b.epochs, group=rname)
+        close_open_runs(self.tracking_uri, spec.name, results, b.epochs, group=rname, experiment_dir=self.exp)
         best = summary["best"]
         vals, tests = [best.get("val_acc")], [best.get("test_acc")]
         for r in results:
@@ -704,7 +704,8 @@ def _overall_best(summaries: list[dict], spec: SweepSpec) -> dict | None:
     return max(bests, key=lambda t: _rank(t, spec, spec.budget.epochs))
 
 
-def close_open_runs(uri: str | None, experiment: str, results, epochs: int, group: str | None = None) -> int:
+def close_open_runs(uri: str | None, experiment: str, results, epochs: int, group: str | None = None,
+                    experiment_dir: str | Path | None = None) -> int:
     """End the MLflow runs a group's trials left RUNNING; returns how many were closed.
 
     A trial's process may be ended by Tune before it closes its run (ASHA stopping the last trials). And a
@@ -718,14 +719,21 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
     from kdtune.tracking.client import get_client, quote, retry_locked, search_all_runs
     from kdtune.tracking.trial import experiment_id_for
 
+    from kdtune.tune.trainable import trial_folder, wait_trials_gone
+
     client = get_client(uri)
     exp_id = experiment_id_for(uri, experiment)
     closed = 0
     known = set()
-    for r in results:
+    ids = [(r.metrics or {}).get("trial_id") or Path(r.path).name.rsplit("_", 1)[-1] for r in results]
+    # One owner per run: a trial's process may still be closing its run after fit() returned (Tune ends a
+    # stopped trial without waiting for it). Touch a run only once its process has let go of it.
+    held = {f.name for f in wait_trials_gone([trial_folder(experiment_dir, t) for t in ids])} if experiment_dir else set()
+    for r, tid in zip(results, ids):
         m = r.metrics or {}
-        tid = m.get("trial_id") or Path(r.path).name.rsplit("_", 1)[-1]
         known.add(tid)
+        if tid in held:
+            continue  # still owned by a live trial process: it closes the run itself
         runs = search_all_runs(client, [exp_id], f"tags.`{TAG_TRIAL_ID}` = {quote(tid)}")
         for run in runs:
             if run.info.status != "RUNNING":

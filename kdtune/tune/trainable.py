@@ -184,7 +184,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None
     import torch
     from ray import tune
 
-    from kdtune.engine.trainer import DivergedError, Trainer
+    from kdtune.engine.trainer import DivergedError
 
     assert ctx is not None, "run_trial needs its TrialContext through tune.with_parameters"
     torch.set_num_threads(max(1, int(ctx.threads)))
@@ -200,12 +200,24 @@ def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None
     ck = folder / "ckpt"
     ck.mkdir(parents=True, exist_ok=True)
     done = folder / "done.json"
-    if done.exists():
-        # Finished before the driver died, but after Tune's last snapshot: report the final result again.
-        final = json.loads(done.read_text())
-        _event(folder, event="start", epoch=final.get("epoch"), finished=True, trial_id=trial_id)
-        tune.report(final)
-        return
+    _event(folder, event="open", trial_id=trial_id)  # this process now owns the trial's run and folder
+    try:
+        if done.exists():
+            # Finished before the driver died, but after Tune's last snapshot: report the final result again.
+            final = json.loads(done.read_text())
+            _event(folder, event="start", epoch=final.get("epoch"), finished=True, trial_id=trial_id)
+            tune.report(final)
+            return
+        _run(config, ctx, data, trial_id, trial_name, trial_dir, folder, ck, marker)
+    finally:
+        # The driver touches this trial's run only after this event (or once this process is gone).
+        _event(folder, event="closed", trial_id=trial_id)
+
+
+def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: Path, marker: Path) -> None:
+    from ray import tune
+
+    from kdtune.engine.trainer import DivergedError, Trainer
 
     tracker = None
     if ctx.tracking_uri:
@@ -304,3 +316,35 @@ def _log_best(tracker, ck: Path) -> None:
     best = ck / "best.pt"
     if best.is_file():
         tracker.log_artifact(best, "checkpoints")
+
+
+def trial_gone(folder: Path) -> bool:
+    """Whether the process that last ran this trial has let go of its records (MLflow run, folder): it wrote
+    its ``closed`` event after its last ``open``, or it is dead (checked on this host only). A trial that
+    never started here is gone too."""
+    from kdtune.tune.lock import pid_alive
+
+    last_start = None
+    closed = False
+    for ev in read_events(folder):
+        if ev.get("event") == "open":
+            last_start, closed = ev, False
+        elif ev.get("event") == "closed" and last_start is not None and ev.get("pid") == last_start.get("pid"):
+            closed = True
+    if last_start is None or closed:
+        return True
+    if last_start.get("host") == socket.gethostname():
+        return not pid_alive(int(last_start.get("pid", -1)))
+    return False
+
+
+def wait_trials_gone(folders: list[Path], timeout_s: float = 60.0, poll_s: float = 0.2) -> list[Path]:
+    """Poll until every trial folder is :func:`trial_gone`; returns those still held after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(folders)
+    while pending:
+        pending = [f for f in pending if not trial_gone(f)]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(poll_s)
+    return pending
