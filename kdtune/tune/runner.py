@@ -718,7 +718,6 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
     from kdtune.tracking import TAG_FAILURE, TAG_ROLE, TAG_TRIAL_ID
     from kdtune.tracking.client import get_client, quote, retry_locked, search_all_runs
     from kdtune.tracking.trial import experiment_id_for
-
     from kdtune.tune.trainable import trial_folder, wait_trials_gone
 
     client = get_client(uri)
