@@ -410,7 +410,9 @@ def test_worker_killed_mid_trial_resumes_on_the_survivor(cluster, tmp_path):
     resumed = starts[-1]
     assert resumed["epoch"] >= 1, "the trial started over instead of resuming from its checkpoint"
     assert node_of.get(resumed["pid"]) == head["id"]  # on the surviving node
-    assert ev[-1]["event"] == "done" and ev[-1]["epoch"] == epochs
+    work = [e for e in ev if e["event"] not in ("open", "closed")]  # ownership events aside
+    assert work[-1]["event"] == "done" and work[-1]["epoch"] == epochs
+    assert ev[-1]["event"] == "closed" and ev[-1]["pid"] == resumed["pid"]  # it let go of its records last
     for tid, tev in events.items():
         assert any(e["event"] == "done" and e["epoch"] == epochs for e in tev), tid
     assert json.loads((exp / "state.json").read_text())["status"] == "finished"

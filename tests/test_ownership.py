@@ -119,4 +119,6 @@ def test_driver_does_not_close_a_run_its_trial_still_holds(tmp_path):
     finally:
         trainable.wait_trials_gone = orig
     run = get_client(uri).get_run(tt.run_id)
-    assert run.info.status == "FINISHED" and "epoch 2/6" in run.data.tags[TAG_FAILURE]
+    assert run.info.status == "FINISHED" and "epoch 2/6" in run.data.tags["kdtune.stop_reason"]
+    assert run.data.tags["kdtune.outcome"] == "pruned" and run.data.tags["kdtune.stopped_epoch"] == "2"
+    assert TAG_FAILURE not in run.data.tags  # pruned is not a failure

@@ -70,7 +70,7 @@ def test_kill_mid_sweep_then_resume(tmp_path):
     spec_path = tmp_path / "killme.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     exp = tmp_path / "runs" / "killme"
-    group = exp / "tune" / "resnet8-kd"
+    tune_dir = exp / "tune" / "sweep"  # the sweep's one Tune experiment
     log1 = open(tmp_path / "sweep.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "kdtune", "sweep", str(spec_path)], stdout=log1, stderr=subprocess.STDOUT,
@@ -96,7 +96,7 @@ def test_kill_mid_sweep_then_resume(tmp_path):
             running = {t for t in ev if t not in done and 1 <= last[t] <= EPOCHS - 2}
             if done and running:
                 last_start = max(e["time"] for es in ev.values() for e in es if e["event"] == "start")
-                snaps = [f.stat().st_mtime for f in group.glob("experiment_state-*.json")]
+                snaps = [f.stat().st_mtime for f in tune_dir.glob("experiment_state-*.json")]
                 if snaps and max(snaps) > last_start + 0.2:
                     break
             time.sleep(0.25)
@@ -149,12 +149,13 @@ def test_kill_mid_sweep_then_resume(tmp_path):
     for t in tune_ids:  # every epoch of every trial trained exactly once
         assert sorted(e["epoch"] for e in after[t] if e["event"] == "epoch") == list(range(1, EPOCHS + 1)), t
 
-    # The searcher's history: its (restored, in-memory) study holds every Tune trial once, completed.
-    from ray.tune.search.optuna import OptunaSearch
+    # The searcher's history: its (restored, in-memory) study of the group holds every Tune trial once,
+    # completed.
+    from kdtune.tune.search import GroupedOptunaSearch
 
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(str(group))
-    study_trials = searcher._ot_study.get_trials(deepcopy=False)
+    searcher = GroupedOptunaSearch([], "val_acc", "max", EPOCHS)
+    searcher.restore_from_dir(str(tune_dir))
+    study_trials = searcher.studies["resnet8-kd"].get_trials(deepcopy=False)
     assert len(study_trials) == TRIALS
     assert all(t.state.name == "COMPLETE" for t in study_trials)
     configs = sorted(json.dumps(t["config"], sort_keys=True) for t in summary["all"])

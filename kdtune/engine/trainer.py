@@ -85,7 +85,12 @@ class Trainer:
         *,
         log: Callable[[str], None] | None = None,
         progress: bool = False,
+        teacher_info: dict[str, Any] | None = None,
+        init_info: dict[str, Any] | None = None,
     ):
+        """``teacher_info`` (``arch``, ``val_acc``, ``test_acc``) and ``init_info`` (``train_error``,
+        ``val_error``) are measurements of ``cfg.teacher`` and ``cfg.init`` made before (a sweep's stage
+        records them once): given, they are used as they are instead of evaluating those models again."""
         self.cfg = cfg
         self.log = log or (lambda s: None)
         self.progress = progress
@@ -120,10 +125,10 @@ class Trainer:
         self.teacher: nn.Module | None = None
         self.teacher_info: dict[str, Any] = {}
         if cfg.teacher:
-            self._load_teacher()
+            self._load_teacher(teacher_info)
         self.init_info: dict[str, Any] = {}
         if cfg.init:
-            self._load_init()
+            self._load_init(init_info)
 
         ctx = MethodContext(
             num_classes=d.num_classes,
@@ -227,7 +232,7 @@ class Trainer:
     def _plain_train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self._plain_train_loader.epoch(0)
 
-    def _load_teacher(self) -> None:
+    def _load_teacher(self, known: dict[str, Any] | None = None) -> None:
         from kdtune.models.checkpoint import load_model
 
         cfg, d = self.cfg, self.data
@@ -246,6 +251,10 @@ class Trainer:
         for p in model.parameters():
             p.requires_grad_(False)
         self.teacher = model
+        if known is not None and known.get("test_acc") is not None:
+            self.teacher_info = {"arch": info.get("arch"), "source": cfg.teacher, "val_acc": known.get("val_acc"),
+                                 "test_acc": known["test_acc"], "measured": "before"}  # fmt: skip
+            return
         val = self.evaluate(model, self.val_loader) if self.val_loader is not None else {}
         test = self.evaluate(model, self.test_loader)
         self.teacher_info = {
@@ -259,7 +268,7 @@ class Trainer:
             + (f", val acc {val['acc']:.2f}%" if val else "")
         )
 
-    def _load_init(self) -> None:
+    def _load_init(self, known: dict[str, Any] | None = None) -> None:
         from kdtune.models.checkpoint import load_model
 
         cfg, d = self.cfg, self.data
@@ -273,6 +282,10 @@ class Trainer:
             data=d.name,
         )
         self.student.load_state_dict(model.state_dict())
+        if known is not None and known.get("train_error") is not None:
+            self.init_info = {"source": cfg.init, "train_error": float(known["train_error"]),
+                              "val_error": known.get("val_error"), "measured": "before"}  # fmt: skip
+            return
         train = self.evaluate(self.student, self._plain_train_loader)
         val = self.evaluate(self.student, self.val_loader) if self.val_loader is not None else {}
         self.init_info = {

@@ -37,6 +37,8 @@ TAG_TRIAL_NAME = "kdtune.trial_name"
 TAG_STAGE = "kdtune.stage"
 TAG_STAGE_KEY = "kdtune.stage_key"
 TAG_FAILURE = "kdtune.failure_reason"
+TAG_OUTCOME = "kdtune.outcome"  # completed | pruned | failed | diverged
+TAG_STOPPED_EPOCH = "kdtune.stopped_epoch"  # the last epoch of a trial that did not complete
 TAG_METRIC = "kdtune.metric"
 TAG_MODE = "kdtune.mode"
 TAG_PARENT = "mlflow.parentRunId"
@@ -103,6 +105,15 @@ def retry_locked(fn: Callable[..., T], *args: Any, timeout_s: float = 30.0, **kw
                 raise
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2.0, 1.0)
+
+
+def set_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set ``tags`` on a run in one batch; idempotent, so a retried or repeated write is harmless."""
+    from mlflow.entities import RunTag
+
+    batch = [RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+    if batch:
+        retry_locked(client.log_batch, run_id, tags=batch)
 
 
 @lru_cache(maxsize=16)

@@ -191,6 +191,10 @@ class SweepTracker:
         """Log a file or a directory's contents to the parent run."""
         log_path(self.client, self._parent(), path, artifact_path)
 
+    def log_parent_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """Numbers that describe the whole sweep (slot utilisation, best per group) on the parent run."""
+        log_metric_entities(self.client, self._parent(), metric_entities(metrics, step))
+
     def end_parent(self, status: str = "FINISHED") -> None:
         retry_locked(self.client.set_terminated, self._parent(), check_status(status))
 

@@ -39,6 +39,7 @@ from kdtune.tracking.client import (
     quote,
     retry_locked,
     search_all_runs,
+    set_tags,
 )
 from kdtune.tracking.uri import normalize_tracking_uri
 
@@ -191,11 +192,7 @@ class TrialTracker:
         return len(missing)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
-        if batch:
-            retry_locked(self.client.log_batch, self.run_id, tags=batch)
+        set_tags(self.client, self.run_id, tags)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, or a directory's contents, under ``artifact_path`` of the run."""

@@ -1,32 +1,37 @@
-"""Tune callbacks of a sweep: a one-line-per-trial progress printer, and the mirror of finished trials into an
-Optuna database study (SQLite beside the experiment) for ``optuna-dashboard`` and Optuna's importance tools.
+"""Tune callbacks of a sweep: live progress, and the mirror of finished trials into an Optuna database study
+per group (SQLite beside the experiment) for ``optuna-dashboard`` and Optuna's importance tools.
 
-The searcher's own study lives in memory and is saved with the experiment (an RDB-backed study did not
+The searcher's own studies live in memory and are saved with the experiment (an RDB-backed study did not
 survive a hard driver kill, see shared/STACK.md); the mirror is written only from the driver, once per
-trial (by its Tune trial id, so a resumed sweep never adds a trial twice).
+trial (by its Tune trial id, so a resumed sweep never adds a trial twice), with the trial's real start and
+end times, its per-epoch values, and PRUNED for a trial the scheduler stopped.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
+import sys
+import time
 from typing import Any
 
 from ray.tune import Callback
 
-_SHOWN_KEYS = 4
+from kdtune.tune.search import GROUP_KEY, _name_metric, group_of
 
 
 class TrialNamer:
     """``trial_name_creator``: ``<group>_<n>`` (n = Tune's trial counter), and the directory name with the id."""
 
-    def __init__(self, group: str, with_id: bool = False):
+    def __init__(self, group: str | None = None, with_id: bool = False):
         self.group = group
         self.with_id = with_id
 
     def __call__(self, trial) -> str:
+        group = self.group or group_of(trial.config) or "trial"
         tag = str(getattr(trial, "experiment_tag", "") or "")
         num = tag.split("_", 1)[0]
-        name = f"{self.group}_{int(num):03d}" if num.isdigit() else f"{self.group}_{trial.trial_id}"
+        name = f"{group}_{int(num):03d}" if num.isdigit() else f"{group}_{trial.trial_id}"
         return f"{name}_{trial.trial_id}" if self.with_id else name
 
 
@@ -36,14 +41,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class ProgressPrinter(Callback):
-    """One line per finished, stopped or failed trial; nothing per epoch."""
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    def __init__(self, label: str, metric: str, epochs: int, log=print):
-        self.label = label
+
+def _dur(s: float) -> str:
+    m, s = divmod(int(max(s, 0)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class ProgressPrinter(Callback):
+    """One line per finished, stopped or failed trial; on a terminal also a compact table of the running
+    trials (group, trial, epoch/total, metric, best so far in its group, ETA), redrawn every ``refresh_s``."""
+
+    def __init__(self, metric: str, epochs: int, total: int | None = None, log=print, refresh_s: float = 5.0,
+                 live: bool | None = None):  # fmt: skip
         self.metric = metric
         self.epochs = epochs
+        self.total = total
         self.log = log
+        self.refresh_s = refresh_s
+        self.live = sys.stdout.isatty() if live is None else live
+        self._running: dict[str, dict] = {}
+        self._best: dict[str, float] = {}
+        self._done = 0
+        self._last_draw = 0.0
+        self._drawn = 0
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -55,24 +79,63 @@ class ProgressPrinter(Callback):
         self.log = print
 
     def _params(self, trial) -> str:
-        items = list((trial.config or {}).items())
-        return " ".join(f"{k}={_fmt(v)}" for k, v in items)
+        return " ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items() if k != GROUP_KEY)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._running[trial.trial_id] = {"group": group_of(trial.config) or "-", "epoch": 0, "value": None,
+                                         "start": time.time()}  # fmt: skip
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        r = self._running.setdefault(trial.trial_id, {"group": group_of(trial.config) or "-", "start": time.time()})
+        r["epoch"] = result.get("epoch", result.get("training_iteration", 0))
+        r["value"] = result.get(self.metric)
+        r["per_epoch"] = (time.time() - r["start"]) / max(int(r["epoch"] or 1), 1)
+
+    def on_step_end(self, iteration, trials, **info):
+        if not self.live or time.time() - self._last_draw < self.refresh_s or not self._running:
+            return
+        self._last_draw = time.time()
+        rows = [("group", "trial", "epoch", self.metric, "best", "ETA")]
+        for tid, r in sorted(self._running.items(), key=lambda kv: kv[1]["group"]):
+            left = (self.epochs - int(r.get("epoch") or 0)) * r["per_epoch"] if r.get("per_epoch") else None
+            v, b = r.get("value"), self._best.get(r["group"])
+            rows.append((r["group"], tid, f"{r.get('epoch') or 0}/{self.epochs}", f"{v:.2f}" if _finite(v) else "-",
+                         f"{b:.2f}" if b is not None else "-", _dur(left) if left is not None else "-"))  # fmt: skip
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+        head = f"{self._done}/{self.total} trials done" if self.total else f"{self._done} trials done"
+        out = sys.stdout
+        if self._drawn:
+            out.write(f"\x1b[{self._drawn}F\x1b[J")  # back over the previous table, clear it
+        out.write("\n".join([head, *lines]) + "\n")
+        out.flush()
+        self._drawn = len(lines) + 1
+
+    def _line(self, text: str) -> None:
+        if self._drawn:
+            sys.stdout.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+        self.log(text)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._running.pop(trial.trial_id, None)
+        self._done += 1
         r = trial.last_result or {}
+        group = group_of(trial.config) or "-"
         ep = r.get("epoch", r.get("training_iteration", "?"))
         val = r.get(self.metric)
-        how = "done" if ep == self.epochs else f"stopped at epoch {ep}/{self.epochs}"
-        val_s = (
-            f"{self.metric} {val:.2f}"
-            if isinstance(val, (int, float)) and math.isfinite(val)
-            else "no result"
-        )
+        how = "done" if ep == self.epochs else f"pruned at epoch {ep}/{self.epochs}"
+        if _finite(val):
+            self._best[group] = max(self._best.get(group, -math.inf), float(val))
+        val_s = f"{self.metric} {val:.2f}" if _finite(val) else "no result"
         test = r.get("test_acc")
-        test_s = f" (test {test:.2f})" if isinstance(test, (int, float)) else ""
-        self.log(f"  {self.label:<18} {trial.trial_id}  {how:<20} {val_s}{test_s}  {self._params(trial)}")
+        test_s = f" (test {test:.2f})" if _finite(test) else ""
+        count = f"[{self._done}/{self.total}] " if self.total else ""
+        self._line(f"  {count}{group:<18} {trial.trial_id}  {how:<20} {val_s}{test_s}  {self._params(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._running.pop(trial.trial_id, None)
+        self._done += 1
         err = getattr(trial, "error_file", None)
         reason = ""
         if err:
@@ -81,45 +144,53 @@ class ProgressPrinter(Callback):
                 reason = lines[-1][:200] if lines else ""
             except OSError:
                 pass
-        self.log(f"  {self.label:<18} {trial.trial_id}  FAILED  {reason}  {self._params(trial)}")
+        group = group_of(trial.config) or "-"
+        count = f"[{self._done}/{self.total}] " if self.total else ""
+        self._line(f"  {count}{group:<18} {trial.trial_id}  FAILED  {reason}  {self._params(trial)}")
 
 
 class OptunaMirror(Callback):
-    """Copy each finished Tune trial into the Optuna study ``study_name`` of ``storage_url`` (SQLite)."""
+    """Copy each finished Tune trial into the Optuna study of its group in ``storage_url`` (SQLite)."""
 
-    def __init__(self, storage_url: str, study_name: str, metric: str, mode: str, space_fn=None,
+    def __init__(self, storage_url: str, metric: str, mode: str, epochs: int, spaces: dict | None = None,
                  group_attrs: dict | None = None):  # fmt: skip
         self.storage_url = storage_url
-        self.study_name = study_name
         self.metric = metric
         self.mode = mode
-        self.space_fn = space_fn
+        self.epochs = int(epochs)
+        self.spaces = dict(spaces or {})
         self.group_attrs = dict(group_attrs or {})
-        self._study = None
+        self._studies: dict = {}
         self._curves: dict[str, dict[int, float]] = {}
+        self._started: dict[str, float] = {}
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_study"] = None
+        d["_studies"] = {}
         return d
 
-    def study(self):
-        if self._study is None:
+    def study(self, group: str):
+        if group not in self._studies:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            self._study = optuna.create_study(
-                storage=self.storage_url, study_name=self.study_name, load_if_exists=True,
+            study = optuna.create_study(
+                storage=self.storage_url, study_name=group, load_if_exists=True,
                 direction="maximize" if self.mode == "max" else "minimize",
             )  # fmt: skip
-            for k, v in self.group_attrs.items():
-                self._study.set_user_attr(k, v)
-        return self._study
+            _name_metric(study, self.metric)
+            for k, v in self.group_attrs.get(group, {}).items():
+                study.set_user_attr(k, v)
+            self._studies[group] = study
+        return self._studies[group]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._started.setdefault(trial.trial_id, time.time())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = result.get(self.metric)
         step = result.get("training_iteration")
-        if isinstance(v, (int, float)) and math.isfinite(v) and step is not None:
+        if _finite(v) and step is not None:
             self._curves.setdefault(trial.trial_id, {})[int(step)] = float(v)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -132,26 +203,39 @@ class OptunaMirror(Callback):
         import optuna
         from optuna.trial import TrialState
 
+        group = group_of(trial.config)
+        if group is None:
+            return
         try:
-            study = self.study()
+            study = self.study(group)
             for t in study.get_trials(deepcopy=False):
                 if t.user_attrs.get("tune_trial_id") == trial.trial_id:
                     return
-            config = dict(trial.config or {})
+            config = {k: v for k, v in (trial.config or {}).items() if k != GROUP_KEY}
             params, dists = {}, {}
-            if self.space_fn is not None:
-                _, dists, _ = self.space_fn.record(config)
+            space = self.spaces.get(group)
+            if space is not None:
+                _, dists, _ = space.record(config)
                 params = {k: config[k] for k in dists if k in config}
-            value = (trial.last_result or {}).get(self.metric)
-            ok = not failed and isinstance(value, (int, float)) and math.isfinite(value)
             r = trial.last_result or {}
-            attrs = {"tune_trial_id": trial.trial_id, "epochs_run": r.get("training_iteration"),
-                     "test_acc": r.get("test_acc"), **{f"const.{k}": v for k, v in config.items() if k not in dists}}  # fmt: skip
+            value = r.get(self.metric)
+            epoch = r.get("epoch", r.get("training_iteration"))
+            if failed or not _finite(value):
+                state, value = TrialState.FAIL, None
+            elif epoch is not None and int(epoch) < self.epochs:
+                state, value = TrialState.PRUNED, None
+            else:
+                state, value = TrialState.COMPLETE, float(value)
+            end = time.time()
+            start = self._started.pop(trial.trial_id, None) or end - float(r.get("time_total_s") or 0.0)
+            attrs = {"tune_trial_id": trial.trial_id, "epochs_run": epoch, "test_acc": r.get("test_acc"),
+                     **{f"const.{k}": v for k, v in config.items() if k not in dists}}  # fmt: skip
             ft = optuna.trial.create_trial(
-                params=params, distributions={k: dists[k] for k in params}, value=float(value) if ok else None,
-                state=TrialState.COMPLETE if ok else TrialState.FAIL, user_attrs=attrs,
-                intermediate_values=self._curves.pop(trial.trial_id, {}),
+                params=params, distributions={k: dists[k] for k in params}, value=value, state=state,
+                user_attrs=attrs, intermediate_values=self._curves.pop(trial.trial_id, {}),
             )  # fmt: skip
+            ft.datetime_start = _dt.datetime.fromtimestamp(start)
+            ft.datetime_complete = _dt.datetime.fromtimestamp(end)
             study.add_trial(ft)
         except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
             print(f"kdtune: warning: could not mirror trial {trial.trial_id} into {self.storage_url}: {e}")

@@ -1,19 +1,23 @@
-"""The sweep driver: spec -> stages -> one Tune experiment per (student, method) -> results, resumable.
+"""The sweep driver: spec -> plan -> stages -> one Tune experiment for all groups -> results, resumable.
 
-Layout of an experiment (``<storage>/<name>/``)::
+The experiment folder is :class:`kdtune.tune.experiment.Experiment`; planning is
+:func:`kdtune.tune.plan.plan` (pure); the searcher and the per-group scheduler are in
+:mod:`kdtune.tune.search`; a trial is :func:`kdtune.tune.trainable.run_trial`.
 
-    spec.yaml        the resolved spec the sweep began with (a changed spec is refused on resume)
-    spaces/<m>.py    the search-space sources it uses (a resumed sweep runs these copies, not edited files)
-    state.json       status (running | interrupted | failed | finished) and each finished group's summary
-    sweep.lock       pid and host of the driver running it
-    tune/<group>/    the Ray Tune experiment of one group ("<student>-<method>"), restored by Tuner.restore
-    optuna.db        finished trials mirrored into one Optuna study per group
-    mlflow.db, mlartifacts/   the embedded MLflow store (unless tracking.uri names another)
-    diverged/        markers of trials whose loss became NaN (their retries fail at once)
-    results.json     the summary of a finished sweep
+Ownership (one writer per record at any time):
 
-Stages (teacher, CE student) are shared between experiments under ``<storage>/stages/``.
-Groups run one after another; the trials of a group run ``budget.concurrency`` at a time.
+- ``spec.yaml``, ``spaces/``, ``state.json``, ``results.json`` and the parent MLflow run: the driver holding
+  ``sweep.lock`` (a second driver is refused in one line).
+- A stage's folder: the one process that wins :func:`kdtune.storage.build_once`'s lock for its key; readers
+  verify its manifest.
+- A trial's folder and its MLflow run: the trial's process, from its ``open`` event to its ``closed`` event in
+  ``events.jsonl``. The driver touches a trial's run (to close what a killed process left RUNNING) only once
+  that process is known to be gone (:func:`kdtune.tune.trainable.trial_gone`). Tag writes are idempotent
+  (:func:`kdtune.tracking.client.retry_locked` retries a collided upsert), so even a race costs nothing.
+- ``optuna.db``: the driver's :class:`~kdtune.tune.callbacks.OptunaMirror`, once per finished trial.
+
+A tracking failure never costs a trained trial: what the driver could not record is said in one line, and
+``kdtune resume`` records it.
 """
 
 from __future__ import annotations
@@ -24,18 +28,24 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.spec import SweepSpec, diff_specs, load_spec
+from kdtune.spec import SweepSpec, load_spec
+from kdtune.tune.experiment import (
+    DEFAULT_STORAGE,  # noqa: F401 - re-exported
+    RESULTS_FILE,  # noqa: F401 - re-exported
+    SPEC_FILE,  # noqa: F401 - re-exported
+    STATE_FILE,  # noqa: F401 - re-exported
+    Experiment,
+    find_experiment,  # noqa: F401 - re-exported
+)
+from kdtune.tune.plan import SweepPlan, plan, space_sources
 
-STATE_FILE = "state.json"
-SPEC_FILE = "spec.yaml"
-RESULTS_FILE = "results.json"
-DEFAULT_STORAGE = "runs/sweeps"
+TUNE_NAME = "sweep"
+REPEATS_NAME = "repeats"
 _DRIVER_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial
     "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter, silent at verbose=0
@@ -47,6 +57,10 @@ _WORKER_ENV = {
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60",  # time for a stopped trial to close its MLflow run
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
+
+
+class SweepFailed(KdtuneError):
+    """A sweep whose work produced no result (every trial failed): one line per cause."""
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -66,6 +80,8 @@ class SweepResult:
     tracking_uri: str | None = None
     stages: dict = field(default_factory=dict)
     wall_s: float | None = None
+    slot_utilisation: float | None = None  # trial wall time / (concurrency x the sweep's wall after its stages)
+    stages_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -122,37 +138,15 @@ def _short(v: Any) -> str:
 
 
 def read_state(exp: Path) -> dict[str, Any]:
-    try:
-        return json.loads((exp / STATE_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {"status": None, "groups": {}}
+    return Experiment(exp).state()
 
 
 def write_state(exp: Path, state: dict[str, Any]) -> None:
-    exp.mkdir(parents=True, exist_ok=True)
-    tmp = exp / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(exp / STATE_FILE)
-
-
-def find_experiment(experiment: str, storage: str | None = None) -> Path:
-    """An experiment directory from a path or a name under ``storage`` (default runs/sweeps)."""
-    p = Path(experiment).expanduser()
-    if (p / SPEC_FILE).is_file():
-        return p.absolute()
-    base = Path(storage or DEFAULT_STORAGE).expanduser()
-    q = base / experiment
-    if (q / SPEC_FILE).is_file():
-        return q.absolute()
-    raise ConfigError(
-        f"no sweep experiment {experiment!r}: neither {p} nor {q} holds a {SPEC_FILE}; give the experiment's "
-        "directory, or its name with --storage <path>"
-    )
+    Experiment(exp).write_state(state)
 
 
 def spec_of(exp: Path) -> SweepSpec:
-    raw = yaml.safe_load((exp / SPEC_FILE).read_text())
-    return load_spec(raw)
+    return Experiment(exp).spec()
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -178,24 +172,11 @@ def resume(experiment: str, storage: str | None = None, *, log=print) -> SweepRe
 
 
 def prepare(spec: SweepSpec) -> dict[str, Any]:
-    """Everything a sweep checks before Ray starts (``kdtune validate``): spaces for every group, starting
-    points, the teacher checkpoint's architecture. Returns a description."""
-    s = _Sweep(spec, log=lambda *_: None)
-    sources = s.space_sources()
-    teacher_arch = s.teacher_arch()
-    out = {"groups": []}
-    for student, method in spec.groups():
-        fn = s.space_fn(student, method, teacher_arch, None, sources)
-        points, notes = _starting_points(fn, spec.method(method).starts)
-        out["groups"].append({"student": student, "method": method, "parameters": fn.describe(),
-                              "starts": points, "notes": notes})  # fmt: skip
-    return out
-
-
-def _starting_points(fn, starts) -> tuple[list[dict], list[str]]:
-    if starts is False:
-        return [], []
-    return fn.valid_starts(None if starts is True else list(starts))
+    """Everything a sweep checks before Ray starts (``kdtune validate``): the plan, described."""
+    p = plan(spec)
+    return {"groups": [{"student": g.student, "method": g.method, "parameters": p.space(g).describe(),
+                        "starts": g.starts, "notes": g.notes, "trials": g.budget} for g in p.groups],
+            "stages": {n: str(st.dir) for n, st in p.stages.items()}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -206,86 +187,37 @@ class _Sweep:
         self.spec = spec
         self.log = log
         self.exp = Path(spec.experiment_dir)
+        self.folder = Experiment(self.exp)
         self.tracker = None
         self.parent_run_id = None
         self.tracking_uri = None
+        self.unrecorded: list[str] = []
         if spec.tracking.enabled:
             from kdtune.tracking import default_tracking_uri
 
             self.tracking_uri = spec.tracking.uri or default_tracking_uri(self.exp)
 
-    # ------------------------------------------------------------------ preparation (before Ray)
-    def space_sources(self) -> dict[str, tuple[str, str]]:
-        from kdtune.tune.spaces import load_source
-
-        out = {}
-        for m in self.spec.methods:
-            saved = self.exp / "spaces" / f"{m.name}.py"
-            out[m.name] = (str(saved), saved.read_text()) if saved.is_file() else load_source(m.name)
-        return out
-
-    def teacher_arch(self) -> str | None:
-        t = self.spec.teacher
-        if t is None:
-            return None
-        if t.model is not None:
-            return t.model
-        from kdtune.models.checkpoint import read_checkpoint, unwrap
-
-        _, header, fmt = unwrap(read_checkpoint(t.checkpoint, role="teacher checkpoint"), "teacher checkpoint",
-                                t.checkpoint)  # fmt: skip
-        if header is None:
-            raise ConfigError(
-                f"teacher.checkpoint {t.checkpoint} is a plain state_dict ({fmt}) without its architecture; add "
-                "teacher.model: <architecture>"
-            )
-        return str(header["arch"])
-
-    def space_fn(self, student, method, teacher_arch, ce_error, sources, num_classes=None):
-        from kdtune.losses import METHODS
-        from kdtune.tune.spaces import SpaceContext, build_space
-
-        cls = METHODS.get(method)
-        ctx = SpaceContext(method=method, data=self.spec.data, student=student,
-                           teacher=teacher_arch if cls.needs_teacher else None, epochs=self.spec.budget.epochs,
-                           num_classes=num_classes, ce_error=ce_error)  # fmt: skip
-        return build_space(method, ctx, self.spec.method(method).space, sources[method])
-
     # ------------------------------------------------------------------ run
     def run(self, resume_only: bool) -> SweepResult:
-        spec, exp, log = self.spec, self.exp, self.log
+        spec, log, folder = self.spec, self.log, self.folder
         t0 = time.time()
-        state = read_state(exp)
-        saved = exp / SPEC_FILE
-        if saved.is_file():
-            old = yaml.safe_load(saved.read_text())
-            # storage is where the experiment lies now (it may have been moved): not a change of the sweep
-            diff = [d for d in diff_specs(old, spec.to_dict()) if d != "storage"]
-            if diff:
-                shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
-                raise ConfigError(
-                    f"experiment {spec.name} at {exp} began with another spec ({shown} differ); restore those "
-                    f"fields to resume it, or give the sweep a new name: to start a new one"
-                )
+        state = folder.state()
+        if folder.started:
+            folder.check_same_spec(spec)
             if state.get("status") == "finished":
-                log(f"experiment {spec.name} is already finished ({exp}); its results:")
+                log(f"experiment {spec.name} is already finished ({self.exp}); its results:")
                 return self._result_from_state(state)
-            done = sum(1 for g in state.get("groups", {}).values() if g.get("status") == "done")
-            log(
-                f"resuming experiment {spec.name}: {done}/{len(spec.groups())} method groups finished ({exp})"
-            )
+            log(f"resuming experiment {spec.name} ({self.exp})")
         elif resume_only:
-            raise ConfigError(f"nothing to resume: {exp} holds no sweep ({SPEC_FILE} is missing)")
+            raise ConfigError(f"nothing to resume: {self.exp} holds no sweep ({SPEC_FILE} is missing)")
 
         # ---- everything that can be refused is checked before Ray starts
         from kdtune.data import load_data
 
-        sources = self.space_sources()
-        teacher_arch = self.teacher_arch()
+        sources = space_sources(spec)
         data = load_data(spec.data, root=spec.data_root, download=spec.download, val_fraction=spec.val_fraction,
                          seed=spec.data_seed)  # fmt: skip
-        for student, method in spec.groups():
-            self.space_fn(student, method, teacher_arch, None, sources, data.num_classes)
+        the_plan = plan(spec, sources=sources, num_classes=data.num_classes)
         if self.tracking_uri:
             from kdtune.tracking import check_tracking_uri
 
@@ -293,44 +225,36 @@ class _Sweep:
 
         from kdtune.tune.lock import SweepLock
 
-        with SweepLock(exp) as lock:
+        with SweepLock(self.exp) as lock:
             if lock.took_over:
                 log(f"took over the lock of a dead sweep driver (pid {lock.took_over.get('pid')})")
-            if not saved.is_file():
-                self._write_start(sources)
+            if not folder.started:
+                folder.write_start(spec, sources)
                 state = {"status": "running", "groups": {}, "started": time.time()}
             state["status"] = "running"
-            write_state(exp, state)
+            state.pop("damaged", None)
+            folder.write_state(state)
             ray_started = _init_ray()
             try:
-                result = self._run_locked(state, sources, teacher_arch, data, t0)
+                result = self._run_locked(the_plan, state, data, t0, ray_started)
             except KeyboardInterrupt:
                 state["status"] = "interrupted"
-                write_state(exp, state)
+                folder.write_state(state)
                 self._end_parent("KILLED")
-                log(f"interrupted; finish it with: kdtune resume {exp}")
+                log(f"interrupted; finish it with: kdtune resume {self.exp}")
                 raise
             except BaseException:
                 state["status"] = "failed"
-                write_state(exp, state)
+                folder.write_state(state)
                 self._end_parent("FAILED")
                 raise
             finally:
                 if ray_started:
                     import ray
 
-                    ray.shutdown()
+                    if ray.is_initialized():
+                        ray.shutdown()
         return result
-
-    def _write_start(self, sources) -> None:
-        exp = self.exp
-        exp.mkdir(parents=True, exist_ok=True)
-        (exp / "spaces").mkdir(exist_ok=True)
-        for m, (_, text) in sources.items():
-            (exp / "spaces" / f"{m}.py").write_text(text)
-        tmp = exp / f".{SPEC_FILE}.tmp"
-        tmp.write_text(self.spec.to_yaml())
-        tmp.replace(exp / SPEC_FILE)
 
     def _end_parent(self, status: str) -> None:
         if self.tracker is not None:
@@ -339,76 +263,100 @@ class _Sweep:
             except Exception:  # noqa: BLE001 - never hide the original error
                 pass
 
-    def _run_locked(self, state, sources, teacher_arch, data, t0) -> SweepResult:
-        from kdtune.losses import METHODS
+    def _record(self, what: str, fn, *args, **kwargs):
+        """A tracking write that must not cost the sweep: on failure, one line, and ``kdtune resume`` redoes it."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            line = f"could not record {what} in MLflow ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            self.unrecorded.append(line)
+            self.log(f"warning: {line}; `kdtune resume {self.exp}` records it")
+            return None
+
+    def _build_stages(self, p: SweepPlan, state) -> dict:
         from kdtune.tune.stages import ensure_stage
 
-        spec, exp, log = self.spec, self.exp, self.log
+        built = {}
+        res = self._stage_resources()
+        for name, sp in p.stages.items():
+            st = ensure_stage(name, sp.config, self.spec.stages_dir, resources=res, log=self.log)
+            built[name] = st
+            if self.tracker is not None:
+                result = {k: v for k, v in st.result.items() if k not in ("history", "config", "environment")}
+                self._record(f"stage {name}", self.tracker.log_stage, st.name, st.config, result, st.model_path,
+                             key=st.key)  # fmt: skip
+        state["stages"] = {n: {"dir": str(st.dir), "key": st.key, **st.summary()} for n, st in built.items()}
+        return built
+
+    def _run_locked(self, p: SweepPlan, state, data, t0, ray_started) -> SweepResult:
+        from kdtune.tune.search import GroupSearch
+        from kdtune.tune.trainable import SharedData, TrialContext
+
+        spec, log = self.spec, self.log
         if self.tracking_uri:
             from kdtune import __version__
             from kdtune.tracking import SweepTracker
 
             self.tracker = SweepTracker(self.tracking_uri, spec.name)
             self.parent_run_id = self.tracker.start_parent(
-                spec.to_dict(), spaces={m: text for m, (_, text) in sources.items()},
-                tags={"kdtune.experiment_dir": str(exp), "kdtune.version": __version__},
+                spec.to_dict(), spaces={m: text for m, (_, text) in p.sources.items()},
+                tags={"kdtune.experiment_dir": str(self.exp), "kdtune.version": __version__},
             )  # fmt: skip
 
-        # ---- stages
-        stage_res = self._stage_resources()
-        teacher_path = spec.teacher.checkpoint if spec.teacher is not None else None
-        stages: dict[str, Any] = {}
-        if spec.teacher is not None and spec.teacher.is_stage and spec.needs_teacher:
-            st = ensure_stage(
-                "teacher", spec.teacher_stage_config(), spec.stages_dir, resources=stage_res, log=log
-            )
-            teacher_path = str(st.model_path)
-            stages["teacher"] = {"dir": str(st.dir), "key": st.key, **st.summary()}
-            self._log_stage(st)
-        ce_stages = {}
-        if spec.needs_ce_student:
-            for student in spec.students:
-                st = ensure_stage(f"ce-{student}", spec.ce_student_config(student), spec.stages_dir,
-                                  resources=stage_res, log=log)  # fmt: skip
-                ce_stages[student] = st
-                stages[f"ce-{student}"] = {"dir": str(st.dir), "key": st.key, **st.summary()}
-                self._log_stage(st)
-        state["stages"] = stages
+        stages = self._build_stages(p, state)
+        self.folder.write_state(state)
+        t_stages = time.time()
 
-        # ---- one Tune experiment per (student, method)
         import ray
 
-        from kdtune.tune.trainable import SharedData
-
         shared = SharedData(ray.put(data))
-        summaries = []
-        groups = spec.groups()
-        for i, (student, method) in enumerate(groups):
-            gname = f"{student}-{method}"
-            prev = state["groups"].get(gname)
-            if prev and prev.get("status") == "done":
-                summaries.append(prev)
-                continue
-            cls = METHODS.get(method)
-            ce = ce_stages.get(student)
-            ce_error = ce.result.get("train_error") if (ce is not None and cls.needs_init) else None
-            fn = self.space_fn(student, method, teacher_arch, ce_error, sources, data.num_classes)
-            base = spec.trial_base(student, method)
-            if cls.needs_teacher:
-                base["teacher"] = teacher_path
-                if spec.teacher is not None and spec.teacher.model and not spec.teacher.is_stage:
-                    base["teacher_model"] = spec.teacher.model
-            if cls.needs_init:
-                base["init"] = str(ce.model_path)
-            summary = self._run_group(i, len(groups), gname, student, method, fn, base, shared, teacher_arch)
-            state["groups"][gname] = summary
-            write_state(exp, state)
-            summaries.append(summary)
+        ctxs, searches = {}, []
+        for g in p.groups:
+            ce = stages.get(f"ce-{g.student}") if g.needs_ce_error else None
+            fn = p.space(g, ce.result.get("train_error") if ce is not None else None)
+            teacher = stages.get("teacher") if "teacher" in g.stages else None
+            ctxs[g.name] = TrialContext(
+                group=g.name, method=g.method, base=g.base, experiment_dir=str(self.exp),
+                threads=max(1, int(spec.budget.cpus_per_trial)), tracking_uri=self.tracking_uri,
+                experiment_name=spec.name, parent_run_id=self.parent_run_id,
+                params={"student": g.student, "teacher": p.teacher_arch or "none", "data": spec.data, "group": g.name},
+                teacher_info=teacher.teacher_info() if teacher is not None else None,
+                init_info=ce.init_info() if ce is not None else None,
+            )  # fmt: skip
+            searches.append(GroupSearch(g.name, fn, g.budget, g.starts))
+            for note in g.notes:
+                log(f"  {g.name}: {note}")
 
-        # ---- the end
-        result = SweepResult(name=spec.name, experiment_dir=str(exp), status="finished", metric=spec.metric,
-                             mode=spec.mode, groups=summaries, tracking_uri=self.tracking_uri, stages=stages,
-                             wall_s=None)  # fmt: skip
+        t_fit = time.time()
+        results = self._fit(p, searches, ctxs, shared)
+        summaries = self._summaries(p, results)
+        if spec.budget.repeats > 1:
+            self._repeats(p, summaries, ctxs, shared)
+        fit_wall = time.time() - t_fit
+
+        # ---- the trials' processes are gone with Ray: the driver may now close what they left open
+        if ray_started:
+            ray.shutdown()
+        self._close_runs(results)
+
+        for s in summaries:
+            state["groups"][s["group"]] = s
+        util = slot_utilisation(self.exp, [t["trial_id"] for s in summaries for t in s["all"]],
+                                spec.budget.concurrency, fit_wall, since=t_fit)  # fmt: skip
+        result = SweepResult(name=spec.name, experiment_dir=str(self.exp), status="finished", metric=spec.metric,
+                             mode=spec.mode, groups=summaries, tracking_uri=self.tracking_uri,
+                             stages=state.get("stages", {}), wall_s=None, slot_utilisation=util,
+                             stages_s=t_stages - t0)  # fmt: skip
+        failed = [s for s in summaries if not s.get("best")]
+        if failed and len(failed) == len(summaries):
+            state["status"] = "failed"
+            self.folder.write_state(state)
+            self._end_parent("FAILED")
+            causes = sorted({t["error"] or "no result" for s in failed for t in s["all"]})
+            raise SweepFailed(
+                f"sweep {spec.name}: every trial failed; fix the cause and run `kdtune resume {self.exp}` "
+                "(with failures.on_resume: restart to train them anew):\n" + "\n".join(f"  {c}" for c in causes)
+            )
         result.best = _overall_best(summaries, spec)
         if self.tracker is not None and result.best and result.best.get("mlflow_run_id"):
             try:
@@ -420,16 +368,27 @@ class _Sweep:
         state["status"] = "finished"
         state["finished"] = time.time()
         state["best"] = result.best
-        write_state(exp, state)
+        state["slot_utilisation"] = util
         result.wall_s = time.time() - t0
-        (exp / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        path = self.folder.write_results(result.to_dict())
+        self.folder.write_state(state)
         if self.tracker is not None:
-            self.tracker.log_artifact(exp / RESULTS_FILE)
-            self.tracker.end_parent("FINISHED")
+            self._record("the results", self.tracker.log_artifact, path)
+            if util is not None:
+                self._record("slot utilisation", self.tracker.log_parent_metrics, {"slot_utilisation": util})
+            self._record("the end of the parent run", self.tracker.end_parent, "FINISHED")
+        for s in summaries:
+            if not s.get("best"):
+                log(f"group {s['group']}: no trial produced a result ({s['errored']} failed)")
         log(f"sweep {spec.name} finished in {_dur(result.wall_s)}")
+        if util is not None:
+            log(f"slot utilisation: {100 * util:.1f}% (trial wall time / ({spec.budget.concurrency} slots x "
+                f"{_dur(fit_wall)} after the stages))")  # fmt: skip
         orch = orchestration_summary(summaries)
         if orch:
             log(orch)
+        if self.unrecorded:
+            log(f"{len(self.unrecorded)} tracking writes failed; `kdtune resume {self.exp}` records them")
         return result
 
     def _stage_resources(self) -> dict:
@@ -438,91 +397,73 @@ class _Sweep:
         b = self.spec.budget
         return {"num_cpus": b.cpus_per_trial, "num_gpus": 1 if b.gpus_per_trial > 0 else 0}
 
-    def _log_stage(self, st) -> None:
-        if self.tracker is None:
-            return
-        result = {k: v for k, v in st.result.items() if k not in ("history", "config", "environment")}
-        self.tracker.log_stage(st.name, st.config, result, st.model_path, key=st.key)
-
     def _result_from_state(self, state) -> SweepResult:
         spec = self.spec
         groups = [state["groups"][f"{s}-{m}"] for s, m in spec.groups() if f"{s}-{m}" in state["groups"]]
         return SweepResult(name=spec.name, experiment_dir=str(self.exp), status=state.get("status"),
                            metric=spec.metric, mode=spec.mode, groups=groups, best=state.get("best"),
-                           tracking_uri=self.tracking_uri, stages=state.get("stages", {}))  # fmt: skip
+                           tracking_uri=self.tracking_uri, stages=state.get("stages", {}),
+                           slot_utilisation=state.get("slot_utilisation"))  # fmt: skip
 
-    # ------------------------------------------------------------------ one group
-    def _run_group(self, i, n, gname, student, method, fn, base, data, teacher_arch) -> dict:
+    # ------------------------------------------------------------------ the one Tune experiment
+    def _fit(self, p: SweepPlan, searches, ctxs, shared):
         from ray import tune
 
-        from kdtune.tune.trainable import TrialContext, run_trial
+        from kdtune.tune.trainable import run_trial
 
         spec, log = self.spec, self.log
-        b = spec.budget
-        ms = spec.method(method)
-        n_params = len(fn.parameters())
-        num_samples = (ms.trials or b.trials) if n_params else 1
-        tctx = TrialContext(
-            group=gname, method=method, base=base, experiment_dir=str(self.exp), threads=max(1, int(b.cpus_per_trial)),
-            tracking_uri=self.tracking_uri, experiment_name=spec.name, parent_run_id=self.parent_run_id,
-            params={"student": student, "teacher": teacher_arch or "none", "data": spec.data, "group": gname},
-        )  # fmt: skip
-        trainable = _trainable(run_trial, tctx, data, b)
-        path = self.exp / "tune" / gname
-        pair = f"{teacher_arch} -> {student}" if base.get("teacher") else student
+        path = self.exp / "tune" / TUNE_NAME
+        trainable = _trainable(run_trial, ctxs, shared, spec.budget)
+        total = p.total_trials
         if tune.Tuner.can_restore(str(path)):
             on = spec.failures.on_resume
-            log(f"[{i + 1}/{n}] {method} ({pair}): resuming its {num_samples} trials")
+            log(f"resuming its {total} trials ({len(p.groups)} groups)")
             if on == "restart":
                 _clear_errored(path, self.exp)
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                        resume_errored=on == "resume", restart_errored=on == "restart")  # fmt: skip
         else:
-            points, notes = _starting_points(fn, ms.starts)
-            for note in notes:
-                log(f"  {gname}: {note}")
-            what = (
-                f"{num_samples} trials x {b.epochs} epochs"
-                if n_params
-                else f"1 run x {b.epochs} epochs (no search space)"
-            )
-            starts = f", {min(len(points), num_samples)} from published starting points" if points else ""
-            log(f"[{i + 1}/{n}] {method} ({pair}): {what}{starts}")
-            tuner = self._new_tuner(gname, method, fn, trainable, num_samples, points)
+            b = spec.budget
+            for g in p.groups:
+                pair = f"{p.teacher_arch} -> {g.student}" if g.base.get("teacher") else g.student
+                what = f"{g.budget} trials" if g.parameters else "1 run (no search space)"
+                starts = f", {min(len(g.starts), g.budget)} from published starting points" if g.starts else ""
+                log(f"  {g.name} ({pair}): {what}{starts}")
+            log(f"{total} trials x {b.epochs} epochs, {b.concurrency} at a time, all groups in one experiment")
+            tuner = self._new_tuner(p, searches, trainable, total)
         results = tuner.fit()
-        _check_finished(results, num_samples, path)
-        close_open_runs(self.tracking_uri, spec.name, results, b.epochs, group=gname, experiment_dir=self.exp)
-        summary = self._summarize(gname, student, method, results)
-        if b.repeats > 1 and summary.get("best"):
-            summary["repeats"] = self._run_repeats(gname, summary, tctx, data)
-        return summary
+        _check_finished(results, total, path)
+        return results
 
-    def _new_tuner(self, gname, method, fn, trainable, num_samples, points):
-        import optuna
-        from ray import tune
-        from ray.tune.search.optuna import OptunaSearch
-
-        from kdtune.tune.callbacks import OptunaMirror, ProgressPrinter, TrialNamer
+    def _callbacks(self, p: SweepPlan, searches, label_total: int):
+        from kdtune.tune.callbacks import OptunaMirror, ProgressPrinter
 
         spec = self.spec
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = OptunaSearch(
-            space=fn, metric=spec.metric, mode=spec.mode, points_to_evaluate=points or None,
-            sampler=optuna.samplers.TPESampler(seed=spec.seed),
-        )  # fmt: skip
-        callbacks = [
-            ProgressPrinter(gname, spec.metric, spec.budget.epochs, log=self.log),
-            OptunaMirror(f"sqlite:///{self.exp / 'optuna.db'}", gname, spec.metric, spec.mode, fn,
-                         {"method": method, "experiment": spec.name}),
+        return [
+            ProgressPrinter(spec.metric, spec.budget.epochs, total=label_total, log=self.log),
+            OptunaMirror(f"sqlite:///{self.exp / 'optuna.db'}", spec.metric, spec.mode, spec.budget.epochs,
+                         {s.name: s.space for s in searches},
+                         {g.name: {"method": g.method, "student": g.student, "experiment": spec.name}
+                          for g in p.groups}),
         ]  # fmt: skip
+
+    def _new_tuner(self, p: SweepPlan, searches, trainable, total):
+        from ray import tune
+
+        from kdtune.tune.callbacks import TrialNamer
+        from kdtune.tune.search import GroupedOptunaSearch, GroupedScheduler
+
+        spec = self.spec
+        searcher = GroupedOptunaSearch(searches, spec.metric, spec.mode, spec.budget.epochs, seed=spec.seed)
+        scheduler = GroupedScheduler(partial(make_scheduler, spec), spec.metric, spec.mode)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=make_scheduler(spec), metric=spec.metric, mode=spec.mode,
-                num_samples=num_samples, max_concurrent_trials=spec.budget.concurrency, reuse_actors=True,
-                trial_name_creator=TrialNamer(gname), trial_dirname_creator=TrialNamer(gname, with_id=True),
+                search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode,
+                num_samples=total, max_concurrent_trials=spec.budget.concurrency, reuse_actors=True,
+                trial_name_creator=TrialNamer(), trial_dirname_creator=TrialNamer(with_id=True),
             ),
-            run_config=self._run_config(gname, callbacks),
+            run_config=self._run_config(TUNE_NAME, self._callbacks(p, searches, total)),
         )  # fmt: skip
 
     def _run_config(self, name, callbacks):
@@ -534,64 +475,99 @@ class _Sweep:
             failure_config=tune.FailureConfig(max_failures=self.spec.failures.max_failures),
         )  # fmt: skip
 
-    def _run_repeats(self, gname, summary, tctx, data) -> dict:
-        """Run the best configuration again with ``repeats - 1`` more seeds; mean ± std over all of them."""
+    def _repeats(self, p: SweepPlan, summaries, ctxs, shared) -> None:
+        """Run each group's best configuration again with ``repeats - 1`` more seeds, all groups' repeats in
+        one Tune experiment; each summary gets mean ± std over all of its seeds."""
         from dataclasses import replace
 
         from ray import tune
+        from ray.tune.search import BasicVariantGenerator
 
         from kdtune.tune.callbacks import ProgressPrinter, TrialNamer
+        from kdtune.tune.search import GROUP_KEY
         from kdtune.tune.trainable import run_trial
 
         spec, b = self.spec, self.spec.budget
-        rname = f"{gname}-repeats"
-        path = self.exp / "tune" / rname
-        rctx = replace(tctx, group=rname, phase="repeat")
-        trainable = _trainable(run_trial, rctx, data, b)
+        path = self.exp / "tune" / REPEATS_NAME
         seeds = [spec.seed + k for k in range(1, b.repeats)]
+        rctxs = {f"{g}-repeats": replace(c, group=f"{g}-repeats", phase="repeat") for g, c in ctxs.items()}
+        trainable = _trainable(run_trial, rctxs, shared, b)
+        points = [{**s["best"]["config"], GROUP_KEY: f"{s['group']}-repeats", "train.seed": seed}
+                  for s in summaries if s.get("best") for seed in seeds]  # fmt: skip
+        if not points:
+            return
         if tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(
-                str(path), trainable=trainable, resume_unfinished=True, resume_errored=True
-            )
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            self.log(f"  {gname}: repeating its best configuration with seeds {seeds}")
-            config = {**summary["best"]["config"], "train.seed": tune.grid_search(seeds)}
+            self.log(f"repeating each group's best configuration with seeds {seeds}")
             tuner = tune.Tuner(
-                trainable, param_space=config,
-                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=b.concurrency, reuse_actors=True,
-                                            trial_name_creator=TrialNamer(rname),
-                                            trial_dirname_creator=TrialNamer(rname, with_id=True)),
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=BasicVariantGenerator(points_to_evaluate=points), num_samples=len(points),
+                    max_concurrent_trials=b.concurrency, reuse_actors=True,
+                    trial_name_creator=TrialNamer(), trial_dirname_creator=TrialNamer(with_id=True)),
                 run_config=self._run_config(
-                    rname, [ProgressPrinter(rname, spec.metric, b.epochs, log=self.log)]
+                    REPEATS_NAME, [ProgressPrinter(spec.metric, b.epochs, total=len(points), log=self.log)]
                 ),
             )  # fmt: skip
         results = tuner.fit()
-        _check_finished(results, len(seeds), path)
-        close_open_runs(self.tracking_uri, spec.name, results, b.epochs, group=rname, experiment_dir=self.exp)
-        best = summary["best"]
-        vals, tests = [best.get("val_acc")], [best.get("test_acc")]
+        _check_finished(results, len(points), path)
+        self._repeat_results = results
+        by_group: dict[str, list] = {}
         for r in results:
+            g = (r.config or {}).get(GROUP_KEY, "").removesuffix("-repeats")
             m = r.metrics or {}
             if r.error is None and m.get("epoch") == b.epochs:
-                vals.append(m.get("val_acc"))
-                tests.append(m.get("test_acc"))
-        vals = [v for v in vals if isinstance(v, (int, float))]
-        tests = [v for v in tests if isinstance(v, (int, float))]
-        return {"seeds": [spec.seed, *seeds], "n": len(tests), "val_mean": _mean(vals), "val_std": _std(vals),
-                "test_mean": _mean(tests), "test_std": _std(tests), "test": tests}  # fmt: skip
+                by_group.setdefault(g, []).append(m)
+        for s in summaries:
+            if not s.get("best"):
+                continue
+            best = s["best"]
+            ms = by_group.get(s["group"], [])
+            vals = [v for v in [best.get("val_acc"), *(m.get("val_acc") for m in ms)] if isinstance(v, (int, float))]
+            tests = [v for v in [best.get("test_acc"), *(m.get("test_acc") for m in ms)] if isinstance(v, (int, float))]
+            s["repeats"] = {"seeds": [spec.seed, *seeds], "n": len(tests), "val_mean": _mean(vals),
+                            "val_std": _std(vals), "test_mean": _mean(tests), "test_std": _std(tests),
+                            "test": tests}  # fmt: skip
+
+    def _close_runs(self, results) -> None:
+        if not self.tracking_uri:
+            return
+        groups = [g for g in {(r.config or {}).get("kdtune.group") for r in results} if g]
+        rep = getattr(self, "_repeat_results", None)
+        all_results = list(results) + (list(rep) if rep is not None else [])
+        groups += [f"{g}-repeats" for g in groups] if rep is not None else []
+        self._record("the runs of stopped trials", close_open_runs, self.tracking_uri, self.spec.name,
+                     all_results, self.spec.budget.epochs, groups=groups, experiment_dir=self.exp)  # fmt: skip
+
+    def _summaries(self, p: SweepPlan, results) -> list[dict]:
+        from kdtune.tune.search import GROUP_KEY
+
+        by_group: dict[str, list] = {g.name: [] for g in p.groups}
+        for r in results:
+            g = (r.config or {}).get(GROUP_KEY)
+            if g in by_group:
+                by_group[g].append(r)
+        return [self._summarize(g.name, g.student, g.method, by_group[g.name]) for g in p.groups]
 
     def _summarize(self, gname, student, method, results) -> dict:
+        from kdtune.tune.search import GROUP_KEY
+
         spec = self.spec
         epochs = spec.budget.epochs
         trials = []
         for r in results:
             m = r.metrics or {}
             tid = m.get("trial_id") or Path(r.path).name.rsplit("_", 1)[-1]
+            config = {k: v for k, v in (r.config or {}).items() if k != GROUP_KEY}
+            error = (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error is not None else None
+            outcome = "failed" if error else ("completed" if m.get("epoch") == epochs else "pruned")
+            if error and "diverged" in error.lower():
+                outcome = "diverged"
             trials.append({
-                "trial_id": tid, "config": dict(r.config or {}), "epochs_run": m.get("epoch"),
+                "trial_id": tid, "config": config, "epochs_run": m.get("epoch"), "outcome": outcome,
                 spec.metric: m.get(spec.metric), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
-                "best_val_acc": m.get("best_val_acc"), "orch_frac": m.get("orch_frac"),
-                "error": (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error is not None else None,
+                "best_val_acc": m.get("best_val_acc"), "orch_frac": m.get("orch_frac"), "error": error,
             })  # fmt: skip
         ok = [t for t in trials if t["error"] is None and _finite(t.get(spec.metric))]
         best = max(ok, key=lambda t: _rank(t, spec, epochs)) if ok else None
@@ -608,24 +584,27 @@ class _Sweep:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _trainable(fn, tctx, data, b):
+def _trainable(fn, ctxs, data, b):
+    """The one trainable of a Tune experiment: ``ctxs`` maps each group to its TrialContext."""
     from ray import tune
 
     resources = {"cpu": b.cpus_per_trial, "gpu": b.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(fn, ctx=tctx, data=data), resources)
+    return tune.with_resources(tune.with_parameters(fn, ctxs=ctxs, data=data), resources)
 
 
 def make_scheduler(spec: SweepSpec):
-    """ASHA (default), HyperBand or none (FIFO), over epochs (``training_iteration``)."""
+    """ASHA (default), HyperBand or none (FIFO), over epochs (``training_iteration``), for one group (see
+    :class:`kdtune.tune.search.GroupedScheduler`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     s = spec.scheduler
     if s.name == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=spec.budget.epochs, grace_period=s.grace_period,
+        return ASHAScheduler(time_attr="training_iteration", metric=spec.metric, mode=spec.mode,
+                             max_t=spec.budget.epochs, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)  # fmt: skip
     if s.name == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=spec.budget.epochs,
-                                  reduction_factor=s.reduction_factor)  # fmt: skip
+        return HyperBandScheduler(time_attr="training_iteration", metric=spec.metric, mode=spec.mode,
+                                  max_t=spec.budget.epochs, reduction_factor=s.reduction_factor)  # fmt: skip
     return FIFOScheduler()
 
 
@@ -691,6 +670,27 @@ def orchestration_summary(summaries: list[dict]) -> str | None:
             f"of a trial's wall time, max {100 * max(fracs):.2f}%, over {len(fracs)} trials")  # fmt: skip
 
 
+def slot_utilisation(exp: Path, trial_ids: list[str], concurrency: int, wall_s: float,
+                     since: float = 0.0) -> float | None:
+    """Σ over trials of the time a trial process held it (``open`` to ``closed`` in its events, summed over
+    its restarts, from ``since`` on) ÷ (``concurrency`` × ``wall_s``, the sweep's wall time after its
+    stages, in this driver)."""
+    from kdtune.tune.trainable import read_events, trial_folder
+
+    if wall_s <= 0 or concurrency <= 0 or not trial_ids:
+        return None
+    busy = 0.0
+    for tid in trial_ids:
+        opened = None
+        for ev in read_events(trial_folder(exp, tid)):
+            if ev.get("event") == "open":
+                opened = ev.get("time")
+            elif ev.get("event") == "closed" and opened is not None:
+                busy += max(0.0, float(ev["time"]) - max(float(opened), since))
+                opened = None
+    return busy / (concurrency * wall_s)
+
+
 def _rank(t: dict, spec: SweepSpec, epochs: int):
     v = t[spec.metric]
     return (t.get("epochs_run") == epochs, v if spec.mode == "max" else -v)
@@ -704,7 +704,7 @@ def _overall_best(summaries: list[dict], spec: SweepSpec) -> dict | None:
     return max(bests, key=lambda t: _rank(t, spec, spec.budget.epochs))
 
 
-def close_open_runs(uri: str | None, experiment: str, results, epochs: int, group: str | None = None,
+def close_open_runs(uri: str | None, experiment: str, results, epochs: int, groups: list[str] | None = None,
                     experiment_dir: str | Path | None = None) -> int:
     """End the MLflow runs a group's trials left RUNNING; returns how many were closed.
 
@@ -715,8 +715,8 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
     """
     if not uri:
         return 0
-    from kdtune.tracking import TAG_FAILURE, TAG_ROLE, TAG_TRIAL_ID
-    from kdtune.tracking.client import get_client, quote, retry_locked, search_all_runs
+    from kdtune.tracking import TAG_FAILURE, TAG_OUTCOME, TAG_ROLE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID
+    from kdtune.tracking.client import get_client, quote, retry_locked, search_all_runs, set_tags
     from kdtune.tracking.trial import experiment_id_for
     from kdtune.tune.trainable import trial_folder, wait_trials_gone
 
@@ -737,24 +737,29 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
         for run in runs:
             if run.info.status != "RUNNING":
                 continue
+            epoch = m.get("epoch")
+            tags = {}
             if r.error is not None:
-                status, reason = "FAILED", (str(r.error).strip().splitlines() or ["error"])[-1][:500]
-            elif m.get("epoch") is not None and m.get("epoch") < epochs:
-                status, reason = "FINISHED", f"stopped by the scheduler after epoch {m.get('epoch')}/{epochs}"
+                reason = (str(r.error).strip().splitlines() or ["error"])[-1][:500]
+                status, tags[TAG_FAILURE] = "FAILED", reason
+                tags[TAG_OUTCOME] = "diverged" if "diverged" in reason.lower() else "failed"
+            elif epoch is not None and epoch < epochs:
+                status, tags[TAG_OUTCOME] = "FINISHED", "pruned"
+                tags["kdtune.stop_reason"] = f"stopped by the scheduler after epoch {epoch}/{epochs}"
             else:
-                status, reason = "FINISHED", None
-            if reason:
-                retry_locked(client.set_tag, run.info.run_id, TAG_FAILURE, reason)
+                status, tags[TAG_OUTCOME] = "FINISHED", "completed"
+            if epoch is not None and tags[TAG_OUTCOME] != "completed":
+                tags[TAG_STOPPED_EPOCH] = str(epoch)
+            set_tags(client, run.info.run_id, tags)
             retry_locked(client.set_terminated, run.info.run_id, status)
             closed += 1
-    if group is not None:
+    for group in groups or []:
         flt = f"tags.`kdtune.group` = {quote(group)} AND tags.`{TAG_ROLE}` = 'trial'"
         for run in search_all_runs(client, [exp_id], flt):
             if run.data.tags.get(TAG_TRIAL_ID) in known or run.info.status != "RUNNING":
                 continue
             reason = "orphan: the sweep driver died before Tune recorded this trial; the searcher asked anew"
-            retry_locked(client.set_tag, run.info.run_id, TAG_FAILURE, reason)
-            retry_locked(client.set_tag, run.info.run_id, "kdtune.orphan", "true")
+            set_tags(client, run.info.run_id, {TAG_FAILURE: reason, "kdtune.orphan": "true", TAG_OUTCOME: "failed"})
             retry_locked(client.set_terminated, run.info.run_id, "KILLED")
             closed += 1
     return closed

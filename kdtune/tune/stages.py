@@ -1,26 +1,25 @@
 """Stages: models a sweep trains once and every trial reuses (a teacher; DiSK's CE-trained student).
 
 A stage is keyed by :func:`kdtune.spec.stage_key` (a hash of ``TrainConfig.identity()``) and cached under
-``<storage>/stages/<key>/`` with ``final.pt``, ``result.json`` and ``config.yaml``: any later sweep with the
-same definition reuses it. Training happens in a temporary folder beside it that is renamed into place when
-complete, so a driver killed mid-stage never leaves a folder that looks finished. The CE student's
-``result.json`` also records its ``train_error``, measured as the engine measures it for a warm start
-(DiSK's budget anchor), so the DiSK space can centre ``delta`` on it before any trial runs.
+``<storage>/stages/<key>/`` with ``final.pt``, ``result.json``, ``config.yaml`` and a sha256 manifest. It is
+built through :func:`kdtune.storage.build_once`: among all drivers (and nodes) that share the storage and need
+the same stage at the same time, exactly one trains it while the others wait for it; a reader verifies the
+manifest, so a stage killed mid-build or damaged on disk is never used. The stage's ``result.json`` records
+what trials need from it, measured once: the model's validation and test accuracy (a teacher) and, for a CE
+student, its ``train_error``/``val_error`` as the engine measures them for a warm start (DiSK's budget anchor,
+``delta`` centred on it before any trial runs). Trials receive those figures and do not evaluate again.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdtune.spec import stage_key
-from kdtune.tune.lock import pid_alive
 
 STAGE_FILES = ("final.pt", "result.json")
 
@@ -41,24 +40,22 @@ class Stage:
     def summary(self) -> dict[str, Any]:
         r = self.result
         keep = ("test_acc", "val_acc", "best_val_acc", "best_test_acc", "epochs", "train_error", "val_error",
-                "train_s", "train_images_per_s", "wall_s")  # fmt: skip
+                "train_s", "train_images_per_s", "wall_s", "arch")  # fmt: skip
         return {k: r[k] for k in keep if r.get(k) is not None}
+
+    def teacher_info(self) -> dict[str, Any]:
+        """What a trial's Trainer takes as ``teacher_info`` (measured once, here)."""
+        r = self.result
+        return {"arch": r.get("arch") or self.config.get("model"), "val_acc": r.get("val_acc"),
+                "test_acc": r.get("test_acc")}  # fmt: skip
+
+    def init_info(self) -> dict[str, Any]:
+        """What a trial's Trainer takes as ``init_info`` (the CE student's errors, measured once, here)."""
+        return {"train_error": self.result.get("train_error"), "val_error": self.result.get("val_error")}
 
 
 def is_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in STAGE_FILES)
-
-
-def _clean_stale(root: Path, key: str) -> None:
-    host = socket.gethostname()
-    for d in root.glob(f".tmp-{key}-*"):
-        parts = d.name.split("-")
-        try:
-            pid, h = int(parts[-1]), "-".join(parts[2:-1])
-        except (ValueError, IndexError):
-            continue
-        if h == host and not pid_alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def train_stage(cfg_dict: dict, out: str, threads: int) -> dict:
@@ -72,6 +69,7 @@ def train_stage(cfg_dict: dict, out: str, threads: int) -> dict:
     from kdtune.config import TrainConfig, dumps
     from kdtune.engine import train
     from kdtune.engine.trainer import Trainer
+    from kdtune.storage import atomic_write_text
 
     torch.set_num_threads(max(1, int(threads)))
     cfg = TrainConfig.from_dict({**cfg_dict, "out": out, "overwrite": True})
@@ -79,10 +77,22 @@ def train_stage(cfg_dict: dict, out: str, threads: int) -> dict:
     probe = Trainer(cfg.replace(init=str(Path(out) / "final.pt"), out=None, overwrite=False))
     result["train_error"] = probe.init_info["train_error"]
     result["val_error"] = probe.init_info.get("val_error")
-    tmp = Path(out) / ".result.json.tmp"
-    tmp.write_text(dumps(result))
-    tmp.replace(Path(out) / "result.json")
+    atomic_write_text(Path(out) / "result.json", dumps(result))
     return {k: v for k, v in result.items() if k != "history"}
+
+
+def ray_task_runner(resources: dict | None) -> Callable[[dict, str, int], dict]:
+    """Run :func:`train_stage` as a Ray task with ``resources`` (``num_cpus``, ``num_gpus``)."""
+    res = dict(resources or {})
+
+    def run(cfg_dict: dict, out: str, threads: int) -> dict:
+        import ray
+
+        task = ray.remote(train_stage).options(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0),
+                                               max_retries=0)  # fmt: skip
+        return ray.get(task.remote(cfg_dict, out, threads))
+
+    return run
 
 
 def ensure_stage(
@@ -92,44 +102,34 @@ def ensure_stage(
     *,
     resources: dict | None = None,
     log=print,
+    runner: Callable[[dict, str, int], dict] | None = None,
 ) -> Stage:
-    """The cached stage for ``cfg_dict``, trained now (as a Ray task with ``resources``) if missing."""
+    """The cached stage for ``cfg_dict``, trained now if missing (as a Ray task with ``resources``, or by
+    ``runner(cfg_dict, out_dir, threads)``), once among every process that shares ``root``."""
     from kdtune.config import TrainConfig
+    from kdtune.storage import artifact_path, build_once
 
     cfg = TrainConfig.from_dict(cfg_dict)
     key = stage_key(cfg)
-    root = Path(root)
-    final = root / key
+    final = artifact_path(root, key)
     what = f"{cfg.model} ({cfg.method}, {cfg.epochs} epochs on {cfg.data})"
-    if is_complete(final):
-        result = json.loads((final / "result.json").read_text())
-        log(f"stage {name}: {what} cached at {final} (test acc {result.get('test_acc', float('nan')):.2f}%)")
-        return Stage(name, key, final, cfg.to_dict(), result, cached=True)
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root, key)
-    tmp = root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log(f"stage {name}: training {what} -> {final}")
-    t0 = time.time()
-    res = dict(resources or {})
-    threads = max(1, int(res.get("num_cpus", 1)))
-    import ray
+    threads = max(1, int((resources or {}).get("num_cpus", 1)))
+    run = runner or ray_task_runner(resources)
+    built: list[float] = []
 
-    task = ray.remote(train_stage).options(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0),
-                                           max_retries=0)  # fmt: skip
-    try:
-        ray.get(task.remote(cfg.to_dict(), str(tmp), threads))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists() and not is_complete(final):
-        shutil.rmtree(final, ignore_errors=True)  # not ours and not finished: no sweep can use it
-    try:
-        tmp.rename(final)
-    except OSError:  # another sweep finished the same stage first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    def build(work: Path) -> None:
+        log(f"stage {name}: training {what} -> {final}")
+        t0 = time.time()
+        run(cfg.to_dict(), str(work), threads)
+        built.append(time.time() - t0)
+
+    if not final.exists():
+        log(f"stage {name}: {what} is not built yet")
+    build_once(root, key, build)
     result = json.loads((final / "result.json").read_text())
-    log(
-        f"stage {name}: done in {time.time() - t0:.0f}s, test acc {result.get('test_acc', float('nan')):.2f}%"
-    )
-    return Stage(name, key, final, cfg.to_dict(), result, cached=False)
+    acc = f"test acc {result.get('test_acc', float('nan')):.2f}%"
+    if built:
+        log(f"stage {name}: done in {built[0]:.0f}s, {acc}")
+    else:
+        log(f"stage {name}: {what} cached at {final} ({acc})")
+    return Stage(name, key, final, cfg.to_dict(), result, cached=not built)

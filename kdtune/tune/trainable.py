@@ -58,6 +58,8 @@ class TrialContext:
     parent_run_id: str | None = None
     phase: str = "search"  # "search" | "repeat"
     params: dict = field(default_factory=dict)  # extra MLflow params (student, teacher, data, ...)
+    teacher_info: dict | None = None  # the teacher's accuracy, measured once by its stage
+    init_info: dict | None = None  # the warm start's errors, measured once by the CE stage
 
 
 @dataclass
@@ -136,9 +138,9 @@ def _epoch_of(ckpt_dir: Path) -> int:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, default=str))
-    tmp.replace(path)
+    from kdtune.storage import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, default=str))
 
 
 def _numeric(m: dict[str, Any]) -> dict[str, Any]:
@@ -179,14 +181,21 @@ class OrchestrationClock:
         return {"orch_s": spent, "orch_frac": spent / max(now - self.start, 1e-9)}
 
 
-def run_trial(config: dict[str, Any], ctx: TrialContext | None = None, data=None) -> None:
-    """The function trainable (wrap with ``tune.with_parameters(run_trial, ctx=..., data=...)``)."""
+def run_trial(config: dict[str, Any], ctxs: dict[str, TrialContext] | None = None, data=None,
+              ctx: TrialContext | None = None) -> None:
+    """The function trainable (wrap with ``tune.with_parameters(run_trial, ctxs={group: ctx}, data=...)``):
+    the trial's group, under ``kdtune.group`` in its config, picks its context (or give one ``ctx``)."""
     import torch
     from ray import tune
 
     from kdtune.engine.trainer import DivergedError
+    from kdtune.tune.search import GROUP_KEY
 
-    assert ctx is not None, "run_trial needs its TrialContext through tune.with_parameters"
+    config = dict(config)
+    group = config.pop(GROUP_KEY, None)
+    if ctx is None:
+        assert ctxs is not None and group in ctxs, f"run_trial has no TrialContext for group {group!r}"
+        ctx = ctxs[group]
     torch.set_num_threads(max(1, int(ctx.threads)))
     tctx = tune.get_context()
     trial_id, trial_name, trial_dir = tctx.get_trial_id(), tctx.get_trial_name(), tctx.get_trial_dir()
@@ -218,6 +227,7 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
     from ray import tune
 
     from kdtune.engine.trainer import DivergedError, Trainer
+    from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
 
     tracker = None
     if ctx.tracking_uri:
@@ -228,7 +238,7 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
         seed = config.get("train.seed", config.get("seed", ctx.base.get("seed")))
         tracker.log_params({**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed, **config})
         tracker.set_tags({"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
-                          "kdtune.trial_dir": str(trial_dir)})  # fmt: skip
+                          "kdtune.trial_dir": str(folder), TAG_OUTCOME: "running"})  # fmt: skip
 
     trainer = None
     cfg = None
@@ -236,7 +246,7 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
         if isinstance(data, SharedData):
             data = data.get()
         cfg = trial_config(ctx, config)
-        trainer = Trainer(cfg, data=data)
+        trainer = Trainer(cfg, data=data, teacher_info=ctx.teacher_info, init_info=ctx.init_info)
         tune_ckpt = tune.get_checkpoint()
         if tune_ckpt is not None:
             with tune_ckpt.as_directory() as d:
@@ -262,6 +272,11 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
             if m["is_best"]:
                 trainer.save_model(ck / "best.pt")
             _write_json(ck / "progress.json", {"epoch": trainer.epoch})
+            # Tune's checkpoint is a pointer (the epoch): the state lives in the trial's own folder, on the
+            # experiment's storage, so nothing is copied per epoch.
+            pointer = folder / "tune-ckpt"
+            pointer.mkdir(exist_ok=True)
+            _write_json(pointer / "progress.json", {"epoch": trainer.epoch, "folder": str(folder)})
             result = {**_numeric(m), **orch.figures()}
             if tracker is not None:
                 tracker.log_metrics(result, step=m["epoch"])
@@ -270,13 +285,14 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
                 # Close the run before the last report: once Tune has the final result it may end this
                 # process at any moment.
                 _finish(tracker, trainer, folder, result, trial_id, orch)
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(ck)))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(pointer)))
             orch.end()
     except DivergedError as e:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(e))
         _event(folder, event="diverged", reason=str(e), trial_id=trial_id)
         if tracker is not None:
+            tracker.set_tags({TAG_OUTCOME: "diverged", TAG_STOPPED_EPOCH: trainer.epoch if trainer else 0})
             tracker.end("FAILED", f"diverged: {e}")
         raise
     except SystemExit:
@@ -287,11 +303,14 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
         if total is None or epoch < total:
             _event(folder, event="stopped", epoch=epoch, trial_id=trial_id)
             if tracker is not None and not tracker.ended:
-                tracker.end("FINISHED", f"stopped by the scheduler after epoch {epoch}/{total}")
                 _log_best(tracker, ck)
+                tracker.set_tags({TAG_OUTCOME: "pruned", TAG_STOPPED_EPOCH: epoch,
+                                  "kdtune.stop_reason": f"stopped by the scheduler after epoch {epoch}/{total}"})
+                tracker.end("FINISHED")
         raise
     except BaseException as e:
         if tracker is not None and not tracker.ended:
+            tracker.set_tags({TAG_OUTCOME: "failed", TAG_STOPPED_EPOCH: trainer.epoch if trainer else 0})
             tracker.end("FAILED", f"{type(e).__name__}: {e}")
         raise
 
@@ -300,13 +319,20 @@ def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str, orch=Non
     """The end of a complete trial: artifacts, the run closed, ``done.json`` (the final result, whose
     orchestration figures then include the artifact uploads)."""
     if tracker is not None:
-        _log_best(tracker, folder / "ckpt")
-        tracker.log_model(trainer.student, name="model", step=trainer.epoch)
+        try:
+            _log_best(tracker, folder / "ckpt")
+            tracker.log_model(trainer.student, name="model", step=trainer.epoch)
+        except Exception as e:  # noqa: BLE001 - a tracking failure never costs a trained trial
+            _event(folder, event="unrecorded", what="artifacts", reason=f"{type(e).__name__}: {e}"[:500],
+                   trial_id=trial_id)
     if orch is not None:
         final.update(orch.figures())
         if tracker is not None:
             tracker.log_metrics({k: final[k] for k in ("orch_s", "orch_frac")}, step=trainer.epoch)
     if tracker is not None:
+        from kdtune.tracking.client import TAG_OUTCOME
+
+        tracker.set_tags({TAG_OUTCOME: "completed"})
         tracker.end("FINISHED")
     _write_json(folder / "done.json", final)
     _event(folder, event="done", epoch=trainer.epoch, trial_id=trial_id)

@@ -1,0 +1,114 @@
+"""An experiment folder (``<storage>/<name>/``): the spec it began with, its spaces, its state, its results.
+
+Layout::
+
+    spec.yaml        the resolved spec the sweep began with (a changed spec is refused on resume)
+    spaces/<m>.py    the search-space sources it uses (a resumed sweep runs these copies, not edited files)
+    state.json       status (running | interrupted | failed | finished), the stages, each group's summary
+    sweep.lock       pid and host of the driver running it
+    tune/sweep/      the one Ray Tune experiment of the sweep (all groups), restored by Tuner.restore
+    tune/repeats/    the Tune experiment of the repeats of each group's best configuration
+    trials/<id>/     each trial's own folder (checkpoints, done.json, events.jsonl)
+    optuna.db        finished trials mirrored into one Optuna study per group
+    mlflow.db, mlartifacts/   the embedded MLflow store (unless tracking.uri names another)
+    diverged/        markers of trials whose loss became NaN (their retries fail at once)
+    results.json     the summary of a finished sweep
+
+Only the sweep driver that holds ``sweep.lock`` writes ``spec.yaml``, ``spaces/``, ``state.json`` and
+``results.json``, each in one atomic write (:func:`kdtune.storage.atomic_write_text`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdtune.errors import ConfigError
+from kdtune.spec import SweepSpec, diff_specs, load_spec
+from kdtune.storage import atomic_write_text
+
+STATE_FILE = "state.json"
+SPEC_FILE = "spec.yaml"
+RESULTS_FILE = "results.json"
+DEFAULT_STORAGE = "runs/sweeps"
+
+
+class Experiment:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def started(self) -> bool:
+        return (self.path / SPEC_FILE).is_file()
+
+    def saved_spec_dict(self) -> dict[str, Any]:
+        p = self.path / SPEC_FILE
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{p} is damaged ({type(e).__name__}); restore it from a backup, or start the "
+                              "sweep under a new name") from None  # fmt: skip
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p} is damaged (not a mapping); restore it, or start the sweep under a new name")
+        return raw
+
+    def spec(self) -> SweepSpec:
+        return load_spec(self.saved_spec_dict())
+
+    def state(self) -> dict[str, Any]:
+        p = self.path / STATE_FILE
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"status": None, "groups": {}}
+        except (OSError, UnicodeDecodeError, ValueError):
+            # Written atomically, so this is damage from outside; the Tune experiment and the trial folders
+            # hold the truth, and a resumed sweep writes it again.
+            return {"status": None, "groups": {}, "damaged": True}
+
+    def resume_diff(self, spec: SweepSpec) -> list[str]:
+        """The fields in which ``spec`` differs from the spec this experiment began with (``storage`` is where
+        it lies now, not a change of the sweep)."""
+        return [d for d in diff_specs(self.saved_spec_dict(), spec.to_dict()) if d != "storage"]
+
+    def check_same_spec(self, spec: SweepSpec) -> None:
+        diff = self.resume_diff(spec)
+        if diff:
+            shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise ConfigError(
+                f"experiment {spec.name} at {self.path} began with another spec ({shown} differ); restore those "
+                f"fields to resume it, or give the sweep a new name: to start a new one"
+            )
+
+    # ------------------------------------------------------------------ writing (the lock holder only)
+    def write_start(self, spec: SweepSpec, sources: dict[str, tuple[str, str]]) -> None:
+        (self.path / "spaces").mkdir(parents=True, exist_ok=True)
+        for m, (_, text) in sources.items():
+            atomic_write_text(self.path / "spaces" / f"{m}.py", text)
+        atomic_write_text(self.path / SPEC_FILE, spec.to_yaml())
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / STATE_FILE, json.dumps(state, indent=2, default=str))
+
+    def write_results(self, results: dict[str, Any]) -> Path:
+        return atomic_write_text(self.path / RESULTS_FILE, json.dumps(results, indent=2, default=str))
+
+
+def find_experiment(experiment: str, storage: str | None = None) -> Path:
+    """An experiment directory from a path or a name under ``storage`` (default runs/sweeps)."""
+    p = Path(experiment).expanduser()
+    if (p / SPEC_FILE).is_file():
+        return p.absolute()
+    base = Path(storage or DEFAULT_STORAGE).expanduser()
+    q = base / experiment
+    if (q / SPEC_FILE).is_file():
+        return q.absolute()
+    raise ConfigError(
+        f"no sweep experiment {experiment!r}: neither {p} nor {q} holds a {SPEC_FILE}; give the experiment's "
+        "directory, or its name with --storage <path>"
+    )

@@ -1,0 +1,172 @@
+"""Planning a sweep: ``plan(spec) -> SweepPlan``, pure (no Ray, no MLflow, no training, no files written).
+
+A plan is everything a sweep will do, decided before anything starts: the stages it needs (each with its
+config, key and the path it will have), and for each (student, method) group its base TrainConfig (teacher and
+warm-start paths pointing at those stage paths), its search space, its published starting points and its
+trial budget. ``kdtune validate`` is planning; ``kdtune sweep`` runs a plan. A DiSK group's space depends on
+the CE student's training error (``delta`` is centred on it), known only once that stage is built: its
+``needs_ce_error`` is True and :meth:`SweepPlan.space` is called again with the stage's figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdtune.errors import ConfigError
+from kdtune.spec import SweepSpec, stage_key
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str  # "teacher" | "ce-<student>"
+    config: dict
+    key: str
+    dir: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "final.pt"
+
+
+@dataclass
+class GroupPlan:
+    name: str  # "<student>-<method>"
+    student: str
+    method: str
+    base: dict  # the TrainConfig dict every trial starts from (searched values added per trial)
+    budget: int  # trials
+    starts: list[dict]
+    notes: list[str]
+    parameters: dict  # name -> Optuna distribution, as the space's default path sees them
+    stages: tuple[str, ...]  # names of the stages it needs
+    needs_ce_error: bool = False
+
+
+@dataclass
+class SweepPlan:
+    spec: SweepSpec
+    teacher_arch: str | None
+    stages: dict[str, StagePlan]
+    groups: list[GroupPlan]
+    sources: dict[str, tuple[str, str]] = field(default_factory=dict)  # method -> (filename, source)
+    num_classes: int | None = None
+
+    @property
+    def total_trials(self) -> int:
+        return sum(g.budget for g in self.groups)
+
+    def space(self, group: GroupPlan, ce_error: float | None = None):
+        """The group's search space (a picklable define-by-run function)."""
+        return space_fn(self.spec, group.student, group.method, self.teacher_arch, ce_error, self.sources,
+                        self.num_classes)  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """What ``kdtune validate`` prints: per group its parameters and starting points."""
+        from kdtune.tune.spaces import describe_distribution
+
+        return {
+            "stages": {n: {"key": s.key, "dir": str(s.dir)} for n, s in self.stages.items()},
+            "groups": [
+                {"group": g.name, "student": g.student, "method": g.method, "trials": g.budget,
+                 "parameters": [f"{k}: {describe_distribution(d)}" for k, d in g.parameters.items()],
+                 "starts": g.starts, "notes": g.notes, "stages": list(g.stages)}
+                for g in self.groups
+            ],
+        }  # fmt: skip
+
+
+def space_sources(spec: SweepSpec) -> dict[str, tuple[str, str]]:
+    """Each method's space file (filename, source): the experiment's saved copy when there is one (a resumed
+    sweep runs the spaces it began with), else the installed file."""
+    from kdtune.tune.spaces import load_source
+
+    out = {}
+    for m in spec.methods:
+        saved = spec.experiment_dir / "spaces" / f"{m.name}.py"
+        out[m.name] = (str(saved), saved.read_text()) if saved.is_file() else load_source(m.name)
+    return out
+
+
+def teacher_arch(spec: SweepSpec) -> str | None:
+    t = spec.teacher
+    if t is None:
+        return None
+    if t.model is not None:
+        return t.model
+    from kdtune.models.checkpoint import read_checkpoint, unwrap
+
+    _, header, fmt = unwrap(read_checkpoint(t.checkpoint, role="teacher checkpoint"), "teacher checkpoint",
+                            t.checkpoint)  # fmt: skip
+    if header is None:
+        raise ConfigError(
+            f"teacher.checkpoint {t.checkpoint} is a plain state_dict ({fmt}) without its architecture; add "
+            "teacher.model: <architecture>"
+        )
+    return str(header["arch"])
+
+
+def space_fn(spec, student, method, teacher_arch_, ce_error, sources, num_classes=None):
+    from kdtune.losses import METHODS
+    from kdtune.tune.spaces import SpaceContext, build_space
+
+    cls = METHODS.get(method)
+    ctx = SpaceContext(method=method, data=spec.data, student=student,
+                       teacher=teacher_arch_ if cls.needs_teacher else None, epochs=spec.budget.epochs,
+                       num_classes=num_classes, ce_error=ce_error)  # fmt: skip
+    return build_space(method, ctx, spec.method(method).space, sources[method])
+
+
+def starting_points(fn, starts) -> tuple[list[dict], list[str]]:
+    if starts is False:
+        return [], []
+    return fn.valid_starts(None if starts is True else list(starts))
+
+
+def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | None = None) -> SweepPlan:
+    """The sweep ``spec`` describes, decided: stages, and per group its base config, space, starts, budget."""
+    from kdtune.config import TrainConfig
+    from kdtune.losses import METHODS
+
+    sources = sources if sources is not None else space_sources(spec)
+    arch = teacher_arch(spec)
+    stages: dict[str, StagePlan] = {}
+
+    def stage(name: str, cfg: dict) -> StagePlan:
+        key = stage_key(TrainConfig.from_dict(cfg))
+        st = StagePlan(name, cfg, key, Path(spec.stages_dir) / key)
+        stages[name] = st
+        return st
+
+    teacher_path = spec.teacher.checkpoint if spec.teacher is not None else None
+    teacher_stage = None
+    if spec.teacher is not None and spec.teacher.is_stage and spec.needs_teacher:
+        teacher_stage = stage("teacher", spec.teacher_stage_config())
+        teacher_path = str(teacher_stage.model_path)
+    ce = {s: stage(f"ce-{s}", spec.ce_student_config(s)) for s in spec.students} if spec.needs_ce_student else {}
+
+    groups = []
+    for student, method in spec.groups():
+        cls = METHODS.get(method)
+        base = spec.trial_base(student, method)
+        needs: list[str] = []
+        if cls.needs_teacher:
+            base["teacher"] = teacher_path
+            if spec.teacher is not None and spec.teacher.model and not spec.teacher.is_stage:
+                base["teacher_model"] = spec.teacher.model
+            if teacher_stage is not None:
+                needs.append(teacher_stage.name)
+        if cls.needs_init:
+            base["init"] = str(ce[student].model_path)
+            needs.append(ce[student].name)
+        fn = space_fn(spec, student, method, arch, None, sources, num_classes)
+        params = fn.parameters()
+        ms = spec.method(method)
+        budget = (ms.trials or spec.budget.trials) if params else 1
+        points, notes = starting_points(fn, ms.starts)
+        groups.append(GroupPlan(name=f"{student}-{method}", student=student, method=method, base=base,
+                                budget=budget, starts=points, notes=notes, parameters=params,
+                                stages=tuple(needs), needs_ce_error=bool(cls.needs_init)))  # fmt: skip
+    return SweepPlan(spec=spec, teacher_arch=arch, stages=stages, groups=groups, sources=sources,
+                     num_classes=num_classes)  # fmt: skip
