@@ -77,11 +77,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[IO[Any]]:
     """Write ``path`` all or nothing: a temporary file beside it, fsync, then ``os.replace``.
 
     Readers see the old file or the new one, never a partial one. If the block raises, the temporary file is
-    removed and ``path`` is left as it was.
+    removed and ``path`` is left as it was. ``durable=False`` skips the two fsyncs: still all or nothing when
+    a process is killed, not across a power loss (for small files rewritten every epoch, where the fsyncs
+    would cost more than the write).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
@@ -92,10 +94,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     try:
         yield f
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
         f.close()
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         f.close()
         with contextlib.suppress(FileNotFoundError):
@@ -103,16 +107,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); return the path."""
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", durable=durable) as f:
         f.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = True) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; return the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -268,3 +269,80 @@ def test_orchestration_clock_counts_only_the_bookkeeping():
     assert fig["orch_s"] == pytest.approx(2.5)
     assert fig["orch_frac"] == pytest.approx(2.5 / 29.5)
     assert clock.figures() == {"orch_s": pytest.approx(3.0), "orch_frac": pytest.approx(3.0 / 30.0)}
+
+
+def test_groups_share_one_experiment_each_gets_its_budget_and_pruned_is_pruned(tmp_path):
+    """Three groups with budgets 1, 3 and 5 run interleaved in one Tune experiment; early-stopped trials are
+    PRUNED in optuna.db and ``pruned`` in MLflow, with the epoch they stopped at."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from kdtune.tune.runner import sweep
+    from kdtune.tune.trainable import read_events
+
+    raw = make_spec(tmp_path, name="three", methods={"ce": {}, "kd": {"trials": 3}, "dkd": {"trials": 5}},
+                    budget={"trials": 3, "epochs": 4, "concurrency": 2, "cpus_per_trial": 1},
+                    scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 4})  # fmt: skip
+    lines: list[str] = []
+    result = sweep(raw, log=lines.append)
+    exp = Path(result.experiment_dir)
+    assert [(g["method"], g["trials"]) for g in result.groups] == [("ce", 1), ("kd", 3), ("dkd", 5)]
+    assert list((exp / "tune").iterdir()) == [exp / "tune" / "sweep"]  # one Tune experiment
+
+    spans = {}
+    for g in result.groups:
+        for t in g["all"]:
+            ev = read_events(exp / "trials" / t["trial_id"])
+            spans.setdefault(g["method"], []).append(
+                (min(e["time"] for e in ev if e["event"] == "open"), max(e["time"] for e in ev))
+            )  # fmt: skip
+
+    def spans_overlap(a, b):
+        return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+
+    assert spans_overlap(spans["kd"], spans["dkd"]) and (
+        spans_overlap(spans["ce"], spans["kd"]) or spans_overlap(spans["ce"], spans["dkd"])
+    ), spans  # interleaved, not one group after another
+    assert result.slot_utilisation is not None and 0 < result.slot_utilisation <= 1.0
+    assert any(ln.startswith("slot utilisation:") for ln in lines)
+
+    storage = f"sqlite:///{exp / 'optuna.db'}"
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    eid = client.get_experiment_by_name("three").experiment_id
+    runs = {r.data.tags["kdtune.trial_id"]: r for r in client.search_runs([eid], max_results=1000)
+            if r.data.tags.get("kdtune.role") == "trial"}  # fmt: skip
+    pruned = 0
+    for g in result.groups:
+        study = optuna.load_study(study_name=g["group"], storage=storage)
+        by_id = {t.user_attrs["tune_trial_id"]: t for t in study.get_trials(deepcopy=False)}
+        assert sorted(by_id) == sorted(t["trial_id"] for t in g["all"])  # its budget, each trial once
+        assert study.metric_names == ["val_acc"]
+        for t in g["all"]:
+            ot, run = by_id[t["trial_id"]], runs[t["trial_id"]]
+            assert ot.datetime_start < ot.datetime_complete
+            if t["epochs_run"] < 4:
+                pruned += 1
+                assert t["outcome"] == "pruned" and ot.state.name == "PRUNED", (t, ot.state)
+                assert run.data.tags["kdtune.outcome"] == "pruned"
+                assert run.data.tags["kdtune.stopped_epoch"] == str(t["epochs_run"])
+                assert "kdtune.failure_reason" not in run.data.tags
+            else:
+                assert t["outcome"] == "completed" and ot.state.name == "COMPLETE"
+                assert run.data.tags["kdtune.outcome"] == "completed"
+            assert run.info.status == "FINISHED"
+    assert pruned >= 1, "ASHA stopped no trial: the test did not exercise PRUNED"
+
+
+def test_all_trials_failed_is_a_failed_sweep(tmp_path, monkeypatch):
+    """A sweep whose every trial failed raises SweepFailed (``kdtune sweep`` exits non-zero), one line per
+    cause."""
+    from kdtune.tune.runner import SweepFailed, sweep
+
+    raw = make_spec(tmp_path, name="allfail", teacher=None, methods={"ce": {}},
+                    train={"device": "cpu", "batch_size": 128, "lr": 1.0e6}, tracking={"enabled": False},
+                    budget={"trials": 1, "epochs": 2, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
+    with pytest.raises(SweepFailed, match="every trial failed") as e:
+        sweep(raw, log=lambda s: None)
+    assert "diverged" in str(e.value).lower() or "nan" in str(e.value).lower()
+    state = json.loads((tmp_path / "runs" / "allfail" / "state.json").read_text())
+    assert state["status"] == "failed"

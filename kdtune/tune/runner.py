@@ -329,20 +329,27 @@ class _Sweep:
 
         t_fit = time.time()
         results = self._fit(p, searches, ctxs, shared)
+        t_fitted = time.time()
         summaries = self._summaries(p, results)
         if spec.budget.repeats > 1:
             self._repeats(p, summaries, ctxs, shared)
         fit_wall = time.time() - t_fit
 
-        # ---- the trials' processes are gone with Ray: the driver may now close what they left open
+        # ---- let a stopped trial's thread finish closing its own run (Tune returns without waiting for it),
+        # then end the trial processes with Ray: the driver may now close what they left open
+        from kdtune.tune.trainable import trial_folder, wait_trials_gone
+
+        wait_trials_gone([trial_folder(self.exp, t["trial_id"]) for s in summaries for t in s["all"]], timeout_s=30)
         if ray_started:
             ray.shutdown()
         self._close_runs(results)
 
         for s in summaries:
             state["groups"][s["group"]] = s
-        util = slot_utilisation(self.exp, [t["trial_id"] for s in summaries for t in s["all"]],
-                                spec.budget.concurrency, fit_wall, since=t_fit)  # fmt: skip
+        ids = [t["trial_id"] for s in summaries for t in s["all"]]
+        util = slot_utilisation(self.exp, ids, spec.budget.concurrency, fit_wall, since=t_fit)
+        state["timeline"] = timeline(self.exp, ids, t0=t0, stages_done=t_stages, tune_start=t_fit,
+                                     tune_end=t_fitted, end=time.time())  # fmt: skip
         result = SweepResult(name=spec.name, experiment_dir=str(self.exp), status="finished", metric=spec.metric,
                              mode=spec.mode, groups=summaries, tracking_uri=self.tracking_uri,
                              stages=state.get("stages", {}), wall_s=None, slot_utilisation=util,
@@ -382,8 +389,11 @@ class _Sweep:
                 log(f"group {s['group']}: no trial produced a result ({s['errored']} failed)")
         log(f"sweep {spec.name} finished in {_dur(result.wall_s)}")
         if util is not None:
+            tl = state["timeline"]
             log(f"slot utilisation: {100 * util:.1f}% (trial wall time / ({spec.budget.concurrency} slots x "
-                f"{_dur(fit_wall)} after the stages))")  # fmt: skip
+                f"{_dur(fit_wall)} after the stages); first trial {tl.get('first_trial_open', 0) - tl['tune_start']:.1f}s "
+                f"after Tune started, last one ended {tl['tune_end'] - tl.get('last_trial_closed', tl['tune_end']):.1f}s "
+                "before Tune returned")  # fmt: skip
         orch = orchestration_summary(summaries)
         if orch:
             log(orch)
@@ -689,6 +699,21 @@ def slot_utilisation(exp: Path, trial_ids: list[str], concurrency: int, wall_s: 
                 busy += max(0.0, float(ev["time"]) - max(float(opened), since))
                 opened = None
     return busy / (concurrency * wall_s)
+
+
+def timeline(exp: Path, trial_ids: list[str], **marks: float) -> dict[str, float]:
+    """Seconds from the sweep's start to each mark, and to the first trial's start and the last trial's end
+    (from the trials' events): where the time outside the trials goes."""
+    from kdtune.tune.trainable import read_events
+
+    t0 = marks.pop("t0")
+    times = [(ev["event"], float(ev["time"])) for tid in trial_ids for ev in read_events(exp / "trials" / tid)
+             if ev.get("event") in ("open", "closed") and float(ev["time"]) >= marks.get("tune_start", t0)]  # fmt: skip
+    out = {k: round(v - t0, 2) for k, v in marks.items()}
+    if times:
+        out["first_trial_open"] = round(min(t for e, t in times if e == "open") - t0, 2)
+        out["last_trial_closed"] = round(max(t for e, t in times) - t0, 2)
+    return out
 
 
 def _rank(t: dict, spec: SweepSpec, epochs: int):

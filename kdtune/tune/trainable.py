@@ -137,10 +137,10 @@ def _epoch_of(ckpt_dir: Path) -> int:
         return -1
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, durable: bool = True) -> None:
     from kdtune.storage import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj, default=str))
+    atomic_write_text(path, json.dumps(obj, default=str), durable=durable)
 
 
 def _numeric(m: dict[str, Any]) -> dict[str, Any]:
@@ -271,12 +271,12 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
             trainer.save_state(ck / "state.pt")
             if m["is_best"]:
                 trainer.save_model(ck / "best.pt")
-            _write_json(ck / "progress.json", {"epoch": trainer.epoch})
+            _write_json(ck / "progress.json", {"epoch": trainer.epoch}, durable=False)
             # Tune's checkpoint is a pointer (the epoch): the state lives in the trial's own folder, on the
             # experiment's storage, so nothing is copied per epoch.
             pointer = folder / "tune-ckpt"
             pointer.mkdir(exist_ok=True)
-            _write_json(pointer / "progress.json", {"epoch": trainer.epoch, "folder": str(folder)})
+            _write_json(pointer / "progress.json", {"epoch": trainer.epoch, "folder": str(folder)}, durable=False)
             result = {**_numeric(m), **orch.figures()}
             if tracker is not None:
                 tracker.log_metrics(result, step=m["epoch"])
