@@ -474,12 +474,8 @@ def _methods(raw: Any, METHODS, TrainConfig) -> list[MethodSpec]:
     for name, opts in raw.items():
         name = str(name)
         where = f"methods.{name}"
-        cls = METHODS.get(name) if name in METHODS else None
-        if cls is None:
-            raise ConfigError(
-                f"{where}: unknown method {name!r}{did_you_mean(name, METHODS.names())}; valid methods: "
-                f"{', '.join(METHODS.names())}"
-            )
+        _lookup(where, name, METHODS)
+        cls = METHODS.get(name)
         opts = opts or {}
         if not isinstance(opts, dict):
             raise ConfigError(f"{where} must be a mapping {{space: {{...}}, starts: true, trials: N}}")
@@ -627,11 +623,9 @@ def _no_unknown(prefix: str, raw: dict, allowed: set) -> None:
 
 
 def _lookup(where: str, name: Any, registry) -> None:
-    if not isinstance(name, str) or name not in registry:
-        raise ConfigError(
-            f"{where}: unknown {registry.kind} {name!r}{did_you_mean(str(name), registry.names())}; valid "
-            f"{registry.kind}s: {', '.join(registry.names())}"
-        )
+    from kdtune.names import check_name
+
+    check_name(registry.kind, name, where)
 
 
 def _str(raw: dict, key: str, default: str) -> str:
