@@ -1,0 +1,97 @@
+"""Checks of a sweep spec against the world before any work starts: ``preflight(spec)``.
+
+:func:`kdtune.spec.load_spec` checks the spec itself (fields, names, ranges, every method's hyperparameters
+and their combinations). :func:`preflight` checks what the spec points at, so that a sweep that cannot
+succeed is refused in the driver before Ray starts, instead of failing every trial:
+
+- the teacher checkpoint: readable, a torch checkpoint, of the architecture ``teacher.model`` names, with
+  the data set's class count and input channels (what each trial would otherwise find out);
+- the storage: a directory (or a place one can be made) that is writable;
+- an existing experiment's files: ``optuna.db`` / ``mlflow.db`` are SQLite databases, ``state.json`` is
+  JSON, ``spec.yaml`` is YAML (a damaged one would fail the resume half-way).
+
+``kdtune validate`` and ``kdtune sweep`` call it; every problem found is one line of the ConfigError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kdtune.errors import ConfigError, KdtuneError
+from kdtune.names import DATASET_SHAPES
+
+# Folder data sets take their class count from the folders found, so a checkpoint's is checked when the
+# data is read (a subset of ImageNet is legitimate), not here.
+FOLDER_DATASETS = ("imagenet", "tiny-imagenet")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def preflight(spec) -> None:
+    """Raise :class:`ConfigError` (one line per problem) if what ``spec`` points at cannot be used."""
+    problems: list[str] = []
+    for check in (_teacher_checkpoint, _storage, _experiment_files):
+        try:
+            check(spec)
+        except KdtuneError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _teacher_checkpoint(spec) -> None:
+    t = spec.teacher
+    if t is None or t.checkpoint is None or "://" in t.checkpoint:
+        return  # a teacher stage is trained by the sweep; a URL is fetched when the sweep starts
+    from kdtune.models.checkpoint import load_model
+
+    classes, channels = DATASET_SHAPES[spec.data]
+    if spec.data in FOLDER_DATASETS:
+        classes = None
+    load_model(t.checkpoint, arch=t.model, num_classes=classes, in_channels=channels,
+               role="teacher checkpoint", data=spec.data)  # fmt: skip
+
+
+def _storage(spec) -> None:
+    if "://" in spec.storage:
+        return
+    p = Path(spec.storage)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"storage {p} is a file, not a directory; set storage: to a directory")
+    exp = Path(spec.experiment_dir)
+    if exp.exists() and not exp.is_dir():
+        raise ConfigError(f"experiment {exp} is a file, not a directory; move it away or choose another name:")
+    existing = next(q for q in (exp, *exp.parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"storage {p} lies under the file {existing}; set storage: to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage {p}: {existing} is not writable; set storage: to a directory you can write")
+
+
+def _experiment_files(spec) -> None:
+    exp = Path(spec.experiment_dir)
+    if not exp.is_dir():
+        return
+    fix = "move it away to start the experiment afresh, or restore it from a backup"
+    dbs = ["optuna.db"] + (["mlflow.db"] if spec.tracking.enabled and not spec.tracking.uri else [])
+    for name in dbs:
+        f = exp / name
+        if f.is_file() and f.stat().st_size > 0:
+            with open(f, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+            if head != SQLITE_MAGIC:
+                raise ConfigError(f"{f} is not an SQLite database (damaged?); {fix}")
+    state = exp / "state.json"
+    if state.is_file():
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ConfigError(f"{state} is not valid JSON (damaged?); {fix}") from None
+    saved = exp / "spec.yaml"
+    if saved.is_file():
+        from kdtune.config import load_yaml_mapping
+
+        load_yaml_mapping(saved, "the experiment's saved spec", fix)
