@@ -27,12 +27,13 @@ fields (type, default, valid values):
 
 def _train(args) -> int:
     from kdtune.config import TrainConfig
-    from kdtune.engine import iter_train
 
-    cfg = TrainConfig.from_args(args.settings, args.config)
+    cfg = TrainConfig.from_args(args.settings, args.config)  # refuses bad input before torch is imported
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from kdtune.engine import iter_train
+
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     progress = not args.no_progress and sys.stderr.isatty()
     gen = iter_train(cfg, log=log, progress=progress)
