@@ -72,12 +72,17 @@ def _storage(spec) -> None:
 
 
 def _experiment_files(spec) -> None:
-    exp = Path(spec.experiment_dir)
+    check_experiment(spec.experiment_dir, mlflow_db=spec.tracking.enabled and not spec.tracking.uri)
+
+
+def check_experiment(exp, mlflow_db: bool = True) -> None:
+    """Raise ConfigError if an existing experiment directory holds a damaged database, state or saved spec
+    (``kdtune resume`` calls it before reading them)."""
+    exp = Path(exp)
     if not exp.is_dir():
         return
     fix = "move it away to start the experiment afresh, or restore it from a backup"
-    dbs = ["optuna.db"] + (["mlflow.db"] if spec.tracking.enabled and not spec.tracking.uri else [])
-    for name in dbs:
+    for name in ("optuna.db", "mlflow.db") if mlflow_db else ("optuna.db",):
         f = exp / name
         if f.is_file() and f.stat().st_size > 0:
             with open(f, "rb") as fh:

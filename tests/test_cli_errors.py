@@ -64,6 +64,13 @@ def _experiment(tmp_path: Path, teacher_file: Path, file: str, content) -> list[
     return ["validate", str(spec)]
 
 
+def _resume_case(tmp_path: Path, file: str, content) -> list[str]:
+    exp = tmp_path / "runs" / "bad-input"
+    _write(exp / "spec.yaml", _spec(tmp_path))
+    _write(exp / file, content)
+    return ["resume", str(exp)]
+
+
 def _teacher_case(tmp_path: Path, make) -> list[str]:
     make(tmp_path / "teacher.pt")
     return ["validate", str(_write(tmp_path / "spec.yaml", _spec(tmp_path)))]
@@ -121,6 +128,11 @@ CASES = [
      "state.json is not valid JSON"),
     ("sweep-damaged-optuna-db", lambda t, c: ["sweep"] + _experiment(t, c, "optuna.db", b"garbage")[1:],
      "optuna.db is not an SQLite database"),
+    ("resume-unknown-experiment", lambda t, c: ["resume", str(t / "nothing")], "no sweep experiment"),
+    ("resume-damaged-state", lambda t, c: _resume_case(t, "state.json", b"\x00\x01"), "state.json is not valid JSON"),
+    ("resume-damaged-optuna-db", lambda t, c: _resume_case(t, "optuna.db", "not a db"), "not an SQLite database"),
+    ("resume-spec-not-utf8", lambda t, c: _resume_case(t, "spec.yaml", NON_UTF8),
+     "the experiment's saved spec"),
     ("storage-is-a-file", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(
         t, teacher={"checkpoint": str(c), "model": "resnet8"}, storage=str(_write(t / "afile", "x")))))],
      "is a file, not a directory"),

@@ -102,8 +102,10 @@ def _sweep(args) -> int:
 
 
 def _resume(args) -> int:
-    from kdtune.tune.runner import resume
+    from kdtune.preflight import check_experiment
+    from kdtune.tune.runner import find_experiment, resume
 
+    check_experiment(find_experiment(args.experiment, args.storage))  # damaged files: one line, before Ray
     result = resume(args.experiment, args.storage, log=_print)
     _finish(result)
     return 0
