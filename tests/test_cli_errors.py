@@ -133,6 +133,8 @@ CASES = [
     ("resume-damaged-optuna-db", lambda t, c: _resume_case(t, "optuna.db", "not a db"), "not an SQLite database"),
     ("resume-spec-not-utf8", lambda t, c: _resume_case(t, "spec.yaml", NON_UTF8),
      "the experiment's saved spec"),
+    ("report-damaged-mlflow-db", lambda t, c: ["report"] + _resume_case(t, "mlflow.db", b"\x00" * 64)[1:],
+     "mlflow.db is not an SQLite database"),
     ("storage-is-a-file", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(
         t, teacher={"checkpoint": str(c), "model": "resnet8"}, storage=str(_write(t / "afile", "x")))))],
      "is a file, not a directory"),

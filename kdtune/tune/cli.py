@@ -112,6 +112,10 @@ def _resume(args) -> int:
 
 
 def _report(args) -> int:
+    from kdtune.preflight import check_experiment
+
+    exp = Path(args.experiment).expanduser()
+    check_experiment(exp if exp.is_dir() else Path(args.storage or "runs/sweeps").expanduser() / args.experiment)
     try:
         from kdtune.report import main_report
     except ImportError:
