@@ -6,6 +6,9 @@ succeed is refused in the driver before Ray starts, instead of failing every tri
 
 - the teacher checkpoint: readable, a torch checkpoint, of the architecture ``teacher.model`` names, with
   the data set's class count and input channels (what each trial would otherwise find out);
+- the data: an in-memory data set (digits, CIFAR, the toys) is read once unless ``download: true``, so a
+  missing or damaged folder is named now (folder data sets are scanned by the sweep: a scan of ImageNet is
+  too slow for a check);
 - the storage: a directory (or a place one can be made) that is writable;
 - an existing experiment's files: ``optuna.db`` / ``mlflow.db`` are SQLite databases, ``state.json`` is
   JSON, ``spec.yaml`` is YAML (a damaged one would fail the resume half-way).
@@ -31,7 +34,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 def preflight(spec) -> None:
     """Raise :class:`ConfigError` (one line per problem) if what ``spec`` points at cannot be used."""
     problems: list[str] = []
-    for check in (_teacher_checkpoint, _storage, _experiment_files):
+    for check in (_teacher_checkpoint, _data, _storage, _experiment_files):
         try:
             check(spec)
         except KdtuneError as e:
@@ -53,6 +56,15 @@ def _teacher_checkpoint(spec) -> None:
         classes = None
     load_model(t.checkpoint, arch=t.model, num_classes=classes, in_channels=channels,
                role="teacher checkpoint", data=spec.data)  # fmt: skip
+
+
+def _data(spec) -> None:
+    if spec.download or spec.data in FOLDER_DATASETS:
+        return
+    from kdtune.data import load_data
+
+    load_data(spec.data, root=spec.data_root, download=False, val_fraction=spec.val_fraction,
+              seed=spec.data_seed)  # fmt: skip
 
 
 def _storage(spec) -> None:

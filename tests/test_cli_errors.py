@@ -135,6 +135,8 @@ CASES = [
      "the experiment's saved spec"),
     ("report-damaged-mlflow-db", lambda t, c: ["report"] + _resume_case(t, "mlflow.db", b"\x00" * 64)[1:],
      "mlflow.db is not an SQLite database"),
+    ("data-missing", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(
+        t, data="cifar100", data_root=str(t / "nodata"), teacher={"model": "resnet8"})))], "nodata"),
     ("storage-is-a-file", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(
         t, teacher={"checkpoint": str(c), "model": "resnet8"}, storage=str(_write(t / "afile", "x")))))],
      "is a file, not a directory"),
