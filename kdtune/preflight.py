@@ -6,6 +6,10 @@ succeed is refused in the driver before Ray starts, instead of failing every tri
 
 - the teacher checkpoint: readable, a torch checkpoint, of the architecture ``teacher.model`` names, with
   the data set's class count and input channels (what each trial would otherwise find out);
+- every method's constraints on the run it joins (DiSK's ``K`` at most the number of classes, a teacher
+  with features, ...): each group's method is built, as a trial would build it, from its starting points
+  (the published ones, bounded by the data's class count, with the spec's fixed values) on the real
+  student and teacher architectures, without data or training;
 - the data: an in-memory data set (digits, CIFAR, the toys) is read once unless ``download: true``, so a
   missing or damaged folder is named now (folder data sets are scanned by the sweep: a scan of ImageNet is
   too slow for a check);
@@ -34,7 +38,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 def preflight(spec) -> None:
     """Raise :class:`ConfigError` (one line per problem) if what ``spec`` points at cannot be used."""
     problems: list[str] = []
-    for check in (_teacher_checkpoint, _data, _storage, _experiment_files):
+    for check in (_teacher_checkpoint, _method_constraints, _data, _storage, _experiment_files):
         try:
             check(spec)
         except KdtuneError as e:
@@ -56,6 +60,48 @@ def _teacher_checkpoint(spec) -> None:
         classes = None
     load_model(t.checkpoint, arch=t.model, num_classes=classes, in_channels=channels,
                role="teacher checkpoint", data=spec.data)  # fmt: skip
+
+
+def _method_constraints(spec) -> None:
+    if spec.data in FOLDER_DATASETS:
+        return  # the class count is known once the folders are scanned
+    import torch
+
+    from kdtune.losses import METHODS
+    from kdtune.losses.base import MethodContext
+    from kdtune.models import create_model
+    from kdtune.tune.spaces import SpaceContext, build_space, load_source
+
+    classes, channels = DATASET_SHAPES[spec.data]
+    teacher_arch = spec.teacher.model if spec.teacher is not None else None
+    for student, method in spec.groups():
+        cls = METHODS.get(method)
+        if cls.needs_teacher and teacher_arch is None:
+            continue  # a checkpoint without teacher.model: its architecture is checked when it is read
+        ms = spec.method(method)
+        ctx = SpaceContext(method=method, data=spec.data, student=student,
+                           teacher=teacher_arch if cls.needs_teacher else None, epochs=spec.budget.epochs,
+                           num_classes=classes)  # fmt: skip
+        fn = build_space(method, ctx, ms.space, load_source(method))
+        if ms.starts is False:
+            points = []
+        else:
+            points, _ = fn.valid_starts(None if ms.starts is True else list(ms.starts))
+        fixed = {k: o.value for k, o in ms.space.items() if o.kind == "fixed"}
+        s_model = create_model(student, num_classes=classes, in_channels=channels)
+        t_model = create_model(teacher_arch, num_classes=classes, in_channels=channels) if cls.needs_teacher else None
+        for point in points or [{}]:
+            hp = cls.resolve({k: v for k, v in {**point, **fixed}.items() if k in cls.hparams})
+            mctx = MethodContext(
+                num_classes=classes, epochs=spec.budget.epochs, steps_per_epoch=1, device=torch.device("cpu"),
+                student=s_model, teacher=t_model, student_feat_dim=getattr(s_model, "feat_dim", None),
+                teacher_feat_dim=getattr(t_model, "feat_dim", None) if t_model is not None else None,
+                init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
+            )
+            try:
+                cls(hp, mctx)
+            except KdtuneError as e:
+                raise ConfigError(f"methods.{method} ({student} on {spec.data}): {e}") from None
 
 
 def _data(spec) -> None:

@@ -108,6 +108,9 @@ CASES = [
     ("spec-method-constraint", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(
         t, teacher={"checkpoint": str(c), "model": "resnet8"}, methods={"dkd": {"space": {"alpha": 0, "beta": 0}}}
     )))], "dkd.alpha and dkd.beta are both 0"),
+    ("spec-disk-K-over-class-count", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(
+        t, teacher={"model": "resnet8"}, methods={"disk": {"space": {"K": 20}}})))],
+     "methods.disk (resnet8 on digits): disk.K=20 exceeds the number of classes (10)"),
     ("teacher-missing", lambda t, c: ["validate", str(_write(t / "s.yaml", _spec(t)))], "does not exist"),
     ("teacher-other-class-count", lambda t, c: _teacher_case(t, lambda p: _checkpoint(p, num_classes=7)),
      "is a resnet8 with 7 classes, but data digits has 10 classes"),
@@ -155,8 +158,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path, teacher_file, capsys, build, nee
     assert "Traceback" not in err + out
 
 
-def test_good_spec_with_a_fitting_teacher_checkpoint_validates(tmp_path, teacher_file, capsys):
-    spec = _write(tmp_path / "s.yaml", _spec(tmp_path, teacher={"checkpoint": str(teacher_file), "model": "resnet8"}))
+@pytest.mark.parametrize("methods", [["kd"], ["disk", "ipwd", "dkd"]])
+def test_good_spec_with_a_fitting_teacher_checkpoint_validates(tmp_path, teacher_file, capsys, methods):
+    """The checks refuse only what cannot run: DiSK's published K (20) is bounded by digits' 10 classes."""
+    spec = _write(tmp_path / "s.yaml", _spec(tmp_path, teacher={"checkpoint": str(teacher_file), "model": "resnet8"},
+                                             methods=methods))  # fmt: skip
     assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
     assert "is valid" in capsys.readouterr().out
 
