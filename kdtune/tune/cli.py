@@ -58,7 +58,9 @@ def add_commands(sub) -> None:
     sp.set_defaults(func=_spaces)
 
     v = sub.add_parser(
-        "validate", help="check a sweep spec (fields, spaces, starting points) without starting"
+        "validate",
+        help="check a sweep spec without starting: fields, spaces, starting points, method constraints, the "
+        "teacher checkpoint, the data, the storage (kdtune.preflight)",
     )
     v.add_argument("spec")
     v.set_defaults(func=_validate)
