@@ -48,13 +48,16 @@ def test_unknown_name_is_refused_with_a_short_list_and_the_command():
         names.check_name("method", "kdd")
 
 
-def test_import_help_and_refusals_do_not_import_heavy_libraries():
+def test_import_help_and_refusals_do_not_import_heavy_libraries(tmp_path):
     code = (
         "import sys, kdtune, kdtune.cli, kdtune.config, kdtune.spec, kdtune.names, kdtune.preflight\n"
         "kdtune.cli.build_parser()\n"
         "assert kdtune.cli.main(['train', 'epochs=-1']) == 2\n"
         "assert kdtune.cli.main(['train', 'model=nosuch']) == 2\n"
         "assert kdtune.cli.main(['train', '--config', '/nonexistent.yaml']) == 2\n"
+        "open('bad.yaml', 'w').write('data: digits\\nstudents: [resnet9]\\nmethods: [kd]\\n')\n"
+        "assert kdtune.cli.main(['validate', 'bad.yaml']) == 2\n"
+        "assert kdtune.cli.main(['sweep', 'bad.yaml']) == 2\n"
         "for argv in (['--help'], ['train', '--help'], ['sweep', '--help']):\n"
         "    try:\n"
         "        kdtune.cli.main(argv)\n"
@@ -63,6 +66,6 @@ def test_import_help_and_refusals_do_not_import_heavy_libraries():
         "heavy = sorted(m for m in ('torch', 'ray', 'mlflow', 'optuna', 'torchvision') if m in sys.modules)\n"
         "print('HEAVY:' + ','.join(heavy))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "HEAVY:", p.stdout
