@@ -133,6 +133,22 @@ def _experiment_files(spec) -> None:
     check_experiment(spec.experiment_dir, mlflow_db=spec.tracking.enabled and not spec.tracking.uri)
 
 
+def _sqlite_problem(path: Path) -> str | None:
+    """SQLite's own check of a database file, opened read-only; None when it is sound."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    result = "; ".join(str(r[0]) for r in rows[:3])
+    return None if result == "ok" else result
+
+
 def check_experiment(exp, mlflow_db: bool = True) -> None:
     """Raise ConfigError if an existing experiment directory holds a damaged database, state or saved spec
     (``kdtune resume`` calls it before reading them)."""
@@ -147,6 +163,9 @@ def check_experiment(exp, mlflow_db: bool = True) -> None:
                 head = fh.read(len(SQLITE_MAGIC))
             if head != SQLITE_MAGIC:
                 raise ConfigError(f"{f} is not an SQLite database (damaged?); {fix}")
+            problem = _sqlite_problem(f)
+            if problem:
+                raise ConfigError(f"{f} is a damaged SQLite database ({problem}); {fix}")
     state = exp / "state.json"
     if state.is_file():
         try:

@@ -71,6 +71,21 @@ def _resume_case(tmp_path: Path, file: str, content) -> list[str]:
     return ["resume", str(exp)]
 
 
+def _damaged_sqlite(tmp_path: Path) -> bytes:
+    """A real SQLite file (right header) whose pages after the first are overwritten."""
+    import sqlite3
+
+    db = tmp_path / "real.db"
+    con = sqlite3.connect(db)
+    con.execute("create table t (x text)")
+    con.executemany("insert into t values (?)", [("x" * 500,)] * 200)
+    con.commit()
+    con.close()
+    data = bytearray(db.read_bytes())
+    data[4096:] = b"\xff" * (len(data) - 4096)
+    return bytes(data)
+
+
 def _teacher_case(tmp_path: Path, make) -> list[str]:
     make(tmp_path / "teacher.pt")
     return ["validate", str(_write(tmp_path / "spec.yaml", _spec(tmp_path)))]
@@ -128,6 +143,8 @@ CASES = [
      "optuna.db is not an SQLite database"),
     ("experiment-damaged-mlflow-db", lambda t, c: _experiment(t, c, "mlflow.db", b"\x00" * 100),
      "mlflow.db is not an SQLite database"),
+    ("experiment-damaged-optuna-db-pages", lambda t, c: _experiment(t, c, "optuna.db", _damaged_sqlite(t)),
+     "optuna.db is a damaged SQLite database"),
     ("experiment-damaged-state", lambda t, c: _experiment(t, c, "state.json", "{not json"),
      "state.json is not valid JSON"),
     ("sweep-damaged-optuna-db", lambda t, c: ["sweep"] + _experiment(t, c, "optuna.db", b"garbage")[1:],
@@ -227,3 +244,20 @@ def test_console_non_utf8_spec(tmp_path):
 def test_console_help_lists_commands():
     p = _run("--help")
     assert p.returncode == 0 and "train" in p.stdout and "validate" in p.stdout and "bench" in p.stdout
+
+
+def test_sound_experiment_files_pass(tmp_path):
+    import sqlite3
+
+    from kdtune.preflight import check_experiment
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for name in ("optuna.db", "mlflow.db"):
+        con = sqlite3.connect(exp / name)
+        con.execute("create table t (x int)")
+        con.commit()
+        con.close()
+    (exp / "state.json").write_text('{"status": "interrupted", "groups": {}}')
+    (exp / "spec.yaml").write_text("name: exp\n")
+    check_experiment(exp)
