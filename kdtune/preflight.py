@@ -143,7 +143,9 @@ def _sqlite_problem(path: Path) -> str | None:
             rows = con.execute("PRAGMA quick_check").fetchall()
         finally:
             con.close()
-    except sqlite3.DatabaseError as e:
+    except sqlite3.OperationalError:
+        return None  # locked, or a hot journal a read-only check cannot roll back: not evidence of damage
+    except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
         return str(e)
     result = "; ".join(str(r[0]) for r in rows[:3])
     return None if result == "ok" else result
