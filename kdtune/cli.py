@@ -20,15 +20,20 @@ examples:
   kdtune train data=digits model=resnet8 teacher=runs/teacher method=kd epochs=30 out=runs/kd
   kdtune train --config trial.yaml epochs=5
   kdtune train data=cifar100 data_root=~/data model=resnet8x4 teacher=t.pt method=dkd preset=crd
-fields: {fields}
+fields (type, default, valid values):
+{fields}
 """
 
 
 def _train(args) -> int:
     from kdtune.config import TrainConfig
+
+    cfg = TrainConfig.from_args(args.settings, args.config)  # refuses bad input before torch is imported
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     from kdtune.engine import iter_train
 
-    cfg = TrainConfig.from_args(args.settings, args.config)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     progress = not args.no_progress and sys.stderr.isatty()
     gen = iter_train(cfg, log=log, progress=progress)
@@ -79,9 +84,13 @@ def _data(args) -> int:
 
 
 def _bench(args) -> int:
+    """Its options are parsed here, not when the parser is built: kdtune.bench imports torch."""
+    from kdtune.bench import add_arguments
     from kdtune.bench import main as bench_main
 
-    return bench_main(args)
+    p = argparse.ArgumentParser(prog="kdtune bench", description=BENCH_HELP)
+    add_arguments(p)
+    return bench_main(p.parse_args(args.rest))
 
 
 def _reproduce(args) -> int:
@@ -90,6 +99,9 @@ def _reproduce(args) -> int:
 
         return int(disk_main(args.rest) or 0)
     raise KdtuneError(f"unknown reproduction {args.what!r}; available: disk-toys")
+
+
+BENCH_HELP = "images/s of kdtune's training step vs a reference-style loop"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one model (teacher or student)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=TRAIN_EPILOG.format(fields=", ".join(TrainConfig.fields())),
+        epilog=TRAIN_EPILOG.format(fields="\n".join(TrainConfig.field_help())),
     )
     t.add_argument("--config", help="YAML file of settings; key=value words override it")
     t.add_argument("--quiet", action="store_true", help="print only the final line")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and run nothing")
     t.add_argument("settings", nargs="*", metavar="key=value")
     t.set_defaults(func=_train)
 
@@ -124,10 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="list data sets")
     d.set_defaults(func=_data)
 
-    from kdtune.bench import add_arguments as bench_args
-
-    b = sub.add_parser("bench", help="images/s of kdtune's training step vs a reference-style loop")
-    bench_args(b)
+    b = sub.add_parser("bench", help=BENCH_HELP, add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (kdtune bench --help)")
     b.set_defaults(func=_bench)
 
     r = sub.add_parser("reproduce", help="reproduce a paper's result on the CPU (disk-toys)")
@@ -144,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        args.rest = extra + args.rest  # the benchmark's own options, parsed by _bench
     try:
         return int(args.func(args) or 0)
     except KdtuneError as e:

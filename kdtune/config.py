@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from kdtune.errors import ConfigError, did_you_mean
+from kdtune.names import check_name
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -26,6 +27,26 @@ AMP_MODES = ("auto", "bf16", "off")
 PRESETS = ("crd",)
 # Students that the CRD recipe trains at lr 0.01 instead of 0.05.
 _CRD_LOW_LR = ("mobilenetv2", "shufflev1", "shufflev2")
+DEVICE_RE = r"auto|cpu|cuda(:\d+)?|mps"
+# The one check of each field's value (TrainConfig.validate) and what `kdtune train --help` shows of it.
+NAMED = {"data": "data set", "model": "model", "teacher_model": "model", "method": "method"}
+RANGES = {
+    "epochs": (lambda v, c: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
+    "lr": (lambda v, c: v > 0 and math.isfinite(v), "a number > 0"),
+    "momentum": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v, c: v >= 0, "a number >= 0"),
+    "val_fraction": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    "lr_decay": (lambda v, c: 0 < v <= 1, "in (0, 1]"),
+    "warmup_epochs": (lambda v, c: 0 <= v < c.epochs, "in [0, epochs)"),
+    "save_every": (lambda v, c: v >= 0, "an integer >= 0"),
+    "num_workers": (lambda v, c: v >= 0, "an integer >= 0"),
+    "seed": (lambda v, c: v >= 0, "an integer >= 0"),
+    "data_seed": (lambda v, c: v >= 0, "an integer >= 0"),
+}
+CHECKPOINT_FIELDS = ("teacher", "init")
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "preset": PRESETS}
 
 
 @dataclass
@@ -80,6 +101,36 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def field_help(cls) -> list[str]:
+        """One line per field: name, type, default and valid values (``kdtune train --help``)."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            if f.name in NAMED:
+                valid = f"a {NAMED[f.name]} name (`kdtune {'data' if f.name == 'data' else NAMED[f.name] + 's'}`)"
+            elif f.name in RANGES:
+                valid = RANGES[f.name][1]
+            elif f.name in CHOICES:
+                valid = "one of " + ", ".join(CHOICES[f.name])
+            elif f.name == "device":
+                valid = "auto, cpu, cuda, cuda:N or mps"
+            elif f.name == "hp":
+                valid = "the method's hyperparameters (`kdtune methods <method>`)"
+            elif f.name == "milestones":
+                valid = "increasing epochs in (0, epochs)"
+            elif f.name in CHECKPOINT_FIELDS:
+                valid = "a checkpoint file, run directory or http(s) URL"
+            elif isinstance(default, bool):
+                valid = "true or false"
+            elif f.name in ("out", "data_root"):
+                valid = "a directory"
+            else:
+                valid = ""
+            shown = "none" if default is None else json.dumps(default).strip('"')
+            lines.append(f"  {f.name:<16} {str(f.type):<12} default {shown:<8} {valid}".rstrip())
+        return lines
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build and validate a config from a flat dict (``hp`` may be a nested dict).
 
@@ -123,15 +174,30 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, known_keys: set[str] | None = None) -> None:
-        from kdtune.data import DATASETS
-        from kdtune.losses import METHODS
-        from kdtune.models import MODELS
-
+        """Check every field; the names, ranges and choices first (without importing torch, so a bad value
+        is refused at once), then the method's hyperparameters and needs (this imports the methods)."""
         self._coerce()
-        DATASETS.get(self.data)
-        MODELS.get(self.model)
-        if self.teacher_model is not None:
-            MODELS.get(self.teacher_model)
+        for name, kind in NAMED.items():
+            if getattr(self, name) is not None:
+                check_name(kind, getattr(self, name))
+        for name, (ok, valid) in RANGES.items():
+            _require(ok(getattr(self, name), self), name, getattr(self, name), valid)
+        for name, choices in CHOICES.items():
+            if name != "preset" or self.preset is not None:
+                _choice(name, getattr(self, name), choices)
+        for m in self.milestones:
+            _require(
+                0 < m < self.epochs, "milestones", self.milestones, "epochs strictly between 0 and epochs"
+            )
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"milestones={self.milestones} must be increasing")
+        if not re.fullmatch(DEVICE_RE, self.device):
+            raise ConfigError(f"device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=true and overwrite=true contradict each other; pass one of them")
+
+        from kdtune.losses import METHODS
+
         method_cls = METHODS.get(self.method)
         unknown = sorted(set(self.hp) - set(method_cls.hparams))
         if unknown:
@@ -144,30 +210,6 @@ class TrainConfig:
                 "see `kdtune train --help` and `kdtune methods`"
             )
         self.hp = method_cls.resolve(self.hp)
-        _require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
-        _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a number > 0")
-        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
-        _require(0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "in (0, 1]")
-        _require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs, "in [0, epochs)")
-        _require(self.save_every >= 0, "save_every", self.save_every, "an integer >= 0")
-        _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("amp", self.amp, AMP_MODES)
-        if self.preset is not None:
-            _choice("preset", self.preset, PRESETS)
-        for m in self.milestones:
-            _require(
-                0 < m < self.epochs, "milestones", self.milestones, "epochs strictly between 0 and epochs"
-            )
-        if list(self.milestones) != sorted(self.milestones):
-            raise ConfigError(f"milestones={self.milestones} must be increasing")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise ConfigError(f"device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
         if method_cls.needs_teacher and not self.teacher:
             raise ConfigError(
                 f"method {self.method!r} needs a teacher: pass teacher=<checkpoint>, e.g. one trained with "
@@ -178,8 +220,6 @@ class TrainConfig:
                 f"method {self.method!r} needs a CE-trained student to start from: run `kdtune train method=ce "
                 f"model={self.model} data={self.data} out=runs/ce-student` and pass init=runs/ce-student"
             )
-        if self.resume and self.overwrite:
-            raise ConfigError("resume=true and overwrite=true contradict each other; pass one of them")
 
     def _coerce(self) -> None:
         """Convert values from YAML/CLI strings to the declared types, naming the field on failure."""
@@ -266,20 +306,46 @@ def parse_overrides(words: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_text_file(path: str | Path, what: str = "config file", hint: str = "check the path") -> str:
+    """The UTF-8 text of a file; a missing, unreadable or non-UTF-8 file, or a directory, raises ConfigError
+    in one line naming the file as ``what`` and the fix (a missing one with ``hint``)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} is a directory, not a file; pass the YAML file itself")
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r} does not exist; {hint}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {str(p)!r} ({e.strerror or e}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {str(p)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+            "pass a YAML text file, saved as UTF-8"
+        ) from None
+
+
 def load_yaml_mapping(
     path: str | Path, what: str = "config file", hint: str = "check the path"
 ) -> dict[str, Any]:
-    """The mapping a YAML file holds (``{}`` for an empty file); a missing file, bad YAML or another kind of
-    value raises :class:`ConfigError` naming the file as ``what`` (a missing one with ``hint``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist; {hint}")
+    """The mapping a YAML file holds (``{}`` for an empty file); a missing, unreadable or non-UTF-8 file,
+    bad YAML or another kind of value raises :class:`ConfigError` naming the file as ``what`` (a missing
+    one with ``hint``) and, for bad YAML, the line."""
+    p = Path(path).expanduser()
+    text = read_text_file(p, what, hint)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}; fix its syntax") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None)
+        raise ConfigError(
+            f"{what} {str(p)!r} is not valid YAML{where}" + (f" ({problem})" if problem else "")
+            + "; fix its syntax"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -263,10 +263,8 @@ def load_spec(path_or_dict: str | Path | dict, *, base_dir: str | Path | None = 
 
 
 def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
-    from kdtune.config import TrainConfig
-    from kdtune.data import DATASETS
-    from kdtune.losses import METHODS
-    from kdtune.models import MODELS
+    from kdtune.config import TrainConfig  # no torch: names are checked by kdtune.names, so the sections
+    # before `methods` are refused at once; the methods (and torch) are imported for their hyperparameters
 
     fields = {f.name for f in dataclasses.fields(SweepSpec)} - {"source"}
     _no_unknown("", raw, fields)
@@ -277,7 +275,7 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
             f"name={name!r} is not a valid experiment name; use letters, digits, '.', '_' or '-' (it names a folder)"
         )
     data = _str(raw, "data", "digits")
-    _lookup("data", data, DATASETS)
+    _lookup("data", data, "data set")
     val_fraction = _num(raw, "val_fraction", 0.1, lo=0.0, hi=1.0, hi_open=True)
     data_seed = _int(raw, "data_seed", 0, lo=0)
     seed = _int(raw, "seed", 0, lo=0)
@@ -288,7 +286,7 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
     if not isinstance(students, list) or not students:
         raise ConfigError("students must be a non-empty list of model names, e.g. students: [resnet8x4]")
     for i, s in enumerate(students):
-        _lookup(f"students[{i}]", s, MODELS)
+        _lookup(f"students[{i}]", s, "model")
     if len(set(students)) != len(students):
         raise ConfigError(f"students lists a model twice ({students}); list each once")
 
@@ -313,8 +311,10 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
 
     train = _train_fields("train", raw.get("train") or {}, TrainConfig)
     ce_student = _train_fields("ce_student", raw.get("ce_student") or {}, TrainConfig)
+    from kdtune.losses import METHODS
+
     methods = _methods(raw.get("methods"), METHODS, TrainConfig)
-    teacher = _teacher(raw.get("teacher"), MODELS, TrainConfig, base_dir)
+    teacher = _teacher(raw.get("teacher"), TrainConfig, base_dir)
     needs_teacher = [m.name for m in methods if METHODS.get(m.name).needs_teacher]
     if needs_teacher and teacher is None:
         raise ConfigError(
@@ -414,7 +414,7 @@ def _failures(raw: Any) -> FailureSpec:
                        on_resume=on_resume)  # fmt: skip
 
 
-def _teacher(raw: Any, MODELS, TrainConfig, base_dir: Path | None) -> TeacherSpec | None:
+def _teacher(raw: Any, TrainConfig, base_dir: Path | None) -> TeacherSpec | None:
     if raw is None:
         return None
     if isinstance(raw, str):
@@ -424,7 +424,7 @@ def _teacher(raw: Any, MODELS, TrainConfig, base_dir: Path | None) -> TeacherSpe
     _no_unknown("teacher.", raw, {"model", "checkpoint", "method", "hp", "train"})
     model = _opt_str(raw, "model", prefix="teacher.")
     if model is not None:
-        _lookup("teacher.model", model, MODELS)
+        _lookup("teacher.model", model, "model")
     ckpt = _opt_str(raw, "checkpoint", prefix="teacher.")
     if ckpt is None and model is None:
         raise ConfigError(
@@ -474,12 +474,8 @@ def _methods(raw: Any, METHODS, TrainConfig) -> list[MethodSpec]:
     for name, opts in raw.items():
         name = str(name)
         where = f"methods.{name}"
-        cls = METHODS.get(name) if name in METHODS else None
-        if cls is None:
-            raise ConfigError(
-                f"{where}: unknown method {name!r}{did_you_mean(name, METHODS.names())}; valid methods: "
-                f"{', '.join(METHODS.names())}"
-            )
+        _lookup(where, name, "method")
+        cls = METHODS.get(name)
         opts = opts or {}
         if not isinstance(opts, dict):
             raise ConfigError(f"{where} must be a mapping {{space: {{...}}, starts: true, trials: N}}")
@@ -626,12 +622,10 @@ def _no_unknown(prefix: str, raw: dict, allowed: set) -> None:
             )
 
 
-def _lookup(where: str, name: Any, registry) -> None:
-    if not isinstance(name, str) or name not in registry:
-        raise ConfigError(
-            f"{where}: unknown {registry.kind} {name!r}{did_you_mean(str(name), registry.names())}; valid "
-            f"{registry.kind}s: {', '.join(registry.names())}"
-        )
+def _lookup(where: str, name: Any, kind: str) -> None:
+    from kdtune.names import check_name
+
+    check_name(kind, name, where)
 
 
 def _str(raw: dict, key: str, default: str) -> str:

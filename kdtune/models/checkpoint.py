@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 _MAX_ERR = 300
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -181,12 +182,27 @@ def read_checkpoint(source: str | os.PathLike, map_location: Any = "cpu", role: 
     if path.is_dir():
         raise CheckpointError(f"{role} {src} is a directory; pass the checkpoint file inside it")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {role} {src} ({e.strerror or e}); check its permissions") from None
+    if not head:
+        raise CheckpointError(f"cannot read {role} {src}: the file is empty; copy or save it again")
+    if not head.startswith((ZIP_MAGIC, b"\x80")):  # torch.save writes a zip archive (a pickle before 1.6)
+        raise CheckpointError(
+            f"cannot read {role} {src}: not a torch.save file (it starts with {head!r}); pass a checkpoint "
+            "written by torch.save"
+        )
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(e, role, src) from None
-    except (
-        Exception
-    ) as e:  # damaged files surface as assorted errors (EOFError, IndexError, RuntimeError, ...)
+    except Exception as e:  # damaged files surface as assorted errors (EOFError, IndexError, RuntimeError, ...)
+        if head == ZIP_MAGIC and "central directory" in str(e):
+            raise CheckpointError(
+                f"cannot read {role} {src}: the file is truncated or damaged ({path.stat().st_size} bytes, its zip "
+                "archive has no end); copy or save it again"
+            ) from None
         raise CheckpointError(
             f"cannot read {role} {src} ({type(e).__name__}: {_one_line(e)}); "
             "pass a checkpoint written by torch.save"

@@ -9,8 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdtune.errors import ConfigError
-
 SWEEP_EPILOG = """\
 examples:
   kdtune sweep sweeps/digits.yaml                 the README demo: several methods on digits, a few minutes
@@ -29,6 +27,7 @@ def add_commands(sub) -> None:
     s.add_argument(
         "--storage", help="where experiments live (default: the spec's storage:, else runs/sweeps)"
     )
+    s.add_argument("--print-config", action="store_true", help="print the resolved spec and run nothing")
     s.set_defaults(func=_sweep)
 
     r = sub.add_parser("resume", help="finish a sweep that was interrupted (killed driver, Ctrl-C, crash)")
@@ -59,7 +58,9 @@ def add_commands(sub) -> None:
     sp.set_defaults(func=_spaces)
 
     v = sub.add_parser(
-        "validate", help="check a sweep spec (fields, spaces, starting points) without starting"
+        "validate",
+        help="check a sweep spec without starting: fields, spaces, starting points, method constraints, the "
+        "teacher checkpoint, the data, the storage (kdtune.preflight)",
     )
     v.add_argument("spec")
     v.set_defaults(func=_validate)
@@ -69,48 +70,54 @@ def add_commands(sub) -> None:
 
 
 def _load(args):
+    from kdtune.config import load_yaml_mapping
     from kdtune.spec import load_spec
 
     spec_path = Path(args.spec)
-    if not spec_path.is_file():
-        raise ConfigError(f"sweep spec {args.spec!r} does not exist; check the path (examples in sweeps/)")
+    what, hint = "sweep spec", "check the path (examples in sweeps/)"
     if getattr(args, "name", None) or getattr(args, "storage", None):
-        import yaml
-
-        from kdtune.config import load_yaml_mapping
-
-        raw = (
-            load_yaml_mapping(spec_path)
-            if spec_path.suffix in (".yaml", ".yml")
-            else yaml.safe_load(spec_path.read_text())
-        )
+        raw = load_yaml_mapping(spec_path, what, hint)
         raw.setdefault("name", spec_path.stem)
         if args.name:
             raw["name"] = args.name
         if args.storage:
             raw["storage"] = args.storage
         return load_spec(raw, base_dir=spec_path.resolve().parent)
+    load_yaml_mapping(spec_path, what, hint)  # a missing, non-UTF-8 or damaged file: its own one line
     return load_spec(spec_path)
 
 
 def _sweep(args) -> int:
-    from kdtune.tune.runner import sweep
+    from kdtune.preflight import preflight
 
     spec = _load(args)
+    if args.print_config:
+        print(spec.to_yaml(), end="")
+        return 0
+    preflight(spec)  # what the spec points at, before Ray starts
+
+    from kdtune.tune.runner import sweep
+
     result = sweep(spec, log=_print)
     _finish(result)
     return 0
 
 
 def _resume(args) -> int:
-    from kdtune.tune.runner import resume
+    from kdtune.preflight import check_experiment
+    from kdtune.tune.runner import find_experiment, resume
 
+    check_experiment(find_experiment(args.experiment, args.storage))  # damaged files: one line, before Ray
     result = resume(args.experiment, args.storage, log=_print)
     _finish(result)
     return 0
 
 
 def _report(args) -> int:
+    from kdtune.preflight import check_experiment
+
+    exp = Path(args.experiment).expanduser()
+    check_experiment(exp if exp.is_dir() else Path(args.storage or "runs/sweeps").expanduser() / args.experiment)
     try:
         from kdtune.report import main_report
     except ImportError:
@@ -139,8 +146,9 @@ def _spaces(args) -> int:
     names = [args.method] if args.method else [m for m in available_spaces() if m in METHODS]
     if args.method:
         METHODS.get(args.method)
-    classes = args.classes or {"cifar100": 100, "cifar10": 10, "digits": 10, "tiny-imagenet": 200,
-                               "imagenet": 1000}.get(args.data)  # fmt: skip
+    from kdtune.names import DATASET_SHAPES
+
+    classes = args.classes or DATASET_SHAPES[args.data][0]
     for i, name in enumerate(names):
         cls = METHODS.get(name)
         teacher = args.teacher if cls.needs_teacher else None
@@ -171,9 +179,11 @@ def _spaces(args) -> int:
 
 
 def _validate(args) -> int:
+    from kdtune.preflight import preflight
     from kdtune.tune.runner import prepare
 
     spec = _load(args)
+    preflight(spec)
     info = prepare(spec)
     b = spec.budget
     teacher = "none"

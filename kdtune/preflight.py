@@ -1,0 +1,181 @@
+"""Checks of a sweep spec against the world before any work starts: ``preflight(spec)``.
+
+:func:`kdtune.spec.load_spec` checks the spec itself (fields, names, ranges, every method's hyperparameters
+and their combinations). :func:`preflight` checks what the spec points at, so that a sweep that cannot
+succeed is refused in the driver before Ray starts, instead of failing every trial:
+
+- the teacher checkpoint: readable, a torch checkpoint, of the architecture ``teacher.model`` names, with
+  the data set's class count and input channels (what each trial would otherwise find out);
+- every method's constraints on the run it joins (DiSK's ``K`` at most the number of classes, a teacher
+  with features, ...): each group's method is built, as a trial would build it, from its starting points
+  (the published ones, bounded by the data's class count, with the spec's fixed values) on the real
+  student and teacher architectures, without data or training;
+- the data: an in-memory data set (digits, CIFAR, the toys) is read once unless ``download: true``, so a
+  missing or damaged folder is named now (folder data sets are scanned by the sweep: a scan of ImageNet is
+  too slow for a check);
+- the storage: a directory (or a place one can be made) that is writable;
+- an existing experiment's files: ``optuna.db`` / ``mlflow.db`` are SQLite databases, ``state.json`` is
+  JSON, ``spec.yaml`` is YAML (a damaged one would fail the resume half-way).
+
+``kdtune validate`` and ``kdtune sweep`` call it; every problem found is one line of the ConfigError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kdtune.errors import ConfigError, KdtuneError
+from kdtune.names import DATASET_SHAPES
+
+# Folder data sets take their class count from the folders found, so a checkpoint's is checked when the
+# data is read (a subset of ImageNet is legitimate), not here.
+FOLDER_DATASETS = ("imagenet", "tiny-imagenet")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def preflight(spec) -> None:
+    """Raise :class:`ConfigError` (one line per problem) if what ``spec`` points at cannot be used."""
+    problems: list[str] = []
+    for check in (_teacher_checkpoint, _method_constraints, _data, _storage, _experiment_files):
+        try:
+            check(spec)
+        except KdtuneError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _teacher_checkpoint(spec) -> None:
+    t = spec.teacher
+    if t is None or t.checkpoint is None or "://" in t.checkpoint:
+        return  # a teacher stage is trained by the sweep; a URL is fetched when the sweep starts
+    from kdtune.models.checkpoint import load_model
+
+    classes, channels = DATASET_SHAPES[spec.data]
+    if spec.data in FOLDER_DATASETS:
+        classes = None
+    load_model(t.checkpoint, arch=t.model, num_classes=classes, in_channels=channels,
+               role="teacher checkpoint", data=spec.data)  # fmt: skip
+
+
+def _method_constraints(spec) -> None:
+    if spec.data in FOLDER_DATASETS:
+        return  # the class count is known once the folders are scanned
+    import torch
+
+    from kdtune.losses import METHODS
+    from kdtune.losses.base import MethodContext
+    from kdtune.models import create_model
+    from kdtune.tune.spaces import SpaceContext, build_space, load_source
+
+    classes, channels = DATASET_SHAPES[spec.data]
+    teacher_arch = spec.teacher.model if spec.teacher is not None else None
+    for student, method in spec.groups():
+        cls = METHODS.get(method)
+        if cls.needs_teacher and teacher_arch is None:
+            continue  # a checkpoint without teacher.model: its architecture is checked when it is read
+        ms = spec.method(method)
+        ctx = SpaceContext(method=method, data=spec.data, student=student,
+                           teacher=teacher_arch if cls.needs_teacher else None, epochs=spec.budget.epochs,
+                           num_classes=classes)  # fmt: skip
+        fn = build_space(method, ctx, ms.space, load_source(method))
+        if ms.starts is False:
+            points = []
+        else:
+            points, _ = fn.valid_starts(None if ms.starts is True else list(ms.starts))
+        fixed = {k: o.value for k, o in ms.space.items() if o.kind == "fixed"}
+        s_model = create_model(student, num_classes=classes, in_channels=channels)
+        t_model = create_model(teacher_arch, num_classes=classes, in_channels=channels) if cls.needs_teacher else None
+        for point in points or [{}]:
+            hp = cls.resolve({k: v for k, v in {**point, **fixed}.items() if k in cls.hparams})
+            mctx = MethodContext(
+                num_classes=classes, epochs=spec.budget.epochs, steps_per_epoch=1, device=torch.device("cpu"),
+                student=s_model, teacher=t_model, student_feat_dim=getattr(s_model, "feat_dim", None),
+                teacher_feat_dim=getattr(t_model, "feat_dim", None) if t_model is not None else None,
+                init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
+            )
+            try:
+                cls(hp, mctx)
+            except KdtuneError as e:
+                raise ConfigError(f"methods.{method} ({student} on {spec.data}): {e}") from None
+
+
+def _data(spec) -> None:
+    if spec.download or spec.data in FOLDER_DATASETS:
+        return
+    from kdtune.data import load_data
+
+    load_data(spec.data, root=spec.data_root, download=False, val_fraction=spec.val_fraction,
+              seed=spec.data_seed)  # fmt: skip
+
+
+def _storage(spec) -> None:
+    if "://" in spec.storage:
+        return
+    p = Path(spec.storage)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"storage {p} is a file, not a directory; set storage: to a directory")
+    exp = Path(spec.experiment_dir)
+    if exp.exists() and not exp.is_dir():
+        raise ConfigError(f"experiment {exp} is a file, not a directory; move it away or choose another name:")
+    existing = next(q for q in (exp, *exp.parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"storage {p} lies under the file {existing}; set storage: to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage {p}: {existing} is not writable; set storage: to a directory you can write")
+
+
+def _experiment_files(spec) -> None:
+    check_experiment(spec.experiment_dir, mlflow_db=spec.tracking.enabled and not spec.tracking.uri)
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """SQLite's own check of a database file, opened read-only; None when it is sound."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return None  # locked, or a hot journal a read-only check cannot roll back: not evidence of damage
+    except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+        return str(e)
+    result = "; ".join(str(r[0]) for r in rows[:3])
+    return None if result == "ok" else result
+
+
+def check_experiment(exp, mlflow_db: bool = True) -> None:
+    """Raise ConfigError if an existing experiment directory holds a damaged database, state or saved spec
+    (``kdtune resume`` calls it before reading them)."""
+    exp = Path(exp)
+    if not exp.is_dir():
+        return
+    fix = "move it away to start the experiment afresh, or restore it from a backup"
+    for name in ("optuna.db", "mlflow.db") if mlflow_db else ("optuna.db",):
+        f = exp / name
+        if f.is_file() and f.stat().st_size > 0:
+            with open(f, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+            if head != SQLITE_MAGIC:
+                raise ConfigError(f"{f} is not an SQLite database (damaged?); {fix}")
+            problem = _sqlite_problem(f)
+            if problem:
+                raise ConfigError(f"{f} is a damaged SQLite database ({problem}); {fix}")
+    state = exp / "state.json"
+    if state.is_file():
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ConfigError(f"{state} is not valid JSON (damaged?); {fix}") from None
+    saved = exp / "spec.yaml"
+    if saved.is_file():
+        from kdtune.config import load_yaml_mapping
+
+        load_yaml_mapping(saved, "the experiment's saved spec", fix)
