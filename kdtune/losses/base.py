@@ -181,6 +181,17 @@ class Method:
         pass
 
 
+LOGIT_STD_EPS = 1e-7  # added to the std, as in the official code
+
+
+def logit_standardize(logits: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024: its Z-score
+    pre-process, as its official code computes it): ``(z - mean(z)) / (1e-7 + std(z))`` over the class dimension of each sample, with
+    the unbiased std (torch's default, as the official code). Float32 in, float32 out."""
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (LOGIT_STD_EPS + z.std(dim=-1, keepdim=True))
+
+
 METHODS: Registry[type[Method]] = Registry("method")
 
 
