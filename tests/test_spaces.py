@@ -118,6 +118,7 @@ def test_disk_dependent_ranges_follow_lambda_min_and_the_ce_error():
         consts = fn(t)
         c = {**t.params, **consts}
         assert c["lambda_max"] > c["lambda_min"]
+        assert c["lambda_max"] in (1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # A.5's set, not a range
         assert -ce_error - 1e-12 <= c["delta_offset"] <= 0.2 and c["delta_offset"] >= -0.2
         assert 0.0 <= ce_error + c["delta_offset"] <= 1.0
         assert c["K"] <= 10  # digits has 10 classes
