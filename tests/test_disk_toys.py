@@ -219,3 +219,18 @@ def test_runs_do_not_depend_on_how_many_seeds_run():
     big = disk_toys.run_problem(disk_toys.make_problem("intervals", cfg3), cfg3)
     for meth in ("CE", "KD", "DiSK"):
         assert torch.allclose(small.accs[meth], big.accs[meth][:2])
+
+
+@pytest.mark.parametrize("key", ["intervals", "gaussians"])
+def test_disk_guide_selects_the_ce_students_mistakes(key):
+    """With the default DiSK settings the guide helps (censors) the examples the CE student gets wrong, and
+    about as many examples as the budget allows; eq. 4's unnormalised help, by contrast, helps everything."""
+    cfg = disk_toys.ToyConfig(seeds=6, epochs=60, lambda_period=20, teacher_restarts=4)
+    r = disk_toys.run_problem(disk_toys.make_problem(key, cfg), cfg)
+    g = r.guide
+    assert g["g_wrong"] > g["g_right"] + 0.15, g
+    assert 0.05 < g["helped_frac"] <= g["delta"] + 0.1, g
+    assert 0.1 < g["delta"] < 0.4  # A.5: the CE students' training error
+    cfg4 = disk_toys.ToyConfig(seeds=2, epochs=30, lambda_period=10, teacher_restarts=2, help_norm="eq4")
+    r4 = disk_toys.run_problem(disk_toys.make_problem(key, cfg4), cfg4)
+    assert r4.guide["g_right"] > 0.9 and r4.guide["helped_frac"] > 0.9, r4.guide

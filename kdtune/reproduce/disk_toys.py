@@ -50,7 +50,14 @@ from torch import Tensor, nn
 
 from kdtune.data.base import Split
 from kdtune.data.toys import GAUSS_STD, INTERVAL_KAPPA, gaussians_splits, intervals_splits
-from kdtune.losses.disk import disk_distill, fit_student_temperature, guide_objective, lambda_schedule
+from kdtune.losses.disk import (
+    disk_distill,
+    fit_student_temperature,
+    guide_objective,
+    guide_stats,
+    lambda_schedule,
+    summarize_guide_stats,
+)
 from kdtune.models.toys import BNMLP, LOG_FLOOR_EPS, STUDENT_WIDTHS, TEACHER_WIDTHS, IntervalNet
 
 METHODS = ("CE", "KD", "DiSK")
@@ -97,7 +104,16 @@ class ToyConfig:
     lambda_min: float = 0.1
     lambda_max: float = 50.0
     lambda_period: int = 50
-    delta: float = 0.0
+    delta: float | None = None  # None: each seed's CE student's training error + delta_offset (A.5)
+    delta_offset: float = 0.0
+    help_norm: str = "renorm"
+    budget_norm: str = "N"
+    budget_ce_cap: float = 0.0
+    budget_relax: str = "indicator"
+    alternate: str = "passes"
+    guide_epochs: int = 3
+    round_epochs: int = 3
+    guide_warmup: int = 0
     guide_steps: int = 3
     guide_lr: float = 0.1
     guide_wd: float = 5e-4
@@ -251,6 +267,7 @@ class ProblemResult:
     labels: dict[str, list[str]]
     accs: dict[str, Tensor]
     seconds: float
+    guide: dict[str, float] = field(default_factory=dict)
 
 
 def _train_teacher(p: Problem, cfg: ToyConfig, tick) -> nn.Module:
@@ -307,45 +324,82 @@ def run_problem(p: Problem, cfg: ToyConfig, tick=None) -> ProblemResult:
     train_ensemble(kd_student, p.train, seeds, cfg, kd_loss, tag=3, tick=tick)
     labels["KD"], accs["KD"] = p.classify(kd_student, p.test)
 
-    # DiSK (Algorithm 1): guide steps on (1 - alpha) L_dist + lambda L_budget, then the student's step.
+    # DiSK (Algorithm 1): per round, the guide's passes over the data on (1 - alpha) L_dist + lambda L_budget
+    # (student fixed), then the student's epochs on alpha CE + (1 - alpha) L_dist (guide fixed).
     dk_student = p.make_student(s)
     dk_student.load_state_dict({k: v.clone() for k, v in start_state.items()})
     guide = BNMLP(t_feats.shape[-1] + p.num_classes, cfg.guide_hidden, 1, ensemble=s)
     guide.init_members([20_000 + sd for sd in seeds])
     gopt = torch.optim.SGD(guide.parameters(), lr=cfg.guide_lr, momentum=0.9, weight_decay=cfg.guide_wd)
     g_in = torch.cat([t_feats, F.softmax(t_logits, dim=-1)], dim=-1)
-    if cfg.student_T is not None:
-        tau_s: Tensor = torch.full((s,), float(cfg.student_T))
-    else:
+    with torch.no_grad():
+        dk_student.eval()
+        warm_logits = dk_student(x)
+        ce_wrong = warm_logits.argmax(dim=-1) != y  # (S, N): the CE student's training mistakes
+        if cfg.student_T is not None:
+            tau_s: Tensor = torch.full((s,), float(cfg.student_T))
+        else:
+            tau_s = fit_student_temperature(warm_logits, t_logits, cfg.tau_t)
+        dk_student.train()
+    if cfg.delta is not None:
+        delta: Tensor = torch.full((s,), float(cfg.delta))
+    else:  # A.5: the CE-trained student's error (of the warm start, per seed), plus the offset
+        delta = (ce_wrong.float().mean(dim=1) + cfg.delta_offset).clamp(0.0, 1.0)
+    state = {"lam": cfg.lambda_min}
+    k = cfg.K or p.num_classes
+    kw = dict(alpha=cfg.alpha, tau_t=cfg.tau_t, k=k, delta=delta, target=cfg.target, help_norm=cfg.help_norm,
+              budget_norm=cfg.budget_norm, ce_cap=cfg.budget_ce_cap or None, budget_relax=cfg.budget_relax)  # fmt: skip
+    gens = _shuffles(seeds, len(p.train), tag=5)
+    n, b = len(p.train), min(cfg.batch_size, len(p.train))
+
+    def guide_pass() -> None:
         with torch.no_grad():
             dk_student.eval()
-            tau_s = fit_student_temperature(dk_student(x), t_logits, cfg.tau_t)
+            s_all = dk_student(x)
             dk_student.train()
-    state = {"lam": cfg.lambda_min}
-    kw = dict(alpha=cfg.alpha, tau_t=cfg.tau_t, k=cfg.K or p.num_classes, delta=cfg.delta, target=cfg.target)
+        guide.train()
+        perm = torch.stack([torch.randperm(n, generator=gg) for gg in gens])
+        for i in range(max(n // b, 1)):
+            idx = perm[:, i * b : (i + 1) * b]
+            g = torch.sigmoid(guide(g_in[idx])).squeeze(-1)
+            sb = torch.gather(s_all, 1, idx.unsqueeze(-1).expand(-1, -1, s_all.shape[-1]))
+            obj = guide_objective(sb, t_logits[idx], y[idx], g, lam=state["lam"], tau_s=tau_s, **kw).sum()
+            gopt.zero_grad(set_to_none=True)
+            obj.backward()
+            gopt.step()
 
     def on_epoch(epoch: int) -> None:
         state["lam"] = lambda_schedule(epoch, cfg.epochs, cfg.lambda_min, cfg.lambda_max, cfg.lambda_period)
+        if cfg.alternate == "passes" and epoch % cfg.round_epochs == 0:
+            for _ in range(cfg.guide_epochs + (cfg.guide_warmup if epoch == 0 else 0)):
+                guide_pass()
 
     def disk_loss(idx: Tensor, epoch: int) -> Tensor:
         logits = dk_student(x[idx])
         tl, yb, gi = t_logits[idx], y[idx], g_in[idx]
-        guide.train()
-        for _ in range(cfg.guide_steps):
-            g = torch.sigmoid(guide(gi)).squeeze(-1)
-            obj = guide_objective(logits.detach(), tl, yb, g, lam=state["lam"], tau_s=tau_s, **kw).sum()
-            gopt.zero_grad(set_to_none=True)
-            obj.backward()
-            gopt.step()
+        if cfg.alternate == "batch":
+            guide.train()
+            for _ in range(cfg.guide_steps):
+                g = torch.sigmoid(guide(gi)).squeeze(-1)
+                obj = guide_objective(logits.detach(), tl, yb, g, lam=state["lam"], tau_s=tau_s, **kw).sum()
+                gopt.zero_grad(set_to_none=True)
+                obj.backward()
+                gopt.step()
+        guide.eval()
         with torch.no_grad():
             g = torch.sigmoid(guide(gi)).squeeze(-1)
         ce = _per_member_ce(logits, yb)
-        dist = disk_distill(logits, tl, g, cfg.tau_t, tau_s, kw["k"], target=cfg.target)
+        dist = disk_distill(logits, tl, g, cfg.tau_t, tau_s, k, target=cfg.target)
         return (cfg.alpha * ce + (1 - cfg.alpha) * dist).sum()
 
     train_ensemble(dk_student, p.train, seeds, cfg, disk_loss, tag=4, on_epoch=on_epoch, tick=tick)
     labels["DiSK"], accs["DiSK"] = p.classify(dk_student, p.test)
-    return ProblemResult(p.key, teacher_acc, labels, accs, time.time() - t0)
+    guide.eval()
+    with torch.no_grad():
+        g_final = torch.sigmoid(guide(g_in.expand(s, -1, -1))).squeeze(-1)  # (S, N) on the training set
+    stats = summarize_guide_stats(guide_stats(g_final, ce_wrong).sum(dim=0))
+    stats["delta"] = float(delta.mean())
+    return ProblemResult(p.key, teacher_acc, labels, accs, time.time() - t0, guide=stats)
 
 
 # -- the table -------------------------------------------------------------------------------------------------
@@ -438,7 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-min", type=float, default=d.lambda_min)
     p.add_argument("--lambda-max", type=float, default=d.lambda_max)
     p.add_argument("--lambda-period", type=int, default=d.lambda_period)
-    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--delta", type=float, default=d.delta,
+                   help="fixed budget (default: each seed's CE student's training error, A.5)")
+    p.add_argument("--delta-offset", type=float, default=d.delta_offset, help="added to the CE error (A.5: +-0.2)")
+    p.add_argument("--help-norm", choices=("renorm", "code", "eq4"), default=d.help_norm,
+                   help="the guide's L_dist (see kdtune.losses.disk)")
+    p.add_argument("--budget-norm", choices=("N", "mistakes"), default=d.budget_norm)
+    p.add_argument("--budget-relax", choices=("indicator", "ce"), default=d.budget_relax,
+                   help="the guide's budget cost: eq. 2's mistake indicator or eq. 3's CE")
+    p.add_argument("--budget-ce-cap", type=float, default=d.budget_ce_cap, help="cap of eq. 3's CE (code: 5)")
+    p.add_argument("--alternate", choices=("passes", "batch"), default=d.alternate,
+                   help="passes: guide passes over the data, then student epochs (A.5); batch: per batch")
+    p.add_argument("--guide-epochs", type=int, default=d.guide_epochs, help="guide passes per round")
+    p.add_argument("--round-epochs", type=int, default=d.round_epochs, help="student epochs per round")
+    p.add_argument("--guide-warmup", type=int, default=d.guide_warmup, help="guide-only passes before round 1")
     p.add_argument("--guide-steps", type=int, default=d.guide_steps)
     p.add_argument("--guide-lr", type=float, default=d.guide_lr)
     p.add_argument("--guide-hidden", default=",".join(map(str, d.guide_hidden)), help="e.g. '2' or '64,128'")
@@ -461,7 +528,11 @@ def config_from_args(args: argparse.Namespace) -> ToyConfig:
         interval_eps=args.interval_eps,
         gauss_std=args.gauss_std, kd_T=args.kd_T, kd_alpha=args.kd_alpha, alpha=args.alpha, tau_t=args.tau_t,
         student_T=args.student_T, K=args.K, target=args.target, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
-        lambda_period=args.lambda_period, delta=args.delta, guide_steps=args.guide_steps, guide_lr=args.guide_lr,
+        lambda_period=args.lambda_period, delta=args.delta, delta_offset=args.delta_offset, help_norm=args.help_norm,
+        budget_norm=args.budget_norm, budget_relax=args.budget_relax, budget_ce_cap=args.budget_ce_cap,
+        alternate=args.alternate, guide_epochs=args.guide_epochs,
+        round_epochs=args.round_epochs, guide_warmup=args.guide_warmup, guide_steps=args.guide_steps,
+        guide_lr=args.guide_lr,
         guide_hidden=parse_hidden(args.guide_hidden), problems=problems,
     )  # fmt: skip
     if args.quick:
@@ -469,6 +540,10 @@ def config_from_args(args: argparse.Namespace) -> ToyConfig:
         cfg.lambda_period = min(cfg.lambda_period, 10)
     if cfg.seeds < 1 or cfg.epochs < 1 or cfg.batch_size < 2:
         raise ConfigError("--seeds and --epochs must be >= 1 and --batch-size >= 2")
+    if cfg.guide_epochs < 1 or cfg.round_epochs < 1 or cfg.guide_warmup < 0:
+        raise ConfigError("--guide-epochs and --round-epochs must be >= 1 and --guide-warmup >= 0")
+    if cfg.delta is not None and not 0.0 <= cfg.delta <= 1.0:
+        raise ConfigError(f"--delta {cfg.delta} must lie in [0, 1]")
     classes = min({"intervals": 2, "gaussians": 3}[q] for q in problems)
     if cfg.K is not None and not 1 <= cfg.K <= classes:
         raise ConfigError(
