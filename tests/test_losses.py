@@ -537,6 +537,7 @@ def test_ipwd_class_weights_follow_moving_averages():
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_ipwd_extra_head_reads_detached_features(detach):
+    assert METHODS.get("ipwd").resolve()["detach_features"] is False  # the paper's IPWD shares the backbone
     m = _ipwd({"detach_features": detach})
     feats = torch.randn(4, 6, requires_grad=True)
     terms = m.losses(
