@@ -428,3 +428,21 @@ def test_epoch_line_shows_the_method_metrics():
          "train_images_per_s": 10.0, "train_s": 1.0, "eval_s": 1.0, "method_g_wrong": 0.8, "method_g_right": 0.1}
     line = epoch_line(m)
     assert "g_wrong 0.8" in line and "g_right 0.1" in line
+
+
+def test_trainer_logs_the_guide_statistics_per_epoch(tmp_path):
+    """The engine adds epoch_metrics() to each epoch's metrics as method_* (MLflow and the epoch line)."""
+    from kdtune.engine import iter_train, train
+
+    toy = dict(data="disk-gaussians", batch_size=200, lr=0.1, weight_decay=0.01)
+    train(dict(toy, model="toy_mlp_teacher", method="ce", epochs=3, out=str(tmp_path / "t")))
+    train(dict(toy, model="toy_mlp_student", method="ce", epochs=3, out=str(tmp_path / "ce")))
+    lines: list[str] = []
+    epochs = list(iter_train(dict(toy, model="toy_mlp_student", method="disk", teacher=str(tmp_path / "t"),
+                                  init=str(tmp_path / "ce" / "final.pt"), K=3, guide_hidden="2", epochs=4,
+                                  out=str(tmp_path / "disk")), log=lines.append))  # fmt: skip
+    assert len(epochs) == 4
+    for m in epochs:
+        assert 0.0 <= m["method_g_mean"] <= 1.0 and 0.0 <= m["method_helped_frac"] <= 1.0
+        assert {"method_g_wrong", "method_g_right", "method_lambda", "method_delta"} <= set(m)
+    assert any("g_wrong" in ln and "helped_frac" in ln for ln in lines)
