@@ -4,7 +4,9 @@ Knowledge", ICLR 2023 submission; Algorithm 1, eqs. 3-5).
 The ranges of the paper's appendix A.5: tau_t in {1, 2, 4} (plus the default 7, so that the starting point
 lies in the space); K in {1, 3, 5, 10, 20, 50} (at most the number of
 classes); lambda_min in {0.01, 0.1, 1, 5, 10}; lambda_max in {1, 5, 10, 20, 50, 100, 1000} and above
-lambda_min (a dependent range: log-uniform from the smallest listed value above lambda_min to 1000);
+lambda_min (a categorical of exactly the paper's set; Optuna allows one fixed choice set per name, so a
+draw not above the sampled lambda_min is projected to the smallest listed value above it, returned as a
+constant: the trial trains with the projected value, while Optuna's own record keeps the draw);
 the budget delta within 0.2 of the CE-trained student's error (searched as ``delta_offset`` around
 ``ctx.ce_error``, the train error the engine measures on the CE stage, clipped so delta stays in [0, 1]);
 Lambda_T in {20, 50}; alpha in {0, 0.1, 0.5, 0.9, 1}. Starting point: the defaults of A.5 (tau_t = 7 as the
@@ -26,13 +28,14 @@ def space(trial, ctx):
     trial.suggest_categorical("tau_t", [1.0, 2.0, 4.0, 7.0])
     trial.suggest_categorical("K", k_choices(ctx))
     lam_min = trial.suggest_categorical("lambda_min", list(LAMBDA_MIN))
-    low = min(v for v in LAMBDA_MAX if v > lam_min)
-    trial.suggest_float("lambda_max", low, max(LAMBDA_MAX), log=True)
+    lam_max = trial.suggest_categorical("lambda_max", list(LAMBDA_MAX))
+    fixed = {} if lam_max > lam_min else {"lambda_max": min(v for v in LAMBDA_MAX if v > lam_min)}
     err = ctx.ce_error
     lo, hi = (-0.2, 0.2) if err is None else (max(-0.2, -err), min(0.2, 1.0 - err))
     trial.suggest_float("delta_offset", lo, hi)
     trial.suggest_categorical("lambda_period", [20, 50])
     trial.suggest_categorical("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
+    return fixed
 
 
 def starts(ctx):

@@ -6,6 +6,10 @@ configs tune: gamma in {0.2, 1, 2, 4, 8}, per the teacher-training supplement, e
 Starting points: the official per-pair beta with alpha = 1, T = 4, scaled by each gamma of the published set
 (gamma = 1 first). The warm-up is the official 20 epochs of a 240-epoch schedule; a shorter sweep keeps the
 same fraction (at least 1 epoch), since 20 warm-up epochs would swallow a 10-epoch trial.
+
+Logit standardisation (Sun et al., CVPR 2024) is searched as the boolean ``logit_std``; its starting point is
+the official code's (``--logit-stand --base-temp 2 --kd-weight 9``: alpha = 9, beta = 9 * the pair's beta,
+T = 2), which is why beta's range reaches 128.
 """
 
 GAMMAS = (1.0, 2.0, 4.0, 0.2, 8.0)
@@ -34,12 +38,14 @@ def warmup(ctx):
 
 def space(trial, ctx):
     trial.suggest_float("alpha", 0.1, 16.0, log=True)
-    trial.suggest_float("beta", 0.1, 64.0, log=True)
+    trial.suggest_float("beta", 0.1, 128.0, log=True)
     trial.suggest_float("T", 1.0, 8.0)
+    trial.suggest_categorical("logit_std", [False, True])
     return {"warmup": warmup(ctx)}
 
 
 def starts(ctx):
     beta = BETA.get(ctx.pair, 8.0)
     t = 1.0 if ctx.data == "imagenet" else 4.0
-    return [{"alpha": g, "beta": g * beta, "T": t} for g in GAMMAS]
+    pts = [{"alpha": g, "beta": g * beta, "T": t, "logit_std": False} for g in GAMMAS]
+    return pts + [{"alpha": 9.0, "beta": 9.0 * beta, "T": 2.0, "logit_std": True}]

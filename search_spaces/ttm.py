@@ -1,4 +1,5 @@
-"""TTM, Transformed Teacher Matching (Zheng & Yang, ICLR 2024, eq. 9): ``CE + beta KL(p_t^gamma / U || q)``
+"""TTM, Transformed Teacher Matching (Zheng & Yang, ICLR 2024, eq. 2; the power transform
+is eq. 7): ``CE + beta KL(p_t^gamma / U || q)``
 with gamma = 1/T applied to the teacher only.
 
 Searched: gamma on a log scale over (0.05, 1] (T from 1 to 20) and beta on a log scale. Starting points: the

@@ -1,4 +1,4 @@
-"""WTTM, Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024, eq. 16):
+"""WTTM, Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024, eq. 22):
 ``CE + beta mean_i U(p_t) KL(p_t^gamma / U || q)`` with gamma = 1/T and U = sum_c p_t,c^gamma.
 
 Searched: gamma on a log scale over (0.05, 1] and beta on a log scale. Starting points: the paper's appendix

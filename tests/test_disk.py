@@ -18,10 +18,12 @@ from kdtune.losses.disk import (
     disk_distill,
     fit_student_temperature,
     guide_objective,
+    guide_stats,
     helped_mistakes,
     helped_probs,
     lambda_schedule,
     student_ce,
+    summarize_guide_stats,
     topk_mask,
 )
 from kdtune.models.toys import BNMLP
@@ -114,12 +116,13 @@ def test_lambda_schedule_cosine_periods_and_monotone_final_period():
     assert lam[199] == pytest.approx(hi)
     assert lam[175] == pytest.approx(_cos(25 / 49))
     assert all(b > a for a, b in zip(lam[150:], lam[151:]))
-    # 220 epochs: the cyclic formula would end at 19/50 of the range; the final period ends at lambda_max
-    lam = [lambda_schedule(e, 220, lo, hi, 50) for e in range(220)]
-    assert lam[160] == pytest.approx(_cos(10 / 50))
-    assert lam[170] == pytest.approx(lo)
-    assert lam[219] == pytest.approx(hi)
-    assert all(b > a for a, b in zip(lam[170:], lam[171:]))
+    # 240 epochs: the final period starts at the boundary 150 (where the cosine restarts anyway) and rises to
+    # the end; no restart at 190 (the old schedule dropped from 44.3 to lambda_min there)
+    lam = [lambda_schedule(e, 240, lo, hi, 50) for e in range(240)]
+    assert lam[149] == pytest.approx(_cos(49 / 50)) and lam[150] == pytest.approx(lo)
+    assert lam[239] == pytest.approx(hi)
+    assert all(b > a for a, b in zip(lam[150:], lam[151:]))
+    assert lam[190] > lam[189]
     # shorter than one period: one monotone rise
     assert [round(lambda_schedule(e, 3, 1.0, 3.0, 50), 6) for e in range(3)] == [1.0, 2.0, 3.0]
 
@@ -170,7 +173,7 @@ def _ctx(init_error=0.2, classes=3, epochs=10, seed=0):
 
 
 def _make(overrides=None, **ctx_kw):
-    hp = DiSK.resolve({"K": 2, "guide_hidden": "8", "student_T": 2.0, **(overrides or {})})
+    hp = DiSK.resolve({"K": 2, "guide_hidden": "8", "student_T": 2.0, "alternate": "batch", **(overrides or {})})
     return DiSK(hp, _ctx(**ctx_kw))
 
 
@@ -190,8 +193,7 @@ def _guide_obj(m, out):
     m.guide.train()
     with torch.no_grad():
         g = m.guide(out.teacher_features, out.teacher_logits)
-        return float(guide_objective(out.student_logits, out.teacher_logits, out.targets, g, alpha=m.hp["alpha"],
-                                     lam=m.lam, tau_t=m.hp["tau_t"], tau_s=m.tau_s, k=m.hp["K"], delta=m.delta))  # fmt: skip
+        return float(guide_objective(out.student_logits, out.teacher_logits, out.targets, g, **m._step_kw()))
 
 
 def test_registered_with_flags():
@@ -224,7 +226,8 @@ def test_student_terms_are_weighted_and_carry_no_budget():
     assert torch.allclose(terms["disk"], want, atol=1e-5)
     sum(terms.values()).backward()
     assert out.student_logits.grad is not None and out.student_logits.grad.abs().sum() > 0
-    assert 0 <= m.last_stats["g_mean"] <= 1
+    stats = m.epoch_metrics()
+    assert 0 <= stats["g_mean"] <= 1 and stats["lambda"] == m.lam
 
 
 @pytest.mark.parametrize("delta", [0.3, 3.0])
@@ -232,7 +235,8 @@ def test_budget_binds_helped_fraction_moves_to_delta(delta):
     # The student is right on the first half of the batch and confidently wrong on the second; the teacher's
     # features tell the halves apart. Unnormalised help always lowers L_dist, so only the budget limits g.
     m = _make({"alpha": 0.0, "delta": 0.3, "lambda_min": 5.0, "lambda_max": 6.0, "guide_steps": 10,
-               "guide_lr": 0.05, "tau_t": 1.0, "student_T": 1.0})  # fmt: skip
+               "guide_lr": 0.05, "tau_t": 1.0, "student_T": 1.0, "help_norm": "eq4", "budget_relax": "ce",
+               "guide_schedule": "constant"})  # fmt: skip
     m.delta = delta  # 3.0: a budget the guide cannot exceed (above the [0, 1] range of the hyperparameter)
     out = _batch(seed=3, n=64, student_wrong=True)
     out.teacher_features[:32, 0], out.teacher_features[32:, 0] = 3.0, -3.0
@@ -249,6 +253,8 @@ def test_budget_binds_helped_fraction_moves_to_delta(delta):
     for _ in range(30):
         m.losses(out)
     relaxed1, frac1, g = stats()
+    epoch = m.epoch_metrics()  # the engine's per-epoch statistics: the means over the steps' g
+    assert 0.0 <= epoch["g_right"] <= 1.0 and 0.0 <= epoch["helped_frac"] <= 1.0
     if delta < relaxed0:  # binds: the relaxed budget settles at delta, help goes to the right answers first
         assert relaxed1 == pytest.approx(delta, abs=0.05)
         assert frac1 < frac0 / 2
@@ -313,3 +319,130 @@ def test_bad_input_raises_config_error():
         DiSK.resolve({"guide_hidden": "64,x"})
     with pytest.raises(ConfigError):
         DiSK.resolve({"guide_opt": "rmsprop"})
+
+
+# -- a guide that selects ------------------------------------------------------------------------------------
+def test_renormalised_help_is_eq4_plus_the_official_log_term():
+    s, t = _logits(2, 16, C, seed=20), _logits(2, 16, C, seed=21)
+    g = torch.rand(2, 16, generator=torch.Generator().manual_seed(22))
+    for k, target in ((C, "full"), (3, "full"), (3, "topk")):
+        plain = disk_distill(s, t, g, 4.0, 2.5, k, reduction="none", target=target)
+        renorm = disk_distill(s, t, g, 4.0, 2.5, k, reduction="none", target=target, normalize=True)
+        assert torch.allclose(renorm, plain + 4.0 * 2.5 * torch.log1p(k * g), atol=1e-4)
+    # the student's gradient is the same either way: 1 + K g does not depend on the student
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().requires_grad_(True)
+    disk_distill(s1, t, g, 4.0, 2.5, 3).sum().backward()
+    disk_distill(s2, t, g, 4.0, 2.5, 3, normalize=True).sum().backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6)
+
+
+def test_renormalised_help_lowers_l_dist_on_mistakes_only():
+    # student agrees with the teacher on row 0 and disagrees on row 1: help pays on row 1 only
+    t = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+    s = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    no, yes = torch.zeros(2), torch.ones(2)
+    d0 = disk_distill(s, t, no, 1.0, 1.0, 3, reduction="none", normalize=True)
+    d1 = disk_distill(s, t, yes, 1.0, 1.0, 3, reduction="none", normalize=True)
+    assert d1[0] > d0[0] and d1[1] < d0[1]
+    # eq. 4 as written: help lowers both
+    e0 = disk_distill(s, t, no, 1.0, 1.0, 3, reduction="none")
+    e1 = disk_distill(s, t, yes, 1.0, 1.0, 3, reduction="none")
+    assert (e1 < e0).all()
+
+
+def test_budget_relaxations_and_normalisers():
+    s = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1])  # mistakes: rows 1 and 2
+    g = torch.tensor([0.5, 1.0, 0.25, 1.0])
+    ce = student_ce(s, y)
+    assert budget_loss(s, y, g, 0.1, relax="indicator").item() == pytest.approx((1.0 + 0.25) / 4 - 0.1)
+    assert budget_loss(s, y, g, 0.1, relax="indicator", norm="mistakes").item() == pytest.approx(1.25 / 2 - 0.1)
+    assert budget_loss(s, y, g, 0.0).item() == pytest.approx(float((g * ce).mean()), rel=1e-6)
+    assert budget_loss(s, y, g, 0.9, relax="indicator").item() == 0.0
+    with pytest.raises(ConfigError, match="budget_relax"):
+        budget_loss(s, y, g, 0.1, relax="hinge")
+    with pytest.raises(ConfigError, match="help_norm"):
+        guide_objective(s, s, y, g, alpha=0.1, lam=1.0, tau_t=1.0, tau_s=1.0, k=2, delta=0.1, help_norm="x")
+
+
+def test_guide_stats_sums_and_means():
+    g = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.6])
+    wrong = torch.tensor([True, True, False, False, False])
+    stats = summarize_guide_stats(guide_stats(g, wrong))
+    assert stats["g_mean"] == pytest.approx(2.6 / 5)
+    assert stats["g_wrong"] == pytest.approx(0.85) and stats["g_right"] == pytest.approx(0.3)
+    assert stats["helped_frac"] == pytest.approx(3 / 5) and stats["wrong_frac"] == pytest.approx(0.4)
+    # ensemble sums add up over members
+    two = guide_stats(torch.stack([g, g]), torch.stack([wrong, wrong])).sum(0)
+    assert summarize_guide_stats(two)["g_wrong"] == pytest.approx(0.85)
+
+
+def test_passes_alternation_trains_the_guide_at_round_starts_only():
+    m = _make({"alternate": "passes", "guide_epochs": 2, "round_epochs": 3, "guide_warmup": 1})
+    seen = []
+    batches = m.ctx.train_batches
+    m.ctx.train_batches = lambda: (seen.append(1), batches())[1]
+
+    def params():
+        return [p.detach().clone() for p in m.guide.parameters()]
+
+    for epoch, trained in ((0, 3), (1, 0), (2, 0), (3, 2)):
+        before, n = params(), len(seen)
+        m.on_epoch_start(epoch)
+        assert len(seen) - n == trained  # guide passes over the training set (+1 warm-up pass first)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, params()))
+        assert changed == (trained > 0)
+        before = params()
+        m.losses(_batch(seed=epoch))  # the student's step leaves the guide alone
+        assert all(torch.equal(a, b) for a, b in zip(before, params()))
+    stats = m.epoch_metrics()
+    assert set(stats) >= {"g_mean", "g_wrong", "g_right", "helped_frac", "lambda", "delta", "guide_lr"}
+
+
+def test_guide_lr_follows_the_student_schedule():
+    m = _make({"guide_lr": 0.2})
+    m.ctx.extra["lr_factor"] = lambda ef: 0.5 if ef >= 5 else 1.0
+    m.on_epoch_start(6)
+    assert m.guide_opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    del m.ctx.extra["lr_factor"]  # no engine schedule: A.5's cosine over the epochs
+    m.on_epoch_start(5)
+    assert m.guide_opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    c = _make({"guide_lr": 0.2, "guide_schedule": "constant"})
+    c.on_epoch_start(9)
+    assert c.guide_opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_passes_need_training_data():
+    hp = DiSK.resolve({"K": 2, "guide_hidden": "8", "student_T": 2.0})
+    ctx = _ctx()
+    ctx.train_batches = None
+    with pytest.raises(ConfigError, match="alternate=batch"):
+        DiSK(hp, ctx)
+
+
+def test_epoch_line_shows_the_method_metrics():
+    from kdtune.engine.run import epoch_line
+
+    m = {"epoch": 1, "epochs": 2, "train_loss": 1.0, "loss_ce": 1.0, "lr": 0.1, "val_acc": None, "test_acc": 50.0,
+         "train_images_per_s": 10.0, "train_s": 1.0, "eval_s": 1.0, "method_g_wrong": 0.8, "method_g_right": 0.1}
+    line = epoch_line(m)
+    assert "g_wrong 0.8" in line and "g_right 0.1" in line
+
+
+def test_trainer_logs_the_guide_statistics_per_epoch(tmp_path):
+    """The engine adds epoch_metrics() to each epoch's metrics as method_* (MLflow and the epoch line)."""
+    from kdtune.engine import iter_train, train
+
+    toy = dict(data="disk-gaussians", batch_size=200, lr=0.1, weight_decay=0.01)
+    train(dict(toy, model="toy_mlp_teacher", method="ce", epochs=3, out=str(tmp_path / "t")))
+    train(dict(toy, model="toy_mlp_student", method="ce", epochs=3, out=str(tmp_path / "ce")))
+    lines: list[str] = []
+    epochs = list(iter_train(dict(toy, model="toy_mlp_student", method="disk", teacher=str(tmp_path / "t"),
+                                  init=str(tmp_path / "ce" / "final.pt"), K=3, guide_hidden="2", epochs=4,
+                                  out=str(tmp_path / "disk")), log=lines.append))  # fmt: skip
+    assert len(epochs) == 4
+    for m in epochs:
+        assert 0.0 <= m["method_g_mean"] <= 1.0 and 0.0 <= m["method_helped_frac"] <= 1.0
+        assert {"method_g_wrong", "method_g_right", "method_lambda", "method_delta"} <= set(m)
+    assert any("g_wrong" in ln and "helped_frac" in ln for ln in lines)

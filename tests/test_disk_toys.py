@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -152,56 +153,75 @@ def test_ensemble_member_equals_single_model_with_its_seed(kind):
 
 
 # -- minima as the paper identifies them -----------------------------------------------------------------------
-def test_interval_minima_classification():
+def test_interval_minima_classification_by_the_papers_end_points():
     test = intervals_splits(seed=0)[2]
-    m = IntervalNet(1, ensemble=5)
+    ends = [[2.0, 3.0], [2.0, 7.0], [5.0, 7.0], [0.2, 0.4], [4.9, 8.0], [5.25, 6.75], [2.7, 6.9]]
+    m = IntervalNet(1, ensemble=len(ends))
     with torch.no_grad():
-        m.ends.copy_(torch.tensor([[2.0, 3.0], [2.0, 7.0], [5.0, 7.0], [0.2, 0.4], [4.9, 8.0]]).view(5, 1, 2))
+        m.ends.copy_(torch.tensor(ends).view(len(ends), 1, 2))
     labels, acc = _classify_intervals(m, test)
-    assert labels == ["A", "B", "C", "other", "C"]
-    assert acc.shape == (5,) and acc[2] > acc[0]
+    # [2.7, 6.9] covers most of [5, 7] and little of [2, 3], but it is not the paper's minimum C
+    assert labels == ["A", "B", "C", "other", "other", "C", "other"]
+    assert acc.shape == (len(ends),) and acc[2] > acc[0]
 
 
-def test_gaussian_minima_by_nearest_table_accuracy():
-    class Fixed(nn.Module):
-        def __init__(self, correct_fracs):
+def test_gaussian_minima_by_the_clusters_covered():
+    centres = torch.tensor([c for c, _ in GAUSS_CENTRES])
+    labels_c = torch.tensor([k for _, k in GAUSS_CENTRES])
+    x = centres.repeat_interleave(10, dim=0)  # ten test points on each centre
+    y = labels_c.repeat_interleave(10)
+    split = Split(x, y)
+
+    class Covers(nn.Module):  # right on the clusters of each row's set, wrong elsewhere
+        def __init__(self, sets):
             super().__init__()
-            self.fracs = correct_fracs
+            self.sets = sets
 
-        def forward(self, x):
-            n = x.shape[0]
+        def forward(self, inp):
             out = []
-            for f in self.fracs:  # predict the label on the first f * n points, a wrong class elsewhere
-                pred = split.y.clone()
-                k = int(round(f * n))
-                pred[k:] = (pred[k:] + 1) % 3
+            for keep in self.sets:
+                pred = torch.where(torch.isin(torch.arange(60) // 10, torch.tensor(keep)), y, (y + 1) % 3)
                 out.append(F.one_hot(pred, 3).float())
             return torch.stack(out)
 
-    split = Split(torch.zeros(100, 2), torch.arange(100) % 3)
-    labels, acc = _classify_gaussians(Fixed([0.67, 0.83, 0.91, 1.0, 0.5, 0.74]), split)
-    assert labels == ["A", "B", "C", "D", "other", "A"]
-    assert acc.tolist() == pytest.approx([67, 83, 91, 100, 50, 74])
+    sets = [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4], [1, 2, 4, 5], [0, 1, 2], [3]]
+    labels, acc = _classify_gaussians(Covers(sets), split)
+    assert labels == ["6/6", "5/6", "4/6", "other", "other"]
+    assert acc.tolist() == pytest.approx([100, 500 / 6, 400 / 6, 50, 100 / 6])
 
 
 # -- the reproduction --------------------------------------------------------------------------------------------
-def test_quick_reproduction_prints_the_table(capsys):
-    assert main(["--quick", "--no-progress", "--seeds", "3", "--epochs", "6"]) == 0
+def test_quick_reproduction_prints_the_table_and_writes_json(capsys, tmp_path):
+    out_json = tmp_path / "toys.json"
+    assert main(["--quick", "--no-progress", "--seeds", "3", "--epochs", "6", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "1D Intervals" in out and "2D Gaussians" in out
     blocks = out.split("2D Gaussians")
     for block, key in ((blocks[0], "intervals"), (blocks[1], "gaussians")):
-        minima = PAPER[key]["minima"]
-        header = next(line for line in block.splitlines() if "paper" in line and minima[0] in line)
+        ours = PAPER[key]["ours"]
+        assert f"rule: {PAPER[key]['rule']}" in block
+        header = next(line for line in block.splitlines() if "|  paper" in line)
         cols = header.split("|")[0].split()
-        assert cols == [*minima[:-1], minima[-1] + "*", "other"]
+        assert cols == [*ours[:-1], ours[-1] + "*", "other"]
+        assert header.split("|")[1].split()[1:] == [*PAPER[key]["minima"][:-1], PAPER[key]["minima"][-1] + "*"]
         for meth in ("CE", "KD", "DiSK"):
             row = next(line for line in block.splitlines() if re.match(rf"{meth}\s+[\d.]+%", line))
-            ours, paper = row.split("|")
-            counts = [int(v) for v in ours.split()[2:]]
-            assert len(counts) == len(minima) + 1 and sum(counts) == 3  # every run lands somewhere
+            left, paper = row.split("|")
+            counts = [int(v) for v in re.sub(r"\(\d+%\)", "", left).split()[2:]]
+            assert len(counts) == len(ours) + 1 and sum(counts) == 3  # every run lands somewhere
             assert [int(v) for v in paper.split()] == list(PAPER[key]["rows"][meth])
+        assert "DiSK's guide at the end" in block
+    assert "cannot occur" in blocks[1]
     assert re.search(r"teacher test accuracy \d+\.\d%", out)
+    data = json.loads(out_json.read_text())
+    for key in ("intervals", "gaussians"):
+        for meth in ("ce", "kd", "disk"):
+            entry = data[key][meth]
+            assert sum(entry["counts"].values()) == 3 and 0 <= entry["mean_acc"] <= 100
+            assert set(entry["counts"]) == {*PAPER[key]["ours"], "other"}
+        assert 0 <= data[key]["disk"]["guide_g_wrong"] <= 1 and 0 <= data[key]["disk"]["guide_g_right"] <= 1
+        assert data[key]["paper"]["counts"]["disk"] == list(PAPER[key]["rows"]["DiSK"])
+    assert data["settings"]["seeds"] == 3 and data["settings"]["epochs"] == 6
 
 
 def test_reproduction_rejects_bad_options(capsys):
@@ -219,3 +239,18 @@ def test_runs_do_not_depend_on_how_many_seeds_run():
     big = disk_toys.run_problem(disk_toys.make_problem("intervals", cfg3), cfg3)
     for meth in ("CE", "KD", "DiSK"):
         assert torch.allclose(small.accs[meth], big.accs[meth][:2])
+
+
+@pytest.mark.parametrize("key", ["intervals", "gaussians"])
+def test_disk_guide_selects_the_ce_students_mistakes(key):
+    """With the default DiSK settings the guide helps (censors) the examples the CE student gets wrong, and
+    about as many examples as the budget allows; eq. 4's unnormalised help, by contrast, helps everything."""
+    cfg = disk_toys.ToyConfig(seeds=6, epochs=60, lambda_period=20, teacher_restarts=4)
+    r = disk_toys.run_problem(disk_toys.make_problem(key, cfg), cfg)
+    g = r.guide
+    assert g["g_wrong"] > g["g_right"] + 0.15, g
+    assert 0.05 < g["helped_frac"] <= g["delta"] + 0.1, g
+    assert 0.1 < g["delta"] < 0.4  # A.5: the CE students' training error
+    cfg4 = disk_toys.ToyConfig(seeds=2, epochs=30, lambda_period=10, teacher_restarts=2, help_norm="eq4")
+    r4 = disk_toys.run_problem(disk_toys.make_problem(key, cfg4), cfg4)
+    assert r4.guide["g_right"] > 0.9 and r4.guide["helped_frac"] > 0.9, r4.guide

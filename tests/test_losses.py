@@ -127,6 +127,61 @@ def test_ttm_wttm_golden(gamma):
     assert wttm(tens(S), tens(TL), gamma).item() == pytest.approx(ttm_ref(S, TL, gamma, True), rel=1e-5)
 
 
+def zscore_ref(row, eps=1e-7):
+    """Sun et al. CVPR 2024: (z - mean) / (eps + std), std unbiased (n - 1) as in the official code."""
+    n = len(row)
+    mean = sum(row) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in row) / (n - 1))
+    return [(v - mean) / (eps + std) for v in row]
+
+
+def kd_ref(s_rows, t_rows, temperature):
+    total = sum(kl_ref(softmax_ref(t, temperature), softmax_ref(s, temperature)) for s, t in zip(s_rows, t_rows))
+    return temperature**2 * total / len(s_rows)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_logit_standardised_kd_and_dkd_golden(temperature):
+    """Logit standardisation: z-score each row in float64, then the method's tempered softmax."""
+    zs, zt = [zscore_ref(r) for r in S], [zscore_ref(r) for r in TL]
+    got = kd(tens(S), tens(TL), temperature=temperature, logit_std=True)
+    assert got.item() == pytest.approx(kd_ref(zs, zt, temperature), rel=1e-5, abs=1e-7)
+    assert kd(tens(S), tens(TL), temperature).item() == pytest.approx(kd_ref(S, TL, temperature), rel=1e-5)
+    assert got.item() != pytest.approx(kd_ref(S, TL, temperature), rel=1e-3)  # it does change the loss
+    got = dkd(tens(S), tens(TL), torch.tensor(Y), 9.0, 72.0, temperature, logit_std=True)
+    assert got.item() == pytest.approx(dkd_ref(zs, zt, Y, 9.0, 72.0, temperature), rel=1e-5, abs=1e-7)
+
+
+def test_logit_standardisation_invariant_to_per_sample_affine_maps():
+    """A positive scale and shift of one sample's logits leaves the standardised KD unchanged."""
+    s, t = tens(S), tens(TL)
+    scale = torch.tensor([[0.5], [3.0], [1.0], [7.0]])
+    shift = torch.tensor([[1.0], [-2.0], [0.0], [5.0]])
+    a = kd(s, t, 2.0, logit_std=True)
+    b = kd(s * scale + shift, t * scale.flip(0) - shift, 2.0, logit_std=True)
+    assert b.item() == pytest.approx(a.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd"])
+def test_methods_take_logit_std(name):
+    cls = METHODS.get(name)
+    s, t, y = tens(S), tens(TL), torch.tensor(Y)
+    hp = cls.resolve({"logit_std": "true", "T": 2.0})
+    assert hp["logit_std"] is True
+    terms = cls(hp, _ctx()).losses(StepOutputs(s, y, 100, 0, teacher_logits=t))
+    plain = cls(cls.resolve({"T": 2.0}), _ctx()).losses(StepOutputs(s, y, 100, 0, teacher_logits=t))
+    key = name
+    w = hp["w_kd"] if name == "kd" else 1.0
+    if name == "kd":
+        ref = kd_ref([zscore_ref(r) for r in S], [zscore_ref(r) for r in TL], 2.0)
+    else:
+        ref = dkd_ref([zscore_ref(r) for r in S], [zscore_ref(r) for r in TL], Y, hp["alpha"], hp["beta"], 2.0)
+    assert terms[key].item() == pytest.approx(w * ref, rel=1e-5)
+    assert terms[key].item() != pytest.approx(plain[key].item(), rel=1e-3)
+    with pytest.raises(ConfigError, match=f"{name}.logit_std"):
+        cls.resolve({"logit_std": "maybe"})
+
+
 # ----------------------------------------------------------------------------- DKD identities and traps
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_dkd_decomposition_uses_teacher_target_probability(temperature):
@@ -482,6 +537,7 @@ def test_ipwd_class_weights_follow_moving_averages():
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_ipwd_extra_head_reads_detached_features(detach):
+    assert METHODS.get("ipwd").resolve()["detach_features"] is False  # the paper's IPWD shares the backbone
     m = _ipwd({"detach_features": detach})
     feats = torch.randn(4, 6, requires_grad=True)
     terms = m.losses(

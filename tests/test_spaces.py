@@ -75,12 +75,16 @@ def test_space_contract(method, pair):
 
 def test_dkd_starting_points_are_the_official_beta_times_the_gamma_set():
     fn = build_space("dkd", ctx_for("dkd", PAIRS[0]))
-    pts = fn.starts()
+    pts = [p for p in fn.starts() if not p["logit_std"]]
     assert [p["beta"] for p in pts] == [8.0, 16.0, 32.0, 1.6, 64.0]
     assert [p["alpha"] for p in pts] == [1.0, 2.0, 4.0, 0.2, 8.0]
     assert all(p["T"] == 4.0 for p in pts)
     assert build_space("dkd", ctx_for("dkd", PAIRS[2])).starts()[0]["beta"] == 6.0  # vgg13 -> vgg8
     assert build_space("dkd", ctx_for("dkd", PAIRS[3])).starts()[0]["beta"] == 2.0  # resnet56 -> resnet20
+    # logit standardisation: the official code's --base-temp 2 --kd-weight 9 (alpha 9, beta 9 * 8)
+    assert fn.starts()[-1] == {"alpha": 9.0, "beta": 72.0, "T": 2.0, "logit_std": True}
+    _, dists, _ = fn.record()
+    assert set(dists["logit_std"].choices) == {False, True}
     # the 20-epoch warm-up of a 240-epoch run; a short sweep keeps the fraction
     assert fn.record()[0]["warmup"] == 20
     assert build_space("dkd", ctx_for("dkd", PAIRS[4], epochs=24)).record()[0]["warmup"] == 2
@@ -96,7 +100,12 @@ def test_ttm_wttm_dist_kd_published_points():
     assert build_space("dist", ctx_for("dist", PAIRS[0])).starts() == [
         {"beta": 1.0, "gamma": 1.0, "tau": 4.0, "w_kd": 2.0}
     ]
-    assert build_space("kd", ctx_for("kd", PAIRS[0])).starts() == [{"T": 4.0, "w_ce": 0.1, "w_kd": 0.9}]
+    fn = build_space("kd", ctx_for("kd", PAIRS[0]))
+    assert fn.starts() == [
+        {"T": 4.0, "w_ce": 0.1, "w_kd": 0.9, "logit_std": False},
+        {"T": 2.0, "w_ce": 0.1, "w_kd": 9.0, "logit_std": True},  # Sun et al. 2024's official KD setting
+    ]
+    assert set(fn.record()[1]["logit_std"].choices) == {False, True}
 
 
 def test_disk_dependent_ranges_follow_lambda_min_and_the_ce_error():
@@ -109,6 +118,7 @@ def test_disk_dependent_ranges_follow_lambda_min_and_the_ce_error():
         consts = fn(t)
         c = {**t.params, **consts}
         assert c["lambda_max"] > c["lambda_min"]
+        assert c["lambda_max"] in (1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # A.5's set, not a range
         assert -ce_error - 1e-12 <= c["delta_offset"] <= 0.2 and c["delta_offset"] >= -0.2
         assert 0.0 <= ce_error + c["delta_offset"] <= 1.0
         assert c["K"] <= 10  # digits has 10 classes

@@ -12,6 +12,7 @@ from typing import Any
 from kdtune.config import TrainConfig, dumps
 from kdtune.engine.trainer import Trainer
 from kdtune.errors import ConfigError
+from kdtune.losses.base import METHOD_METRIC_PREFIX
 
 RUN_FILES = ("config.yaml", "train.log", "state.pt", "best.pt", "final.pt", "result.json")
 
@@ -31,10 +32,15 @@ def epoch_line(m: dict[str, Any]) -> str:
     val = f"val {m['val_acc']:6.2f}%  " if m.get("val_acc") is not None else ""
     width = len(str(m["epochs"]))
     host = f"  host {m['host_rss_mb']:,.0f} MB" if m.get("host_rss_mb") is not None else ""
+    own = " ".join(
+        f"{k[len(METHOD_METRIC_PREFIX):]} {v:.3g}"
+        for k, v in m.items()
+        if k.startswith(METHOD_METRIC_PREFIX) and isinstance(v, (int, float))
+    )
     return (
         f"epoch {m['epoch']:>{width}}/{m['epochs']}  loss {m['train_loss']:.4f} ({terms})  lr {m['lr']:.4g}  "
         f"{val}test {m['test_acc']:6.2f}%  {m['train_images_per_s']:,.0f} img/s  {m['train_s'] + m['eval_s']:.1f}s"
-        f"{host}"
+        f"{host}" + (f"  [{own}]" if own else "")
     )
 
 

@@ -29,6 +29,7 @@ from kdtune.data.loader import DeviceLoader
 from kdtune.engine.schedule import lr_factor
 from kdtune.errors import CheckpointError, ConfigError, KdtuneError
 from kdtune.losses import METHODS, MethodContext, StepOutputs
+from kdtune.losses.base import METHOD_METRIC_PREFIX
 from kdtune.models import create_model
 
 STATE_FORMAT = 1
@@ -141,7 +142,7 @@ class Trainer:
             teacher_feat_dim=getattr(self.teacher, "feat_dim", None) if self.teacher is not None else None,
             train_batches=self._plain_train_batches,
             init_error=self.init_info.get("train_error"),
-            extra={"data": d.name, "init_val_error": self.init_info.get("val_error")},
+            extra={"data": d.name, "init_val_error": self.init_info.get("val_error"), "lr_factor": self._lr_factor},
         )
         self.method = self.method_cls(dict(cfg.hp), ctx)
         self.method_modules = nn.ModuleDict(self.method.trainable_modules()).to(self.device)
@@ -318,6 +319,18 @@ class Trainer:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def _lr_factor(self, epoch_float: float) -> float:
+        """The student's lr multiplier at a fractional epoch (methods with an optimiser of their own follow it)."""
+        cfg = self.cfg
+        return lr_factor(
+            epoch_float,
+            epochs=cfg.epochs,
+            schedule=cfg.schedule,
+            milestones=cfg.milestones,
+            lr_decay=cfg.lr_decay,
+            warmup_epochs=cfg.warmup_epochs,
+        )
+
     def _set_lr(self) -> None:
         cfg = self.cfg
         f = lr_factor(
@@ -439,6 +452,7 @@ class Trainer:
             "train_s": train_s,
             "eval_s": eval_s,
             "host_rss_mb": host_rss_mb(),
+            **{METHOD_METRIC_PREFIX + k: v for k, v in self.method.epoch_metrics().items()},
         }
         key = "val_acc" if val else "test_acc"
         is_best = metrics[key] > self.best["val_acc"]

@@ -2,6 +2,11 @@
 
 The logit losses are also plain functions returning the batch-mean distillation term only (no CE, no
 outer weight), in the papers' conventions: ``kd``, ``dkd``, ``dist``, ``ttm``, ``wttm``.
+
+Logit standardisation (Sun et al., CVPR 2024) is the boolean ``logit_std`` of ``kd`` and ``dkd`` (function
+argument and method hyperparameter): the methods its paper and official code apply it to (with MLKD and CTKD,
+which kdtune does not have). DIST, TTM and WTTM do not take it: neither their papers nor the
+standardisation paper define them on standardised logits.
 """
 
 from __future__ import annotations

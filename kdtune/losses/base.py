@@ -15,6 +15,9 @@ The engine calls, in order:
 4. per epoch ``on_epoch_start(epoch)`` (epochs count from 0), then per step ``losses(out)`` which returns a
    dict of *already weighted* scalar loss terms; the engine back-propagates their sum and logs every term.
    A method with its own optimiser (DiSK's guide) steps it inside ``losses`` on detached inputs.
+   After the epoch's steps, ``epoch_metrics()`` returns the method's own statistics of the epoch (floats), which
+   the engine adds to the epoch's metrics as ``method_<name>`` (so they reach MLflow and the epoch line); a
+   method accumulates them on the device in ``losses`` and syncs once, there.
 5. ``state_dict()`` / ``load_state_dict()`` for checkpoints: the modules of ``trainable_modules()`` are saved
    by the engine; anything else (own optimisers, schedules, fitted values) belongs in ``state_dict``.
 """
@@ -174,11 +177,29 @@ class Method:
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """The method's own statistics of the epoch just trained (see the module docstring); none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+LOGIT_STD_EPS = 1e-7  # added to the std, as in the official code
+
+
+def logit_standardize(logits: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024: its Z-score
+    pre-process, as its official code computes it): ``(z - mean(z)) / (1e-7 + std(z))`` over the class dimension of each sample, with
+    the unbiased std (torch's default, as the official code). Float32 in, float32 out."""
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (LOGIT_STD_EPS + z.std(dim=-1, keepdim=True))
+
+
+METHOD_METRIC_PREFIX = "method_"  # epoch_metrics() keys appear in the engine's metrics with this prefix
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -12,34 +12,62 @@ dimensions ``(..., B, C)`` and reduces over the batch dimension ``B``, so the to
 ensemble of students at once):
 
 - eq. 4  ``L_dist = -(tau_t tau_s / N) sum_i sum_y t^{tau_t}_y(x_i) log(s^{tau_s}_y(x_i) + 1[y in topK(t(x_i))] g(x_i))``
-  -- the cross-entropy form the paper writes; it differs from the KL form by the teacher's entropy, a
-  constant in ``s`` and ``g``. The helped vector ``s + 1_K g`` is not renormalised (eq. 4 and the official code
-  both add the help inside the log); its entries sum to ``1 + K g``.
+  -- the cross-entropy form the paper writes (it differs from the KL form by the teacher's entropy, a constant
+  in ``s`` and ``g``). The helped vector ``s + 1_K g`` sums to ``1 + K g``.
 - eq. 3  ``L_budget = ( (1/N) sum_i g(x_i) (-log s^1_{y_i}(x_i)) - delta )_+`` -- the indicator of a student
   mistake in the constraint of eq. 2 relaxed to the student's cross-entropy with the label.
 - Algorithm 1 line 8  ``lambda = lambda_min + (lambda_max - lambda_min) (1 - cos(pi (r mod Lambda_T) / Lambda_T)) / 2``
-  per epoch ``r``; over the last ``Lambda_T`` epochs ("for the final period, we increase lambda monotonically")
-  kdtune uses ``(1 - cos(pi (r - r_0) / (R - 1 - r_0))) / 2`` with ``r_0 = R - Lambda_T``, which rises from
-  ``lambda_min`` to exactly ``lambda_max`` on the last epoch whatever ``R mod Lambda_T``.
+  per epoch ``r``; "for the final period, we increase lambda monotonically": the final period starts at the last
+  period boundary ``r_0`` that leaves a whole period (``r_0 = Lambda_T (R // Lambda_T - 1)``) and rises as
+  ``(1 - cos(pi (r - r_0) / (R - 1 - r_0))) / 2`` to exactly ``lambda_max`` on the last epoch, with no drop.
 - Student temperature ``tau_s = argmin_T sum_i KL(t^{tau_t}(x_i) || s^T(x_i))`` over the training set, fitted in
-  ``setup()`` with the warm-started student (section 3.2). In ``beta = 1/T`` the objective is convex
-  (``-beta <t, z_s> + logsumexp(beta z_s)`` per example), so it is found by bisection on its derivative.
+  ``setup()`` with the warm-started student (section 3.2). In ``beta = 1/T`` the objective is convex, so it is
+  found by bisection on its derivative.
 
-Deviations of the official code (``anilkagak2/DiSK_Distilling_Scaffolded_Knowledge``), offered as options:
-a fixed student temperature 3.5 (``student_T=3.5``); the budget's per-sample CE capped at 5
-(``budget_ce_cap=5``); a teacher target restricted to the top-K classes (``target=topk``, renormalised; the
-official code multiplies the teacher's logits by the top-K mask before its softmax). Not reproduced: its
-budget normalised by the number of mistakes instead of ``N``, and its extra ``log(1 + K g)`` guide penalty.
+A guide that selects. Measured on the toy problems (``kdtune reproduce disk-toys``): with eq. 4's help added
+unnormalised, more help lowers ``L_dist`` on *every* example, so the guide's ``g`` goes to 1 everywhere (the
+student's mistakes included) unless the budget stops it, and what the budget of eq. 3 stops first is the help
+on the mistakes, whose cross-entropy is large: the opposite of censoring. The official code
+(``anilkagak2/DiSK_Distilling_Scaffolded_Knowledge``) adds ``mean(l_nll log(1 + K g))`` to the guide's loss.
+Since the teacher target sums to 1, ``tau_t tau_s log(1 + K g)`` per example is exactly the renormalisation of
+the helped vector, ``(s + 1_K g) / (1 + K g)``: with it, help lowers ``L_dist`` only where the student's
+distribution is far from the teacher's (its mistakes) and raises it where they agree. Hence:
+
+- ``help_norm="renorm"`` (default): the guide's ``L_dist`` on the renormalised helped distribution; the student's
+  gradient is the same as eq. 4's (``1 + K g`` does not depend on the student), so the student's loss is eq. 4.
+  ``"code"``: eq. 4 plus the official ``(1 - alpha) mean log(1 + K g)`` (weight ``l_nll``, without the
+  ``tau_t tau_s`` of ``L_dist``: too weak to stop the help, measured g = 1 everywhere). ``"eq4"``: as written.
+- ``budget_relax="indicator"`` (default): the guide's budget is eq. 2's own constraint,
+  ``((1/N) sum_i g(x_i) 1[y_i != argmax s(x_i)] - delta)_+``. It is linear, so differentiable, in ``g``, and the
+  student never sees the budget (section 3.2), so the relaxation of eq. 3 is not needed for any gradient.
+  ``"ce"`` is eq. 3: with ``lambda`` up to 50 its cost ``lambda CE_i`` on confident mistakes drives the sigmoid of
+  every example to 0, where its gradient vanishes (measured: mean g 0.001 on the intervals). ``budget_norm=
+  "mistakes"`` divides by the number of mistakes as the official code does; ``budget_ce_cap=5`` caps eq. 3's CE.
+- ``delta``: the CE-trained student's training error (A.5; ``delta_offset`` shifts it), so that the guide may
+  help about as many examples as that student gets wrong.
+
+Alternation. ``alternate="passes"`` (default; A.5: "we replace the arg min in Algorithm 1 with three SGD steps over
+the entire dataset", the official code: 3 guide epochs, then 3 student epochs): at the start of every round of
+``round_epochs`` student epochs the guide makes ``guide_epochs`` passes over the training set (unaugmented,
+``ctx.train_batches``) with the student and teacher fixed, plus ``guide_warmup`` guide-only passes before the first
+round (official code: 5); during the student's epochs the guide is fixed (eval mode). ``alternate="batch"``:
+``guide_steps`` guide steps on each batch before the student's step. The guide's learning rate follows the
+student's schedule (``guide_schedule="student"``; A.5 uses the cosine schedule for both), or stays constant.
+Lambda changes per student epoch.
+
+Statistics. Every student step adds, on the device, the sums of ``g``, of ``g`` on the batch's mistakes and right
+answers of the student, and the count of ``g > 0.5``; ``epoch_metrics()`` turns them into ``g_mean``, ``g_wrong``,
+``g_right``, ``helped_frac`` (and ``lambda``, ``delta``, ``guide_lr``) with one host sync per epoch: the engine
+logs them as ``method_*`` metrics (MLflow) and on the epoch line.
+
+Other deviations of the official code, offered as options: a fixed student temperature 3.5 (``student_T=3.5``);
+a teacher target restricted to the top-K classes (``target=topk``, renormalised; the official code multiplies
+the teacher's logits by the top-K mask before its softmax). Not reproduced: its dual updates of lambda and its
+budget schedule from 0.6 to 0.4.
 
 Trap of eq. 4 with ``K < C`` (found on the 2-D toy): where ``g`` is near 1 the helped top-K terms lose their
 gradient and the only remaining terms, of the classes outside the top K, pull the student towards the
-teacher's least likely classes; with a budget that makes help cheap on examples the student already gets
-right, a warm-started student can collapse. ``target=topk`` (or ``K = C``) avoids it.
-
-Engine-driven alternation: ``losses()`` runs ``guide_steps`` steps of the guide's own optimiser on the batch
-(inputs detached), then returns the student's terms computed with the updated ``g`` (no gradient to ``g``).
-The paper replaces each arg-min of Algorithm 1 with "three SGD steps over the entire dataset" (A.5); three
-guide steps per student step gives the guide the same number of passes per epoch, interleaved per batch.
+teacher's least likely classes. ``target=topk`` (or ``K = C``) avoids it.
 """
 
 from __future__ import annotations
@@ -54,6 +82,8 @@ from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, register_method
+
+HELP_NORMS = ("renorm", "code", "eq4")
 
 WARM_START_HINT = (
     "DiSK needs a CE-trained student: run `kdtune train method=ce model=<student> out=runs/ce` "
@@ -106,8 +136,13 @@ def disk_distill(
     k: int,
     reduction: str = "mean",
     target: str = "full",
+    normalize: bool = False,
 ) -> Tensor:
     """Eq. 4: ``-tau_t tau_s sum_y t^{tau_t}_y log(s^{tau_s}_y + 1[y in topK] g)``, mean over the batch.
+
+    ``normalize=True`` uses the helped vector renormalised, ``(s + 1_K g) / (1 + K g)``: the same as adding
+    ``tau_t tau_s log(1 + K g)`` per example (the target sums to 1), the official code's extra guide term. It
+    leaves the student's gradient unchanged and changes only the guide's.
 
     ``target="full"`` sums over every class as eq. 4 writes it. ``target="topk"`` keeps only the teacher's
     top-K classes in the target (renormalised over them), in the spirit of the official code's masked
@@ -122,7 +157,7 @@ def disk_distill(
         t = t / t.sum(dim=-1, keepdim=True)
     elif target != "full":
         raise ConfigError(f"DiSK target={target!r} is not one of full, topk")
-    helped = helped_probs(student_logits, teacher_logits, g, tau_s, k)
+    helped = helped_probs(student_logits, teacher_logits, g, tau_s, k, normalize=normalize)
     per = -(t * torch.log(helped.clamp_min(1e-12))).sum(dim=-1)
     per = per * (tau_t * _lead(tau_s, per, 1))
     return per.mean(dim=-1) if reduction == "mean" else per
@@ -136,10 +171,34 @@ def student_ce(student_logits: Tensor, targets: Tensor, cap: float | None = None
 
 
 def budget_loss(
-    student_logits: Tensor, targets: Tensor, g: Tensor, delta: float, ce_cap: float | None = None
+    student_logits: Tensor,
+    targets: Tensor,
+    g: Tensor,
+    delta: float | Tensor,
+    ce_cap: float | None = None,
+    norm: str = "N",
+    relax: str = "ce",
 ) -> Tensor:
-    """Eq. 3: ``( (1/N) sum_i g(x_i) (-log s^1_{y_i}(x_i)) - delta )_+`` over the batch (the last dimension of g)."""
-    return F.relu((g.float() * student_ce(student_logits, targets, ce_cap)).mean(dim=-1) - delta)
+    """Eq. 3: ``( (1/N) sum_i g(x_i) (-log s^1_{y_i}(x_i)) - delta )_+`` over the batch (the last dimension of g).
+
+    ``norm="mistakes"`` divides the sum by the number of the student's mistakes in the batch instead of ``N``
+    (the official code; at least 1), which makes ``delta`` a share of the mistakes rather than of the data.
+    """
+    if relax == "ce":
+        cost = student_ce(student_logits, targets, ce_cap)
+    elif relax == "indicator":
+        cost = (student_logits.argmax(dim=-1) != targets).float()
+    else:
+        raise ConfigError(f"DiSK budget_relax={relax!r} is not one of ce, indicator")
+    helped = (g.float() * cost).sum(dim=-1)
+    if norm == "N":
+        denom = torch.full_like(helped, float(g.shape[-1]))
+    elif norm == "mistakes":
+        denom = (student_logits.argmax(dim=-1) != targets).float().sum(dim=-1).clamp_min(1.0)
+    else:
+        raise ConfigError(f"DiSK budget_norm={norm!r} is not one of N, mistakes")
+    d = _lead(delta, helped, 0) if isinstance(delta, Tensor) else delta
+    return F.relu(helped / denom - d)
 
 
 def helped_mistakes(student_logits: Tensor, targets: Tensor, g: Tensor) -> Tensor:
@@ -159,22 +218,40 @@ def guide_objective(
     tau_t: float,
     tau_s: float | Tensor,
     k: int,
-    delta: float,
+    delta: float | Tensor,
     ce_cap: float | None = None,
     target: str = "full",
+    help_norm: str = "renorm",
+    budget_norm: str = "N",
+    budget_relax: str = "indicator",
 ) -> Tensor:
-    """The part of eq. 5 that depends on ``g``: ``(1 - alpha) L_dist + lambda L_budget`` (student detached)."""
+    """The part of eq. 5 that depends on ``g``: ``(1 - alpha) L_dist + lambda L_budget`` (student detached).
+
+    ``help_norm`` (see the module docstring): ``"renorm"`` evaluates ``L_dist`` on the renormalised helped
+    distribution; ``"code"`` adds the official code's ``mean log(1 + K g)`` with weight ``1 - alpha`` (its
+    ``l_nll``) to eq. 4 as written; ``"eq4"`` is eq. 4 as written, whose unnormalised help lowers ``L_dist``
+    on every example, so only the budget limits it. Reduces over the batch (last) dimension of ``g``.
+    """
+    if help_norm not in HELP_NORMS:
+        raise ConfigError(f"DiSK help_norm={help_norm!r} is not one of {', '.join(HELP_NORMS)}")
     s = student_logits.detach()
     t = teacher_logits.detach()
-    dist = disk_distill(s, t, g, tau_t, tau_s, k, target=target)
-    return (1.0 - alpha) * dist + lam * budget_loss(s, targets, g, delta, ce_cap)
+    dist = disk_distill(s, t, g, tau_t, tau_s, k, target=target, normalize=help_norm == "renorm")
+    obj = (1.0 - alpha) * dist + lam * budget_loss(s, targets, g, delta, ce_cap, budget_norm, budget_relax)
+    if help_norm == "code":
+        obj = obj + (1.0 - alpha) * torch.log1p(k * g.float()).mean(dim=-1)
+    return obj
 
 
 def lambda_schedule(epoch: int, epochs: int, lambda_min: float, lambda_max: float, period: int) -> float:
-    """Algorithm 1 line 8, with a monotone final period (see the module docstring). ``epoch`` counts from 0."""
+    """Algorithm 1 line 8, with a monotone final period (see the module docstring). ``epoch`` counts from 0.
+
+    The final period starts at the last period boundary that leaves at least one whole period, so lambda
+    restarts only where the cosine schedule restarts anyway and then rises without a drop to the end.
+    """
     if epochs < 1 or period < 1:
         raise ValueError("epochs and period must be >= 1")
-    final_start = max(epochs - period, 0)
+    final_start = period * max(epochs // period - 1, 0)
     if epoch >= final_start:
         span = epochs - 1 - final_start
         frac = 1.0 if span <= 0 else min((epoch - final_start) / span, 1.0)
@@ -253,6 +330,29 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def guide_stats(g: Tensor, wrong: Tensor) -> Tensor:
+    """Sums over the last dimension for the guide's epoch statistics, stacked last:
+    ``[n, sum g, sum g on mistakes, mistakes, sum g on right answers, count of g > 0.5]``. No host sync."""
+    gf, w = g.detach().float(), wrong.float()
+    n = torch.full_like(gf[..., 0], float(gf.shape[-1]))
+    return torch.stack(
+        [n, gf.sum(-1), (gf * w).sum(-1), w.sum(-1), (gf * (1 - w)).sum(-1), (gf > 0.5).float().sum(-1)], dim=-1
+    )
+
+
+def summarize_guide_stats(acc: Tensor) -> dict[str, float]:
+    """Means from :func:`guide_stats` sums: ``g_mean``, ``g_wrong``, ``g_right``, ``helped_frac`` (g > 0.5)."""
+    n, gs, gw, nw, gr, helped = acc.double().tolist()
+    nan = float("nan")
+    return {
+        "g_mean": gs / n if n else nan,
+        "g_wrong": gw / nw if nw else nan,
+        "g_right": gr / (n - nw) if n - nw else nan,
+        "helped_frac": helped / n if n else nan,
+        "wrong_frac": nw / n if n else nan,
+    }
+
+
 @register_method
 class DiSK(Method):
     name = "disk"
@@ -269,6 +369,13 @@ class DiSK(Method):
         "target": HParam("full", "teacher target of L_dist: full (eq. 4) or topk (official code's masked target)",
                          str, choices=("full", "topk")),
         "K": HParam(20, "the guide helps the teacher's top-K classes (paper scan {1,3,5,10,20,50})", int, 1, None),
+        "help_norm": HParam("renorm", "guide's L_dist: renorm (helped vector renormalised, default), code (eq. 4 + "
+                            "the official mean log(1+K g)), eq4 (as written: helps everything)", str,
+                            choices=HELP_NORMS),
+        "budget_norm": HParam("N", "budget's normaliser: N (eq. 3) or mistakes (official code)", str,
+                              choices=("N", "mistakes")),
+        "budget_relax": HParam("indicator", "the guide's budget cost per example: indicator (eq. 2's student "
+                               "mistake, default) or ce (eq. 3's relaxation)", str, choices=("indicator", "ce")),
         "lambda_min": HParam(0.1, "lower end of the lambda cosine schedule", float, 0.0, None),
         "lambda_max": HParam(50.0, "upper end of the lambda schedule (> lambda_min)", float, 0.0, None),
         "lambda_period": HParam(50, "Lambda_T: period of the lambda schedule in epochs ({20, 50})", int, 1, None),
@@ -277,9 +384,19 @@ class DiSK(Method):
                                1.0),
         "budget_ce_cap": HParam(0.0, "cap on the budget's per-sample CE; 0: none (paper), 5: official code",
                                 float, 0.0, None),
-        "guide_steps": HParam(3, "guide optimiser steps per student step (A.5: three SGD steps)", int, 0, None),
+        "alternate": HParam("passes", "passes: the guide's passes over the data, then the student's epochs (A.5); "
+                            "batch: guide_steps guide steps before each student step", str,
+                            choices=("passes", "batch")),
+        "guide_epochs": HParam(3, "passes of the guide over the training set per round (A.5: three)", int, 1, None),
+        "round_epochs": HParam(3, "student epochs per round, after the guide's passes (official code: 3)", int, 1,
+                               None),
+        "guide_warmup": HParam(0, "extra guide-only passes before the first round (official code: 5)", int, 0,
+                               None),
+        "guide_steps": HParam(3, "alternate=batch: guide optimiser steps per student step", int, 0, None),
         "guide_opt": HParam("sgd", "the guide's own optimiser", str, choices=("sgd", "adam")),
         "guide_lr": HParam(0.1, "learning rate of the guide's optimiser", float, 0.0, None, low_open=True),
+        "guide_schedule": HParam("student", "guide lr schedule: student (the student's, A.5: cosine throughout) "
+                                 "or constant", str, choices=("student", "constant")),
         "guide_momentum": HParam(0.9, "SGD momentum of the guide's optimiser", float, 0.0, 1.0, high_open=True),
         "guide_wd": HParam(5e-4, "weight decay of the guide's optimiser", float, 0.0, None),
         "guide_hidden": HParam("64,128", "hidden widths of the guide MLP (A.4: 64, 128)", str),
@@ -311,6 +428,8 @@ class DiSK(Method):
             raise ConfigError(
                 "DiSK's guide reads the teacher's features: the teacher model must expose feat_dim"
             )
+        if hp["alternate"] == "passes" and ctx.train_batches is None:
+            raise ConfigError("disk.alternate=passes needs the training data for the guide; set disk.alternate=batch")
         self.guide = Guide(ctx.teacher_feat_dim + ctx.num_classes, parse_hidden(hp["guide_hidden"])).to(
             ctx.device
         )
@@ -325,18 +444,78 @@ class DiSK(Method):
             )
         self.tau_s: float | None = None if hp["student_T"] is None else float(hp["student_T"])
         self.lam = self._lambda(0)
+        self._stats = torch.zeros(6, device=ctx.device)
         self.last_stats: dict[str, float] = {}
 
-    # -- schedule and setup -------------------------------------------------------------------------------
+    # -- schedules and setup --------------------------------------------------------------------------------
     def _lambda(self, epoch: int) -> float:
         hp = self.hp
         return lambda_schedule(
             epoch, max(self.ctx.epochs, 1), hp["lambda_min"], hp["lambda_max"], hp["lambda_period"]
         )
 
+    def _guide_lr(self, epoch_float: float) -> float:
+        """The guide's lr at a fractional epoch: the student's schedule (ctx.extra["lr_factor"], else cosine)."""
+        if self.hp["guide_schedule"] == "constant":
+            return self.hp["guide_lr"]
+        f = self.ctx.extra.get("lr_factor")
+        if f is None:
+            t = min(max(epoch_float / max(self.ctx.epochs, 1), 0.0), 1.0)
+            factor = 0.5 * (1.0 + math.cos(math.pi * t))
+        else:
+            factor = float(f(epoch_float))
+        return self.hp["guide_lr"] * factor
+
+    def _set_guide_lr(self, epoch_float: float) -> None:
+        for group in self.guide_opt.param_groups:
+            group["lr"] = self._guide_lr(epoch_float)
+
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         self.lam = self._lambda(epoch)
+        self._stats.zero_()
+        self._set_guide_lr(float(epoch))
+        if self.hp["alternate"] == "passes" and epoch % self.hp["round_epochs"] == 0:
+            passes = self.hp["guide_epochs"] + (self.hp["guide_warmup"] if epoch == 0 else 0)
+            self.train_guide(passes)
+
+    def _step_kw(self) -> dict[str, Any]:
+        hp = self.hp
+        return dict(alpha=hp["alpha"], lam=self.lam, tau_t=hp["tau_t"], tau_s=self.tau_s, k=hp["K"],
+                    delta=self.delta, ce_cap=hp["budget_ce_cap"] or None, target=hp["target"],
+                    help_norm=hp["help_norm"], budget_norm=hp["budget_norm"],
+                    budget_relax=hp["budget_relax"])  # fmt: skip
+
+    def _guide_step(self, s: Tensor, t: Tensor, tf: Tensor, y: Tensor) -> Tensor:
+        g = self.guide(tf, t)
+        obj = guide_objective(s.detach().float(), t, y, g, **self._step_kw())
+        self.guide_opt.zero_grad(set_to_none=True)
+        obj.backward()
+        self.guide_opt.step()
+        return obj.detach()
+
+    def train_guide(self, passes: int) -> None:
+        """``passes`` SGD passes of the guide over the training set, student and teacher fixed (A.5's arg min)."""
+        if self.tau_s is None or self.ctx.train_batches is None or self.ctx.teacher is None:
+            raise RuntimeError("DiSK.setup() must run before training (it fits the student temperature)")
+        student, teacher = self.ctx.student, self.ctx.teacher
+        modes = student.training, teacher.training
+        student.eval()
+        teacher.eval()
+        try:
+            for _ in range(passes):
+                for x, y in self.ctx.train_batches():
+                    if len(y) < 2:  # batch norm needs two examples in training mode
+                        continue
+                    with torch.no_grad():
+                        s = student(x).float()
+                        t, tf = teacher(x, return_features=True)
+                    self.guide.train()
+                    with torch.enable_grad(), torch.autocast(device_type=s.device.type, enabled=False):
+                        self._guide_step(s, t.float(), tf.float(), y)
+        finally:
+            student.train(modes[0])
+            teacher.train(modes[1])
 
     @torch.no_grad()
     def setup(self, max_samples: int = 50_000) -> None:
@@ -378,21 +557,16 @@ class DiSK(Method):
         t = out.teacher_logits.detach().float()
         tf = out.teacher_features.detach().float()
         s = out.student_logits
-        cap = hp["budget_ce_cap"] or None
-        kw = dict(alpha=hp["alpha"], lam=self.lam, tau_t=hp["tau_t"], tau_s=self.tau_s, k=hp["K"], delta=self.delta,
-                  ce_cap=cap, target=hp["target"])  # fmt: skip
-        small = t.shape[0] < 2  # batch norm needs two examples in training mode
-        with torch.enable_grad(), torch.autocast(device_type=s.device.type, enabled=False):
-            self.guide.train(not small)
-            obj = None
-            for _ in range(hp["guide_steps"]):
-                g = self.guide(tf, t)
-                obj = guide_objective(s.detach().float(), t, out.targets, g, **kw)
-                self.guide_opt.zero_grad(set_to_none=True)
-                obj.backward()
-                self.guide_opt.step()
-            with torch.no_grad():
-                g = self.guide(tf, t)
+        if hp["alternate"] == "batch":
+            steps = self.ctx.steps_per_epoch or 1
+            self._set_guide_lr(out.epoch + out.step / steps)
+            with torch.enable_grad(), torch.autocast(device_type=s.device.type, enabled=False):
+                self.guide.train(t.shape[0] >= 2)  # batch norm needs two examples in training mode
+                for _ in range(hp["guide_steps"]):
+                    self._guide_step(s, t, tf, out.targets)
+        self.guide.eval()
+        with torch.no_grad():
+            g = self.guide(tf, t)
         s32 = s.float()
         terms = {
             "ce": hp["alpha"] * F.cross_entropy(s32, out.targets),
@@ -400,14 +574,16 @@ class DiSK(Method):
             * disk_distill(s32, t, g, hp["tau_t"], self.tau_s, hp["K"], target=hp["target"]),
         }
         with torch.no_grad():
-            self.last_stats = {
-                "lambda": self.lam,
-                "g_mean": float(g.mean()),
-                "helped_mistakes": float(helped_mistakes(s32, out.targets, g)),
-                "budget": float(budget_loss(s32, out.targets, g, self.delta, cap)),
-                "guide_objective": float(obj) if obj is not None else float("nan"),
-            }
+            self._stats += guide_stats(g, s32.argmax(dim=-1) != out.targets)
         return terms
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The guide's statistics over the epoch's student steps (one host sync, here): mean g, mean g on the
+        examples the student gets wrong and right, the fraction with g > 0.5, lambda and delta."""
+        out = summarize_guide_stats(self._stats)
+        out.update({"lambda": self.lam, "delta": self.delta, "guide_lr": self.guide_opt.param_groups[0]["lr"]})
+        self.last_stats = out
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -12,25 +12,31 @@ teacher recovers ``f*``), student end points / weights initialised uniformly (``
 KD with T = 4 (A.5) and CE weight 0.1. KD and DiSK start from the same seed's CE-trained student
 (``--init ce``, the warm start of A.4, which "benefits both DiSK and KD"); ``--init random`` starts them from
 the seed's random initialisation instead. DiSK uses the defaults A.1 gives for both toys: tau_t = 7,
-lambda_min = 0.1, lambda_max = 50, delta = 0, Lambda_T = 50; alpha = 0.1 (the official script's CE weight);
-the student temperature fitted on the warm-started student (section 3.2); K = the number of classes (A.1's
-default K = 2 on the binary problem; on the 3-class problem K = 2 with eq. 4's full teacher target pulls
-helped examples towards the teacher's third class and ruins the student -- see kdtune.losses.disk -- so
-K = 3, inside A.1's scan {1, 2, 3}); the guide has the student's capacity (A.1: "similar capacity as the
-student"): one hidden layer of 2 units with batch norm and ReLU on the teacher's features and soft
-predictions; 3 guide SGD steps (lr 0.1, momentum 0.9) per student step. The interval models' sigmoid scale
-and probability floor are not given either (see kdtune.models.toys: they decide what a minimum is).
+lambda_min = 0.1, lambda_max = 50, Lambda_T = 50; alpha = 0.1 (the official script's CE weight); the student
+temperature fitted on the warm-started student (section 3.2); K = the number of classes (A.1's default K = 2 on
+the binary problem; on the 3-class problem K = 2 with eq. 4's full teacher target pulls helped examples towards
+the teacher's third class -- see kdtune.losses.disk -- so K = 3, inside A.1's scan {1, 2, 3}); the guide has the
+student's capacity (A.1: "similar capacity as the student"): one hidden layer of 2 units with batch norm and ReLU
+on the teacher's features and soft predictions. The guide is kdtune.losses.disk's default, the one that selects:
+renormalised help, eq. 2's mistake budget, and the budget delta = each seed's CE student's training error (A.5;
+A.1 writes "delta = 0.0 (approximate error of the global minima)", but the global minimum of either problem
+errs on about 1/6 of the data, and with delta = 0 the guide may help nobody). Alternation by passes (A.5: "three
+SGD steps over the entire dataset"): 3 guide passes over the training set, then 3 student epochs, per round;
+the guide's lr is constant like the students' (``--alternate batch`` gives 3 guide steps per student step).
 
 "Lands in a minimum", as the paper identifies its minima:
 
-- 1-D intervals (Figure 1: the student's single interval covers the blue cluster [2, 3], both clusters, or
-  the cluster [5, 7]): a run is in A if its predicted-blue region covers more than half of the test's blue
-  points in [2, 3] and at most half of those in [5, 7]; B if it covers more than half of both (the interval
-  then spans the red gap [3, 5]); C (the global minimum, censoring [2, 3]) if it covers more than half of
-  [5, 7] only; "other" if neither. The paper's accuracies 67 / 83 / 87 % are those of its 100-point test
-  set; in expectation A is 67 % and B and C are both 83 %, so accuracy alone cannot tell B from C.
-- 2-D Gaussians (Figure 2, identified by accuracy only): a run is in the minimum whose Table 1 accuracy
-  (70, 80, 90, 100 %) is nearest to its test accuracy -- cut points 75, 85, 95 % -- and "other" below 65 %.
+- 1-D intervals (Figure 1: the student's single interval on the blue cluster [2, 3] (A), spanning both
+  clusters and the red gap (B), or on the cluster [5, 7] (C, the global minimum)): a run is in a minimum when
+  both end points of its interval lie within 0.3 of the minimum's end points, else "other". (Coverage of the
+  test points alone would count an interval like [2.7, 6.9] as C.)
+- 2-D Gaussians (Figure 2): a run's minimum is the set of clusters it covers (more than half of a cluster's test
+  points classified right), counted by size: 6/6 (global), 5/6, 4/6, other. The paper's 70/80/90/100 % minima
+  cannot occur with the appendix's data: its six clusters have equal sizes, so a minimum's accuracy is k/6.
+
+Each cell of the table is the number of runs in that minimum with their mean test accuracy; the paper's Table 1
+is printed beside it. ``--json FILE`` writes the same numbers and DiSK's guide statistics at the end of training
+(mean g on the training examples the CE student gets wrong and right, fraction with g > 0.5, the budget).
 
 All seeds train at once as one ensemble (parameters with a leading seed dimension, see
 :mod:`kdtune.models.toys`); run ``i`` depends only on its seed ``i``, not on how many seeds run.
@@ -49,11 +55,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.data.base import Split
-from kdtune.data.toys import GAUSS_STD, INTERVAL_KAPPA, gaussians_splits, intervals_splits
-from kdtune.losses.disk import disk_distill, fit_student_temperature, guide_objective, lambda_schedule
+from kdtune.data.toys import GAUSS_CENTRES, GAUSS_STD, INTERVAL_KAPPA, gaussians_splits, intervals_splits
+from kdtune.losses.disk import (
+    disk_distill,
+    fit_student_temperature,
+    guide_objective,
+    guide_stats,
+    lambda_schedule,
+    summarize_guide_stats,
+)
 from kdtune.models.toys import BNMLP, LOG_FLOOR_EPS, STUDENT_WIDTHS, TEACHER_WIDTHS, IntervalNet
 
 METHODS = ("CE", "KD", "DiSK")
+
+# The paper's minima (Figure 1): the student's single interval on the blue cluster [2, 3] (A), spanning both
+# blue clusters and the red gap (B), or on the cluster [5, 7] (C, the global minimum).
+INTERVAL_MINIMA = {"A": (2.0, 3.0), "B": (2.0, 7.0), "C": (5.0, 7.0)}
+INTERVAL_TOL = 0.3
 
 # Table 1 of the paper: runs out of 100 landing in each minimum; the last minimum is the global one.
 PAPER = {
@@ -62,12 +80,23 @@ PAPER = {
         "minima": ("A", "B", "C"),
         "accuracy": (67, 83, 87),
         "rows": {"CE": (35, 64, 1), "KD": (30, 67, 3), "DiSK": (9, 1, 90)},
+        "ours": ("A", "B", "C"),
+        "rule": f"a run is in a minimum when both end points of its interval lie within {INTERVAL_TOL} of the "
+        "minimum's: A = [2, 3], B = [2, 7], C* = [5, 7] (the paper's Figure 1)",
+        "note": "",
     },
     "gaussians": {
         "title": "2D Gaussians",
         "minima": ("A", "B", "C", "D"),
         "accuracy": (70, 80, 90, 100),
         "rows": {"CE": (73, 12, 9, 6), "KD": (1, 11, 31, 57), "DiSK": (0, 0, 3, 97)},
+        "ours": ("4/6", "5/6", "6/6"),
+        "rule": "a run's minimum is the set of clusters it covers (more than half of a cluster's test points "
+        "right); runs are counted by how many of the six clusters they cover (6/6* = the global minimum)",
+        "note": "the paper's 70/80/90 % minima cannot occur with the appendix's data: six clusters of equal size "
+        "(equal classes, two centres each, each point's centre drawn uniformly), so a minimum covers whole "
+        "clusters and its accuracy is k/6 (67, 83 or 100 %); 70/80/90 % would need clusters of unequal "
+        "sizes, which A.2 does not describe. Compare 4/6 with the paper's A, 5/6 with its B + C, 6/6 with D.",
     },
 }
 
@@ -97,7 +126,16 @@ class ToyConfig:
     lambda_min: float = 0.1
     lambda_max: float = 50.0
     lambda_period: int = 50
-    delta: float = 0.0
+    delta: float | None = None  # None: each seed's CE student's training error + delta_offset (A.5)
+    delta_offset: float = 0.0
+    help_norm: str = "renorm"
+    budget_norm: str = "N"
+    budget_ce_cap: float = 0.0
+    budget_relax: str = "indicator"
+    alternate: str = "passes"
+    guide_epochs: int = 3
+    round_epochs: int = 3
+    guide_warmup: int = 0
     guide_steps: int = 3
     guide_lr: float = 0.1
     guide_wd: float = 5e-4
@@ -184,43 +222,33 @@ def accuracy(model: nn.Module, split: Split) -> Tensor:
 
 
 # -- the two problems ------------------------------------------------------------------------------------------
-def _classify_intervals(model: nn.Module, test: Split) -> tuple[list[str], Tensor]:
+def _classify_intervals(model: nn.Module, test: Split, tol: float = INTERVAL_TOL) -> tuple[list[str], Tensor]:
+    """A run is in minimum M when both end points of its interval lie within ``tol`` of M's (else "other")."""
     with torch.no_grad():
-        model.eval()
-        blue_pred = model(test.x).argmax(dim=-1) == 1  # (S, N)
-    x = test.x[:, 0]
-    left = (test.y == 1) & (x >= 2) & (x <= 3)
-    right = (test.y == 1) & (x >= 5) & (x <= 7)
-    cov_l = blue_pred[:, left].float().mean(dim=1)
-    cov_r = blue_pred[:, right].float().mean(dim=1)
+        a, b = model.intervals()
     labels = []
-    for a, b in zip(cov_l.tolist(), cov_r.tolist()):
-        if a > 0.5 and b <= 0.5:
-            labels.append("A")
-        elif a > 0.5 and b > 0.5:
-            labels.append("B")
-        elif b > 0.5:
-            labels.append("C")
-        else:
-            labels.append("other")
+    for lo, hi in zip(a[..., 0].reshape(-1).tolist(), b[..., -1].reshape(-1).tolist()):
+        near = [m for m, (ma, mb) in INTERVAL_MINIMA.items() if abs(lo - ma) <= tol and abs(hi - mb) <= tol]
+        labels.append(near[0] if near else "other")
     return labels, accuracy(model, test)
 
 
+def _nearest_centre(x: Tensor) -> Tensor:
+    centres = torch.tensor([c for c, _ in GAUSS_CENTRES], dtype=x.dtype)
+    return torch.cdist(x, centres).argmin(dim=1)
+
+
 def _classify_gaussians(model: nn.Module, test: Split) -> tuple[list[str], Tensor]:
-    acc = accuracy(model, test)
-    labels = []
-    for a in acc.tolist():
-        if a >= 95:
-            labels.append("D")
-        elif a >= 85:
-            labels.append("C")
-        elif a >= 75:
-            labels.append("B")
-        elif a >= 60:
-            labels.append("A")
-        else:
-            labels.append("other")
-    return labels, acc
+    """A run's minimum is the set of clusters it covers (more than half of a cluster's test points classified
+    right); runs are grouped by how many of the six clusters they cover: "6/6" (the global minimum), "5/6",
+    "4/6", and "other" (3 or fewer)."""
+    with torch.no_grad():
+        model.eval()
+        right = model(test.x).argmax(dim=-1) == test.y  # (S, N)
+    cluster = _nearest_centre(test.x)
+    covered = torch.stack([right[:, cluster == j].float().mean(dim=1) > 0.5 for j in range(len(GAUSS_CENTRES))], 1)
+    labels = [f"{n}/6" if n >= 4 else "other" for n in covered.sum(dim=1).tolist()]
+    return labels, right.float().mean(dim=-1) * 100
 
 
 def make_problem(key: str, cfg: ToyConfig) -> Problem:
@@ -251,6 +279,7 @@ class ProblemResult:
     labels: dict[str, list[str]]
     accs: dict[str, Tensor]
     seconds: float
+    guide: dict[str, float] = field(default_factory=dict)
 
 
 def _train_teacher(p: Problem, cfg: ToyConfig, tick) -> nn.Module:
@@ -307,98 +336,154 @@ def run_problem(p: Problem, cfg: ToyConfig, tick=None) -> ProblemResult:
     train_ensemble(kd_student, p.train, seeds, cfg, kd_loss, tag=3, tick=tick)
     labels["KD"], accs["KD"] = p.classify(kd_student, p.test)
 
-    # DiSK (Algorithm 1): guide steps on (1 - alpha) L_dist + lambda L_budget, then the student's step.
+    # DiSK (Algorithm 1): per round, the guide's passes over the data on (1 - alpha) L_dist + lambda L_budget
+    # (student fixed), then the student's epochs on alpha CE + (1 - alpha) L_dist (guide fixed).
     dk_student = p.make_student(s)
     dk_student.load_state_dict({k: v.clone() for k, v in start_state.items()})
     guide = BNMLP(t_feats.shape[-1] + p.num_classes, cfg.guide_hidden, 1, ensemble=s)
     guide.init_members([20_000 + sd for sd in seeds])
     gopt = torch.optim.SGD(guide.parameters(), lr=cfg.guide_lr, momentum=0.9, weight_decay=cfg.guide_wd)
     g_in = torch.cat([t_feats, F.softmax(t_logits, dim=-1)], dim=-1)
-    if cfg.student_T is not None:
-        tau_s: Tensor = torch.full((s,), float(cfg.student_T))
-    else:
+    with torch.no_grad():
+        dk_student.eval()
+        warm_logits = dk_student(x)
+        ce_wrong = warm_logits.argmax(dim=-1) != y  # (S, N): the CE student's training mistakes
+        if cfg.student_T is not None:
+            tau_s: Tensor = torch.full((s,), float(cfg.student_T))
+        else:
+            tau_s = fit_student_temperature(warm_logits, t_logits, cfg.tau_t)
+        dk_student.train()
+    if cfg.delta is not None:
+        delta: Tensor = torch.full((s,), float(cfg.delta))
+    else:  # A.5: the CE-trained student's error (of the warm start, per seed), plus the offset
+        delta = (ce_wrong.float().mean(dim=1) + cfg.delta_offset).clamp(0.0, 1.0)
+    state = {"lam": cfg.lambda_min}
+    k = cfg.K or p.num_classes
+    kw = dict(alpha=cfg.alpha, tau_t=cfg.tau_t, k=k, delta=delta, target=cfg.target, help_norm=cfg.help_norm,
+              budget_norm=cfg.budget_norm, ce_cap=cfg.budget_ce_cap or None, budget_relax=cfg.budget_relax)  # fmt: skip
+    gens = _shuffles(seeds, len(p.train), tag=5)
+    n, b = len(p.train), min(cfg.batch_size, len(p.train))
+
+    def guide_pass() -> None:
         with torch.no_grad():
             dk_student.eval()
-            tau_s = fit_student_temperature(dk_student(x), t_logits, cfg.tau_t)
+            s_all = dk_student(x)
             dk_student.train()
-    state = {"lam": cfg.lambda_min}
-    kw = dict(alpha=cfg.alpha, tau_t=cfg.tau_t, k=cfg.K or p.num_classes, delta=cfg.delta, target=cfg.target)
+        guide.train()
+        perm = torch.stack([torch.randperm(n, generator=gg) for gg in gens])
+        for i in range(max(n // b, 1)):
+            idx = perm[:, i * b : (i + 1) * b]
+            g = torch.sigmoid(guide(g_in[idx])).squeeze(-1)
+            sb = torch.gather(s_all, 1, idx.unsqueeze(-1).expand(-1, -1, s_all.shape[-1]))
+            obj = guide_objective(sb, t_logits[idx], y[idx], g, lam=state["lam"], tau_s=tau_s, **kw).sum()
+            gopt.zero_grad(set_to_none=True)
+            obj.backward()
+            gopt.step()
 
     def on_epoch(epoch: int) -> None:
         state["lam"] = lambda_schedule(epoch, cfg.epochs, cfg.lambda_min, cfg.lambda_max, cfg.lambda_period)
+        if cfg.alternate == "passes" and epoch % cfg.round_epochs == 0:
+            for _ in range(cfg.guide_epochs + (cfg.guide_warmup if epoch == 0 else 0)):
+                guide_pass()
 
     def disk_loss(idx: Tensor, epoch: int) -> Tensor:
         logits = dk_student(x[idx])
         tl, yb, gi = t_logits[idx], y[idx], g_in[idx]
-        guide.train()
-        for _ in range(cfg.guide_steps):
-            g = torch.sigmoid(guide(gi)).squeeze(-1)
-            obj = guide_objective(logits.detach(), tl, yb, g, lam=state["lam"], tau_s=tau_s, **kw).sum()
-            gopt.zero_grad(set_to_none=True)
-            obj.backward()
-            gopt.step()
+        if cfg.alternate == "batch":
+            guide.train()
+            for _ in range(cfg.guide_steps):
+                g = torch.sigmoid(guide(gi)).squeeze(-1)
+                obj = guide_objective(logits.detach(), tl, yb, g, lam=state["lam"], tau_s=tau_s, **kw).sum()
+                gopt.zero_grad(set_to_none=True)
+                obj.backward()
+                gopt.step()
+        guide.eval()
         with torch.no_grad():
             g = torch.sigmoid(guide(gi)).squeeze(-1)
         ce = _per_member_ce(logits, yb)
-        dist = disk_distill(logits, tl, g, cfg.tau_t, tau_s, kw["k"], target=cfg.target)
+        dist = disk_distill(logits, tl, g, cfg.tau_t, tau_s, k, target=cfg.target)
         return (cfg.alpha * ce + (1 - cfg.alpha) * dist).sum()
 
     train_ensemble(dk_student, p.train, seeds, cfg, disk_loss, tag=4, on_epoch=on_epoch, tick=tick)
     labels["DiSK"], accs["DiSK"] = p.classify(dk_student, p.test)
-    return ProblemResult(p.key, teacher_acc, labels, accs, time.time() - t0)
+    guide.eval()
+    with torch.no_grad():
+        g_final = torch.sigmoid(guide(g_in.expand(s, -1, -1))).squeeze(-1)  # (S, N) on the training set
+    stats = summarize_guide_stats(guide_stats(g_final, ce_wrong).sum(dim=0))
+    stats["delta"] = float(delta.mean())
+    return ProblemResult(p.key, teacher_acc, labels, accs, time.time() - t0, guide=stats)
 
 
 # -- the table -------------------------------------------------------------------------------------------------
+def _classes(key: str) -> list[str]:
+    return [*PAPER[key]["ours"], "other"]
+
+
+def results_json(results: list[ProblemResult], cfg: ToyConfig) -> dict:
+    """Counts per method and minimum, mean test accuracy per method and per minimum, DiSK's guide statistics."""
+    out: dict = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}}
+    for r in results:
+        paper = PAPER[r.key]
+        entry: dict = {"rule": paper["rule"], "note": paper["note"], "teacher_acc": r.teacher_acc,
+                       "paper": {"minima": list(paper["minima"]), "accuracy": list(paper["accuracy"]),
+                                 "counts": {m.lower(): list(v) for m, v in paper["rows"].items()}}}  # fmt: skip
+        for meth in METHODS:
+            accs = r.accs[meth].tolist()
+            counts = {c: r.labels[meth].count(c) for c in _classes(r.key)}
+            acc_by = {
+                c: (sum(a for lab, a in zip(r.labels[meth], accs) if lab == c) / n if n else None)
+                for c, n in counts.items()
+            }
+            entry[meth.lower()] = {"counts": counts, "acc": acc_by, "mean_acc": sum(accs) / len(accs)}
+        g = r.guide
+        entry["disk"].update({"guide_g_wrong": g.get("g_wrong"), "guide_g_right": g.get("g_right"),
+                              "guide_g_mean": g.get("g_mean"), "guide_helped_frac": g.get("helped_frac"),
+                              "delta": g.get("delta")})  # fmt: skip
+        out[r.key] = entry
+    return out
+
+
 def format_table(results: list[ProblemResult], cfg: ToyConfig) -> str:
+    delta = "each seed's CE student's training error (A.5)" if cfg.delta is None else f"{cfg.delta}"
+    if cfg.delta is None and cfg.delta_offset:
+        delta += f" {cfg.delta_offset:+g}"
     lines = [
         f"DiSK toy problems (Kag et al., ICLR 2023 submission, Table 1): {cfg.seeds} runs per method, "
         f"{cfg.epochs} epochs, KD/DiSK start: {cfg.init}",
-        "counts: runs landing in each minimum (* = global minimum); paper: its Table 1, 100 runs",
+        f"DiSK: tau_t {cfg.tau_t}, lambda {cfg.lambda_min}..{cfg.lambda_max}, Lambda_T {cfg.lambda_period}, "
+        f"delta = {delta}, help {cfg.help_norm}, budget {cfg.budget_relax}/{cfg.budget_norm}, "
+        f"{cfg.alternate}: {cfg.guide_epochs} guide passes per {cfg.round_epochs} student epochs",
+        "cells: runs in that minimum (their mean test accuracy); * = global minimum; paper: Table 1, 100 runs",
     ]
     for r in results:
         paper = PAPER[r.key]
-        minima = paper["minima"]
-        cols = [m + ("*" if j == len(minima) - 1 else "") for j, m in enumerate(minima)] + ["other"]
-        w = 7
-        head = (
-            f"{'':<18}"
-            + "".join(f"{c:>{w}}" for c in cols)
-            + "  |  paper"
-            + "".join(f"{c:>{w}}" for c in cols[:-1])
-        )
-        lines += [
-            "",
-            f"{paper['title']}  (teacher test accuracy {r.teacher_acc:.1f}%, {r.seconds:.0f} s)",
-            head,
-        ]
-        mean_acc = []
-        for m in [*minima, "other"]:
-            vals = [
-                float(a)
-                for meth in METHODS
-                for lab, a in zip(r.labels[meth], r.accs[meth].tolist())
-                if lab == m
-            ]
-            mean_acc.append(f"{sum(vals) / len(vals):.0f}%" if vals else "-")
-        lines.append(
-            f"{'accuracy':<18}"
-            + "".join(f"{v:>{w}}" for v in mean_acc)
-            + "  |       "
-            + "".join(f"{str(a) + '%':>{w}}" for a in paper["accuracy"])
-        )
+        classes = _classes(r.key)
+        cols = [c + ("*" if j == len(classes) - 2 else "") for j, c in enumerate(classes)]
+        pcols = [m + ("*" if j == len(paper["minima"]) - 1 else "") for j, m in enumerate(paper["minima"])]
+        w = 11
+        lines += ["", f"{paper['title']}  (teacher test accuracy {r.teacher_acc:.1f}%, {r.seconds:.0f} s)",
+                  f"rule: {paper['rule']}"]  # fmt: skip
+        lines.append(f"{'':<15}" + "".join(f"{c:>{w}}" for c in cols) + "  |  paper" + "".join(f"{c:>6}" for c in pcols))
+        lines.append(f"{'':<15}" + " " * (w * len(cols)) + "  |  acc. " + "".join(f"{a:>5}%" for a in paper["accuracy"]))
         for meth in METHODS:
-            counts = [r.labels[meth].count(m) for m in [*minima, "other"]]
-            mean = float(r.accs[meth].mean())
+            accs = r.accs[meth].tolist()
+            cells = []
+            for c in classes:
+                got = [a for lab, a in zip(r.labels[meth], accs) if lab == c]
+                cells.append(f"{len(got)} ({sum(got) / len(got):.0f}%)" if got else "0")
+            mean = sum(accs) / len(accs)
+            lines.append(f"{meth:<7}{mean:>6.1f}%  " + "".join(f"{c:>{w}}" for c in cells) + "  |       "
+                         + "".join(f"{c:>6}" for c in paper["rows"][meth]))  # fmt: skip
+        g = r.guide
+        if g:
             lines.append(
-                f"{meth:<8}{mean:>6.1f}%   "
-                + "".join(f"{c:>{w}}" for c in counts)
-                + "  |       "
-                + "".join(f"{c:>{w}}" for c in paper["rows"][meth])
+                f"DiSK's guide at the end, on the training set: mean g {g['g_wrong']:.2f} on the CE student's "
+                f"mistakes, {g['g_right']:.2f} on its right answers; g > 0.5 on {100 * g['helped_frac']:.0f}% of "
+                f"the examples (budget delta {100 * g['delta']:.0f}%)"
             )
-    lines.append("")
-    lines.append(
-        "accuracy row: mean test accuracy of the runs in that minimum; method rows: mean test accuracy."
-    )
+        if paper["note"]:
+            lines.append(f"note: {paper['note']}")
+    lines += ["", "method rows: mean test accuracy of all runs, then the runs in each minimum."]
     return "\n".join(lines)
 
 
@@ -438,10 +523,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-min", type=float, default=d.lambda_min)
     p.add_argument("--lambda-max", type=float, default=d.lambda_max)
     p.add_argument("--lambda-period", type=int, default=d.lambda_period)
-    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--delta", type=float, default=d.delta,
+                   help="fixed budget (default: each seed's CE student's training error, A.5)")
+    p.add_argument("--delta-offset", type=float, default=d.delta_offset, help="added to the CE error (A.5: +-0.2)")
+    p.add_argument("--help-norm", choices=("renorm", "code", "eq4"), default=d.help_norm,
+                   help="the guide's L_dist (see kdtune.losses.disk)")
+    p.add_argument("--budget-norm", choices=("N", "mistakes"), default=d.budget_norm)
+    p.add_argument("--budget-relax", choices=("indicator", "ce"), default=d.budget_relax,
+                   help="the guide's budget cost: eq. 2's mistake indicator or eq. 3's CE")
+    p.add_argument("--budget-ce-cap", type=float, default=d.budget_ce_cap, help="cap of eq. 3's CE (code: 5)")
+    p.add_argument("--alternate", choices=("passes", "batch"), default=d.alternate,
+                   help="passes: guide passes over the data, then student epochs (A.5); batch: per batch")
+    p.add_argument("--guide-epochs", type=int, default=d.guide_epochs, help="guide passes per round")
+    p.add_argument("--round-epochs", type=int, default=d.round_epochs, help="student epochs per round")
+    p.add_argument("--guide-warmup", type=int, default=d.guide_warmup, help="guide-only passes before round 1")
     p.add_argument("--guide-steps", type=int, default=d.guide_steps)
     p.add_argument("--guide-lr", type=float, default=d.guide_lr)
     p.add_argument("--guide-hidden", default=",".join(map(str, d.guide_hidden)), help="e.g. '2' or '64,128'")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the counts and accuracies as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for these tiny ops)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -461,7 +560,11 @@ def config_from_args(args: argparse.Namespace) -> ToyConfig:
         interval_eps=args.interval_eps,
         gauss_std=args.gauss_std, kd_T=args.kd_T, kd_alpha=args.kd_alpha, alpha=args.alpha, tau_t=args.tau_t,
         student_T=args.student_T, K=args.K, target=args.target, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
-        lambda_period=args.lambda_period, delta=args.delta, guide_steps=args.guide_steps, guide_lr=args.guide_lr,
+        lambda_period=args.lambda_period, delta=args.delta, delta_offset=args.delta_offset, help_norm=args.help_norm,
+        budget_norm=args.budget_norm, budget_relax=args.budget_relax, budget_ce_cap=args.budget_ce_cap,
+        alternate=args.alternate, guide_epochs=args.guide_epochs,
+        round_epochs=args.round_epochs, guide_warmup=args.guide_warmup, guide_steps=args.guide_steps,
+        guide_lr=args.guide_lr,
         guide_hidden=parse_hidden(args.guide_hidden), problems=problems,
     )  # fmt: skip
     if args.quick:
@@ -469,6 +572,10 @@ def config_from_args(args: argparse.Namespace) -> ToyConfig:
         cfg.lambda_period = min(cfg.lambda_period, 10)
     if cfg.seeds < 1 or cfg.epochs < 1 or cfg.batch_size < 2:
         raise ConfigError("--seeds and --epochs must be >= 1 and --batch-size >= 2")
+    if cfg.guide_epochs < 1 or cfg.round_epochs < 1 or cfg.guide_warmup < 0:
+        raise ConfigError("--guide-epochs and --round-epochs must be >= 1 and --guide-warmup >= 0")
+    if cfg.delta is not None and not 0.0 <= cfg.delta <= 1.0:
+        raise ConfigError(f"--delta {cfg.delta} must lie in [0, 1]")
     classes = min({"intervals": 2, "gaussians": 3}[q] for q in problems)
     if cfg.K is not None and not 1 <= cfg.K <= classes:
         raise ConfigError(
@@ -505,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         torch.set_num_threads(threads)
     print(format_table(results, cfg))
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(results_json(results, cfg), indent=2) + "\n")
     return 0
 
 
