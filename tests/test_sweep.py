@@ -333,16 +333,50 @@ def test_groups_share_one_experiment_each_gets_its_budget_and_pruned_is_pruned(t
     assert pruned >= 1, "ASHA stopped no trial: the test did not exercise PRUNED"
 
 
-def test_all_trials_failed_is_a_failed_sweep(tmp_path, monkeypatch):
-    """A sweep whose every trial failed raises SweepFailed (``kdtune sweep`` exits non-zero), one line per
-    cause."""
-    from kdtune.tune.runner import SweepFailed, sweep
+def test_all_trials_failed_is_a_failed_sweep(tmp_path, capsys):
+    """``kdtune sweep`` of a sweep whose every trial failed exits 1, with one line per cause."""
+    from kdtune.cli import main
 
     raw = make_spec(tmp_path, name="allfail", teacher=None, methods={"ce": {}},
                     train={"device": "cpu", "batch_size": 128, "lr": 1.0e6}, tracking={"enabled": False},
                     budget={"trials": 1, "epochs": 2, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
-    with pytest.raises(SweepFailed, match="every trial failed") as e:
-        sweep(raw, log=lambda s: None)
-    assert "diverged" in str(e.value).lower() or "nan" in str(e.value).lower()
+    path = tmp_path / "allfail.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "kdtune: error: sweep allfail: every trial failed" in err and "Traceback" not in err
+    assert "diverged" in err.lower() or "nan" in err.lower()
     state = json.loads((tmp_path / "runs" / "allfail" / "state.json").read_text())
     assert state["status"] == "failed"
+
+
+def test_live_progress_table_on_a_terminal_lines_in_a_pipe(capsys):
+    """On a terminal the printer redraws a table of the running trials (group, trial, epoch/total, metric, best
+    so far, ETA); in a pipe only the one line per finished trial."""
+    from types import SimpleNamespace
+
+    from kdtune.tune.callbacks import ProgressPrinter
+    from kdtune.tune.search import GROUP_KEY
+
+    def trial(tid, group, last=None):
+        return SimpleNamespace(trial_id=tid, config={GROUP_KEY: group, "T": 4.0}, last_result=last or {})
+
+    for live in (True, False):
+        lines: list[str] = []
+        p = ProgressPrinter("val_acc", 10, total=2, log=lines.append, refresh_s=0.0, live=live)
+        a, b = trial("aaa", "resnet8-kd"), trial("bbb", "resnet8-dkd")
+        p.on_trial_start(0, [], a)
+        p.on_trial_start(0, [], b)
+        p.on_trial_result(0, [], a, {"epoch": 3, "training_iteration": 3, "val_acc": 61.5})
+        p.on_step_end(0, [])
+        out = capsys.readouterr().out
+        if live:
+            assert "resnet8-kd" in out and "aaa" in out and "3/10" in out and "61.50" in out
+            assert "ETA" in out and "0/2 trials done" in out
+        else:
+            assert out == ""
+        a.last_result = {"epoch": 10, "training_iteration": 10, "val_acc": 70.0, "test_acc": 69.0}
+        p.on_trial_complete(0, [], a)
+        assert lines == ["  [1/2] resnet8-kd         aaa  done                 val_acc 70.00 (test 69.00)  T=4"]
+        cleared = capsys.readouterr().out
+        assert cleared == ("\x1b[4F\x1b[J" if live else "")  # the table goes before the line is printed

@@ -88,13 +88,10 @@ def _load(args):
 
 
 def _sweep(args) -> int:
-    from kdtune.preflight import preflight
-
     spec = _load(args)
     if args.print_config:
         print(spec.to_yaml(), end="")
         return 0
-    preflight(spec)  # what the spec points at, before Ray starts
 
     from kdtune.tune.runner import sweep
 

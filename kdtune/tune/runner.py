@@ -60,7 +60,9 @@ _WORKER_ENV = {
 
 
 class SweepFailed(KdtuneError):
-    """A sweep whose work produced no result (every trial failed): one line per cause."""
+    """A sweep whose work produced no result (every trial failed): one line per cause; exit status 1."""
+
+    exit_code = 1
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -213,6 +215,9 @@ class _Sweep:
 
         # ---- everything that can be refused is checked before Ray starts
         from kdtune.data import load_data
+        from kdtune.preflight import preflight
+
+        preflight(spec)  # what the spec points at: checkpoints, method constraints, data, damaged files
 
         sources = space_sources(spec)
         data = load_data(spec.data, root=spec.data_root, download=spec.download, val_fraction=spec.val_fraction,

@@ -173,7 +173,7 @@ class _OverrideTrial:
 
 
 class SpaceFn:
-    """The define-by-run function handed to ``OptunaSearch``: the space file's ``space(trial, ctx)`` with the
+    """The define-by-run function handed to the sweep's searcher (``GroupedOptunaSearch``): the space file's ``space(trial, ctx)`` with the
     spec's overrides applied. Picklable (it carries the file's source, not the module), as Ray requires."""
 
     def __init__(self, method: str, source: str, filename: str, ctx: SpaceContext,
@@ -207,7 +207,7 @@ class SpaceFn:
     def record(self, params: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict]:
         """Run the space on a recording trial that answers from ``params`` (else the first choice / low end).
 
-        Returns ``(config, distributions, out_of_range)``: the trial's config as OptunaSearch would make it
+        Returns ``(config, distributions, out_of_range)``: the trial's config as the searcher would make it
         (suggested values and returned constants), the Optuna distribution of every suggested name, and the
         names whose given value lies outside its distribution.
         """
