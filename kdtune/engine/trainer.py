@@ -582,11 +582,12 @@ class Trainer:
             ) from None
         self.load_state_dict(state)
 
-    def save_model(self, path: str | Path) -> None:
+    def save_model(self, path: str | Path, durable: bool = True) -> None:
         from kdtune.models.checkpoint import save_model
 
         d = self.data
-        save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta())
+        save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta(),
+                   durable=durable)  # fmt: skip
 
 
 def host_rss_mb() -> float | None:
@@ -603,10 +604,11 @@ def host_rss_mb() -> float | None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """The training state, rewritten every epoch: all or nothing if the process is killed (no fsync)."""
+    from kdtune.storage import atomic_write
+
+    with atomic_write(path, "wb", durable=False) as f:
+        torch.save(obj, f)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -29,7 +29,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,8 +89,10 @@ def save_model(
     num_classes: int,
     in_channels: int,
     meta: dict | None = None,
+    durable: bool = True,
 ) -> Path:
-    """Write ``model`` in the kdtune format to ``path`` atomically; return the path.
+    """Write ``model`` in the kdtune format to ``path`` atomically; return the path (``durable=False``: no
+    fsync, for a file rewritten every epoch; see :func:`kdtune.storage.atomic_write`).
 
     Tensors are saved on the CPU, without DataParallel/compile prefixes. ``meta`` must be JSON-able
     (numpy/torch scalars and paths are converted); it comes back as ``info["meta"]`` from :func:`load_model`.
@@ -114,19 +115,11 @@ def save_model(
         "state_dict": sd,
         "meta": meta,
     }
+    from kdtune.storage import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb", durable=durable) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -270,7 +270,7 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
             orch.begin()
             trainer.save_state(ck / "state.pt")
             if m["is_best"]:
-                trainer.save_model(ck / "best.pt")
+                trainer.save_model(ck / "best.pt", durable=False)
             _write_json(ck / "progress.json", {"epoch": trainer.epoch}, durable=False)
             # Tune's checkpoint is a pointer (the epoch): the state lives in the trial's own folder, on the
             # experiment's storage, so nothing is copied per epoch.
