@@ -266,8 +266,10 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
             _finish(tracker, trainer, folder, final, trial_id)
             tune.report(final)
         orch = OrchestrationClock()
+        report_ms = 0.0
         for m in trainer.run():
             orch.begin()
+            t_save = time.perf_counter()
             trainer.save_state(ck / "state.pt")
             if m["is_best"]:
                 trainer.save_model(ck / "best.pt", durable=False)
@@ -277,15 +279,20 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
             pointer = folder / "tune-ckpt"
             pointer.mkdir(exist_ok=True)
             _write_json(pointer / "progress.json", {"epoch": trainer.epoch, "folder": str(folder)}, durable=False)
+            save_ms = 1000 * (time.perf_counter() - t_save)
             result = {**_numeric(m), **orch.figures()}
             if tracker is not None:
                 tracker.log_metrics(result, step=m["epoch"])
-            _event(folder, event="epoch", epoch=m["epoch"], trial_id=trial_id, orch_s=result["orch_s"])
+            # the audit trail, with where this epoch's bookkeeping went (the report's share: the one before)
+            _event(folder, event="epoch", epoch=m["epoch"], trial_id=trial_id, orch_s=result["orch_s"],
+                   save_ms=round(save_ms, 1), report_ms=round(report_ms, 1))  # fmt: skip
             if trainer.epoch >= cfg.epochs:
                 # Close the run before the last report: once Tune has the final result it may end this
                 # process at any moment.
                 _finish(tracker, trainer, folder, result, trial_id, orch)
+            t_report = time.perf_counter()
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(pointer)))
+            report_ms = 1000 * (time.perf_counter() - t_report)
             orch.end()
     except DivergedError as e:
         marker.parent.mkdir(parents=True, exist_ok=True)
