@@ -97,11 +97,16 @@ def _method_constraints(spec) -> None:
                 student=s_model, teacher=t_model, student_feat_dim=getattr(s_model, "feat_dim", None),
                 teacher_feat_dim=getattr(t_model, "feat_dim", None) if t_model is not None else None,
                 init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
+                train_batches=_no_batches,  # what a method needs to be built; nothing is trained here
             )
             try:
                 cls(hp, mctx)
             except KdtuneError as e:
                 raise ConfigError(f"methods.{method} ({student} on {spec.data}): {e}") from None
+
+
+def _no_batches():
+    return iter(())
 
 
 def _data(spec) -> None:

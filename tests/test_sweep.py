@@ -64,8 +64,10 @@ def test_sweep_results_and_stages(main_sweep):
     kd, disk = result.groups
     assert kd["trials"] == 3 and disk["trials"] == 1
     assert all(g["errored"] == 0 and g["best"]["val_acc"] > 10 for g in result.groups)
-    # the published starting point is the first KD trial
-    assert {"T": 4.0, "w_ce": 0.1, "w_kd": 0.9} in [t["config"] for t in kd["all"]]
+    # the published starting points (CRD's KD, and the logit-standardisation paper's) are KD trials
+    configs = [t["config"] for t in kd["all"]]
+    assert {"T": 4.0, "w_ce": 0.1, "w_kd": 0.9, "logit_std": False} in configs
+    assert {"T": 2.0, "w_ce": 0.1, "w_kd": 9.0, "logit_std": True} in configs
     # stages: teacher and DiSK's CE student, trained once, complete, cached; DiSK started at delta = CE error
     assert set(result.stages) == {"teacher", "ce-resnet8"}
     ce_stage = result.stages["ce-resnet8"]
@@ -106,7 +108,8 @@ def test_optuna_database_mirror(main_sweep):
     )
     trials = study.get_trials(deepcopy=False)
     assert sorted(t.user_attrs["tune_trial_id"] for t in trials) == sorted(t["trial_id"] for t in kd["all"])
-    assert all(t.state.name == "COMPLETE" and set(t.params) == {"T", "w_ce", "w_kd"} for t in trials)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert all(set(t.params) == {"T", "w_ce", "w_kd", "logit_std"} for t in trials)
     by_id = {t["trial_id"]: t for t in kd["all"]}
     for t in trials:
         assert t.params == by_id[t.user_attrs["tune_trial_id"]]["config"]
@@ -234,7 +237,7 @@ def test_cli_validate_and_yaml_roundtrip(tmp_path, capsys):
     p.write_text(yaml.safe_dump(make_spec(tmp_path)))
     assert main(["validate", str(p)]) == 0
     out = capsys.readouterr().out
-    assert "is valid" in out and "resnet8-kd: searches T, w_ce, w_kd; 1 starting points" in out
+    assert "is valid" in out and "resnet8-kd: searches T, w_ce, w_kd, logit_std; 2 starting points" in out
     assert "resnet8-disk: searches" in out and "delta_offset" in out
 
 
