@@ -237,8 +237,8 @@ def test_cli_validate_and_yaml_roundtrip(tmp_path, capsys):
     p.write_text(yaml.safe_dump(make_spec(tmp_path)))
     assert main(["validate", str(p)]) == 0
     out = capsys.readouterr().out
-    assert "is valid" in out and "resnet8-kd: searches T, w_ce, w_kd, logit_std; 2 starting points" in out
-    assert "resnet8-disk: searches" in out and "delta_offset" in out
+    assert "is valid" in out and "resnet8-kd: 3 trials; searches T, w_ce, w_kd, logit_std; 2 starting points" in out
+    assert "resnet8-disk: 1 trials; searches" in out and "delta_offset" in out
 
 
 def test_schedulers():

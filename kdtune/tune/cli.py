@@ -188,14 +188,16 @@ def _validate(args) -> int:
         teacher = spec.teacher.checkpoint or f"stage {spec.teacher.model} ({spec.teacher.method})"
     print(f"spec {args.spec} is valid: experiment {spec.name} at {spec.experiment_dir}")
     print(f"  data {spec.data}, teacher {teacher}, students {', '.join(spec.students)}")
-    print(f"  budget: {b.trials} trials x {b.epochs} epochs per method, {b.concurrency} at a time, "
-          f"{b.cpus_per_trial:g} CPU + {b.gpus_per_trial:g} GPU per trial; scheduler {spec.scheduler.name}; "
-          f"metric {spec.metric} ({spec.mode})")  # fmt: skip
+    total = sum(g["trials"] for g in info["groups"])
+    print(f"  budget: {total} trials x {b.epochs} epochs in one Tune experiment, {b.concurrency} at a time, "
+          f"{b.cpus_per_trial:g} CPU + {b.gpus_per_trial:g} GPU per trial; scheduler {spec.scheduler.name} per "
+          f"group; metric {spec.metric} ({spec.mode})")  # fmt: skip
     for g in info["groups"]:
         params = (
             ", ".join(ln.split()[0] for ln in g["parameters"] if " fixed " not in ln) or "nothing (one run)"
         )
-        print(f"  {g['student']}-{g['method']}: searches {params}; {len(g['starts'])} starting points")
+        print(f"  {g['student']}-{g['method']}: {g['trials']} trials; searches {params}; "
+              f"{len(g['starts'])} starting points")  # fmt: skip
         for n in g["notes"]:
             print(f"    ({n})")
     return 0

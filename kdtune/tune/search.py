@@ -45,7 +45,20 @@ class GroupSearch:
     starts: list[dict] = field(default_factory=list)
 
 
-class GroupedOptunaSearch(Searcher):
+class _PickledState:
+    """``save``/``restore`` of Tune's searcher and scheduler interfaces: the whole object state, pickled (the
+    Optuna studies are in memory; see the module docstring of :mod:`kdtune.tune.callbacks`)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class GroupedOptunaSearch(_PickledState, Searcher):
     def __init__(self, groups: list[GroupSearch], metric: str, mode: str, epochs: int, seed: int = 0):
         super().__init__(metric=metric, mode=mode)
         import optuna
@@ -137,16 +150,9 @@ class GroupedOptunaSearch(Searcher):
             out[name] = counts
         return out
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
 
 
-class GroupedScheduler(TrialScheduler):
+class GroupedScheduler(_PickledState, TrialScheduler):
     """One trial scheduler per group, made by ``factory()`` when a group's first trial arrives."""
 
     def __init__(self, factory: Callable[[], TrialScheduler], metric: str, mode: str):
@@ -190,13 +196,6 @@ class GroupedScheduler(TrialScheduler):
     def debug_string(self) -> str:
         return "; ".join(f"{g}: {s.debug_string()}" for g, s in self.subs.items())
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
 
 
 def _name_metric(study, metric: str) -> None:
