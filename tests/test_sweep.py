@@ -127,11 +127,19 @@ def test_mlflow_runs(main_sweep):
     assert roles.count("parent") == 1 and roles.count("stage") == 2
     parent = next(r for r in runs if r.data.tags.get("kdtune.role") == "parent")
     assert parent.info.status == "FINISHED"
+    # a training experiment (the UI opens on its runs); the parent carries the sweep's summary
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"
+    for g in result.groups:
+        assert parent.data.metrics[f"best.{g['group']}.val_acc"] == pytest.approx(g["best"]["val_acc"])
+    assert 0 < parent.data.metrics["slot_utilisation"] <= 1
+    assert "resnet8" in parent.data.tags["mlflow.note.content"] and "kd" in parent.data.tags["mlflow.note.content"]
     trial_runs = [r for r in runs if r.data.tags.get("kdtune.role") == "trial"]
     tune_ids = [t["trial_id"] for g in result.groups for t in g["all"]]
     assert sorted(r.data.tags["kdtune.trial_id"] for r in trial_runs) == sorted(tune_ids)
     for r in trial_runs:
         assert r.info.status == "FINISHED"
+        assert r.data.tags["kdtune.outcome"] in ("completed", "pruned")
+        assert Path(r.data.tags["kdtune.trial_dir"]).is_dir()  # a real place: the trial's own folder
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.params["method"] in ("kd", "disk") and r.data.params["student"] == "resnet8"
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]

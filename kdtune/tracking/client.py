@@ -44,6 +44,9 @@ TAG_MODE = "kdtune.mode"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # what MLflow 3's UI calls a training experiment
+TAG_NOTE = "mlflow.note.content"  # a run's description in the UI
 
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
@@ -203,7 +206,9 @@ def ensure_experiment(client, name: str, artifact_location: str | None = None) -
     exp = retry_locked(client.get_experiment_by_name, name)
     if exp is None:
         try:
-            return retry_locked(client.create_experiment, name, artifact_location=artifact_location)
+            # A training experiment: MLflow 3's UI then opens on its runs, not on the GenAI traces overview.
+            return retry_locked(client.create_experiment, name, artifact_location=artifact_location,
+                                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})  # fmt: skip
         except MlflowException as e:
             if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
                 raise

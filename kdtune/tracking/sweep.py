@@ -45,6 +45,7 @@ from kdtune.tracking.client import (
     quote,
     retry_locked,
     search_all_runs,
+    set_tags,
     slug,
     stable_hash,
 )
@@ -194,6 +195,12 @@ class SweepTracker:
     def log_parent_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
         """Numbers that describe the whole sweep (slot utilisation, best per group) on the parent run."""
         log_metric_entities(self.client, self._parent(), metric_entities(metrics, step))
+
+    def describe_parent(self, text: str) -> None:
+        """The parent run's description (markdown, shown on its page in the MLflow UI)."""
+        from kdtune.tracking.client import TAG_NOTE
+
+        set_tags(self.client, self._parent(), {TAG_NOTE: text})
 
     def end_parent(self, status: str = "FINISHED") -> None:
         retry_locked(self.client.set_terminated, self._parent(), check_status(status))

@@ -386,8 +386,13 @@ class _Sweep:
         self.folder.write_state(state)
         if self.tracker is not None:
             self._record("the results", self.tracker.log_artifact, path)
+            summary = {f"best.{s['group']}.{spec.metric}": s["best"][spec.metric] for s in summaries if s.get("best")}
             if util is not None:
-                self._record("slot utilisation", self.tracker.log_parent_metrics, {"slot_utilisation": util})
+                summary["slot_utilisation"] = util
+            self._record("the sweep's summary", self.tracker.log_parent_metrics, summary)
+            self._record("the sweep's description", self.tracker.describe_parent,
+                         f"kdtune sweep {spec.name}: best {spec.metric} per (student, method)\n\n```\n"
+                         f"{result.table()}\n```")  # fmt: skip
             self._record("the end of the parent run", self.tracker.end_parent, "FINISHED")
         for s in summaries:
             if not s.get("best"):
