@@ -1,8 +1,9 @@
 """kdtune: fast, faithful sweeps of knowledge-distillation methods.
 
 ``kdtune.train(cfg)`` trains one model and returns its result dict; ``kdtune.iter_train(cfg)`` yields one
-metrics dict per epoch; ``kdtune.train_bundle([cfg, ...])`` trains configs of one group as one fused,
-stacked model (one teacher forward per batch) and returns each member's result dict; ``kdtune.sweep(spec_or_path)`` runs (or resumes) a sweep and returns its
+metrics dict per epoch; ``kdtune.train_bundle([cfg, ...])`` trains configs of one group (differing only in
+fusable fields) as one fused, stacked model with one teacher forward per batch and returns each member's
+result dict; ``kdtune.sweep(spec_or_path)`` runs (or resumes) a sweep and returns its
 :class:`~kdtune.tune.runner.SweepResult`. The engine imports nothing of Ray, Optuna or MLflow; ``sweep``
 imports them when called.
 """

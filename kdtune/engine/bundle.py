@@ -14,25 +14,34 @@ What a bundle shares and what it keeps per member:
   method instance (a member's Method object is the one a lone run uses: the loss formulas are not rewritten),
   history and best epoch.
 
-The student is stacked with ``torch.func.stack_module_state`` and run with ``vmap(functional_call)``: one
-forward and one backward for all K members. BatchNorm's running statistics are stacked buffers, updated in
-place per member under vmap (checked: member 0 of a stack matches the lone model to 0.0 in its running mean).
-The alternative, hand-written grouped convolutions (HFTA), is what vmap's convolution batching rule already
-issues, so it would buy no speed and would need a rewrite of every model. Measured on this 2-core CPU
-(busy, shared with other jobs), resnet8x4, batch 64, 100 classes, forward + backward of K = 8 students:
-vmap 17.3 s per step, a Python loop over 8 separate models 16.5 s: the students' arithmetic is the same
-either way; the bundle's gain on the CPU is the teacher forward run once instead of K times (resnet32x4's
-forward costs more than resnet8x4's forward and backward), plus one Python/loader step for K members. vmap
-keeps the code generic: every registered model fuses, without a second implementation.
+The student is stacked with ``torch.func.stack_module_state``: per-member parameters and BatchNorm statistics
+live in ``(K, ...)`` tensors, and one backward serves all K members. Two ways to run it (``mode``):
+
+- ``"loop"`` (default): each member's slice (``unbind`` views of the stacked tensors) runs through
+  ``functional_call`` with the lone model's kernels, the K outputs are stacked, and the summed loss is
+  back-propagated once (``unbind``'s backward stacks the K gradients in one op). BatchNorm updates its
+  running statistics in place in the views. Bit for bit equal to lone runs on the CPU.
+- ``"vmap"``: ``vmap(functional_call)`` over the stacked tensors, one batched call for all K (vmap's
+  convolution rule issues the grouped convolutions HFTA writes by hand); BatchNorm's stacked buffers are
+  updated in place under vmap. Equal to lone runs up to the rounding of the batched kernels.
+
+Chosen by measurement on this CPU (2 cores shared with other jobs; resnet8x4, batch 64, 100 classes,
+forward + backward, min of 3 interleaved repeats): 4 separate models 1.41 s, ``loop`` with K = 4 1.53 s,
+``vmap`` with K = 4 2.73 s (a resnet32x4 teacher forward: 0.50 s). On the CPU the batched kernels are ~1.9x
+slower than K plain ones, so the default is ``loop``; the bundle's gain there is the teacher forward run once
+per batch instead of K times (the teacher's forward costs about twice the student's forward and backward) plus
+one loader pass for K members. ``vmap`` (one kernel launch for K students) is kept for GPUs, where it has not
+been measured yet; both modes are tested for exactness. Hand-written grouped convolutions would need a second
+implementation of every model; vmap already generates them.
 
 Optimisers (:class:`StackedOptimizer`): SGD (momentum, Nesterov, weight decay; dampening 0) and AdamW
-(betas 0.9/0.999, eps 1e-8) as torch.optim's single-tensor arithmetic, vectorised over the member
-dimension with per-member lr, momentum, Nesterov flag and weight decay; the step and cosine schedules
+(betas 0.9/0.999, eps 1e-8) with torch.optim's single-tensor arithmetic applied to each member's slices, with
+per-member lr, momentum, Nesterov flag and weight decay; the step and cosine schedules
 (:func:`~kdtune.engine.schedule.lr_factor`) are evaluated per member. Members must share the optimiser kind.
 
 Exactness: on the CPU in fp32 member ``i`` ends with the weights of the same config trained alone by
-:class:`~kdtune.engine.trainer.Trainer` on the same data seed, up to float rounding (the stacked kernels sum
-in another order; ``tests/test_bundle.py`` checks ``atol 1e-5`` after two epochs for every fusable method).
+:class:`~kdtune.engine.trainer.Trainer` on the same data seed: bit for bit with ``mode="loop"``, within
+``atol 1e-5`` with ``mode="vmap"`` (``tests/test_bundle.py``: two epochs, every fusable method, SGD and AdamW).
 For methods with trainable modules (IPWD's extra head) a member reads the teacher (and init) checkpoint again
 after creating its student, so the global RNG that initialises the module is where a lone run has it.
 
@@ -58,6 +67,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kdtune.config import TrainConfig
 from kdtune.data import DataBundle
+from kdtune.engine.run import as_config
 from kdtune.engine.schedule import lr_factor
 from kdtune.engine.trainer import (
     Trainer,
@@ -95,6 +105,10 @@ FUSABLE_FIELDS = (
     "resume",
 )
 BUNDLE_FORMAT = 1
+MODES = (
+    "loop",
+    "vmap",
+)  # how the stacked student runs (module docstring: measured, loop is faster on the CPU)
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
 
@@ -132,6 +146,18 @@ def check_bundle(cfgs: Sequence[TrainConfig]) -> None:
             seen[key] = i
 
 
+def _per_member(fwd, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, feats: bool):
+    """``fwd`` on each member's views of the stacked tensors (``unbind``: one stack of the gradients in the
+    backward), outputs stacked to ``(K, ...)`` as vmap returns them. BatchNorm updates the views in place."""
+    ps = {n: v.unbind(0) for n, v in params.items()}
+    bs = {n: v.unbind(0) for n, v in buffers.items()}
+    k = len(next(iter(ps.values())))
+    outs = [fwd({n: t[i] for n, t in ps.items()}, {n: t[i] for n, t in bs.items()}, x) for i in range(k)]
+    if feats:
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    return torch.stack(outs)
+
+
 class Member:
     """One run of a bundle: its config, method, history and best epoch (the bundle holds its weights)."""
 
@@ -160,10 +186,14 @@ class Member:
 class StackedOptimizer:
     """SGD or AdamW over stacked ``(K, ...)`` parameters and per-member parameters, with per-member values.
 
-    The arithmetic is torch.optim's single-tensor path (``SGD``: ``g += wd p; buf = m buf + g; d = g + m buf``
-    if Nesterov else ``buf``; ``p -= lr d``. ``AdamW``: ``p *= 1 - lr wd``, moments, bias corrections,
-    ``p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``) with the hyperparameters as tensors of the member
-    dimension. Buffers start at zero, which equals torch's first step (``buf = g``) exactly.
+    Each member's slices are updated with torch.optim's single-tensor arithmetic, op for op (``SGD``:
+    ``g += wd p; buf = m buf + g; d = g + m buf`` if Nesterov else ``buf``; ``p -= lr d``. ``AdamW``:
+    ``p *= 1 - lr wd``, moments, bias corrections, ``p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``), so a
+    member's update is bit for bit a lone run's on the CPU. A vectorised update (hyperparameters as tensors of
+    the member dimension) was tried first: its different rounding, amplified by training at initialisation,
+    cost up to 1e-4 in the weights after 6 steps; the per-member loop costs K x (number of parameter tensors)
+    small ops per step, negligible beside the convolutions. Buffers start at zero, which equals torch's first
+    step (``buf = g``) exactly.
     """
 
     def __init__(
@@ -200,58 +230,45 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, lrs: list[float]) -> None:
+        """One step of every member; member ``i``'s slice of each stacked tensor is updated with the very
+        operations (and Python-float hyperparameters) of torch.optim's single-tensor path."""
         self.t += 1
-        k = self.size
-        dev = self.stacked[0].device if self.stacked else torch.device("cpu")
-        vec = lambda vals, dtype=torch.float32: torch.tensor(vals, dtype=dtype, device=dev)  # noqa: E731
-        if self.kind == "sgd":
-            hyper = {
-                "lr": vec(lrs),
-                "wd": vec(self.weight_decay),
-                "m": vec(self.momentum),
-                "nest": vec([n and m > 0 for n, m in zip(self.nesterov, self.momentum)], torch.bool),
-            }
-            update = self._sgd
-        else:
-            b1, b2 = ADAMW_BETAS
-            bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
-            hyper = {
-                "decay": vec([1 - lr * wd for lr, wd in zip(lrs, self.weight_decay)]),
-                "step_size": vec([lr / bc1 for lr in lrs]),
-                "bc2_sqrt": bc2**0.5,
-            }
-            update = self._adamw
-        for p, st in zip(self.stacked, self.state_stacked):
-            if p.grad is not None:
-                shape = (k,) + (1,) * (p.dim() - 1)
-                update(
-                    p,
-                    p.grad,
-                    st,
-                    {n: v.view(shape) if isinstance(v, Tensor) else v for n, v in hyper.items()},
-                )
-        for i, (ps, sts) in enumerate(zip(self.member_params, self.state_member)):
-            mine = {n: v[i] if isinstance(v, Tensor) else v for n, v in hyper.items()}
-            for p, st in zip(ps, sts):
-                if p.grad is not None:
-                    update(p, p.grad, st, mine)
+        for i, lr in enumerate(lrs):
+            slots = [
+                (p.grad[i] if p.grad is not None else None, p[i], st)
+                for p, st in zip(self.stacked, self.member_slots(i))
+            ]
+            slots += [(p.grad, p, st) for p, st in zip(self.member_params[i], self.state_member[i])]
+            for g, p, st in slots:
+                if g is None:
+                    continue
+                if self.kind == "sgd":
+                    self._sgd(p, g, st, lr, self.weight_decay[i], self.momentum[i], self.nesterov[i])
+                else:
+                    self._adamw(p, g, st, lr, self.weight_decay[i], self.t)
 
     @staticmethod
-    def _sgd(p: Tensor, g: Tensor, st: dict[str, Tensor], h: dict[str, Any]) -> None:
-        g = g + h["wd"] * p
-        buf = st["buf"]
-        buf.mul_(h["m"]).add_(g)
-        d = torch.where(h["nest"], g + h["m"] * buf, buf)
-        p.sub_(h["lr"] * d)
+    def _sgd(
+        p: Tensor, g: Tensor, st: dict[str, Tensor], lr: float, wd: float, m: float, nesterov: bool
+    ) -> None:
+        if wd != 0:
+            g = g.add(p, alpha=wd)
+        if m != 0:
+            buf = st["buf"]
+            buf.mul_(m).add_(g)  # from zero: the first step gives buf = g, torch's clone
+            g = g.add(buf, alpha=m) if nesterov else buf
+        p.add_(g, alpha=-lr)
 
     @staticmethod
-    def _adamw(p: Tensor, g: Tensor, st: dict[str, Tensor], h: dict[str, Any]) -> None:
+    def _adamw(p: Tensor, g: Tensor, st: dict[str, Tensor], lr: float, wd: float, t: int) -> None:
         b1, b2 = ADAMW_BETAS
-        p.mul_(h["decay"])
+        if wd != 0:
+            p.mul_(1 - lr * wd)
         st["exp_avg"].lerp_(g, 1 - b1)
         st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (st["exp_avg_sq"].sqrt() / h["bc2_sqrt"]).add_(ADAMW_EPS)
-        p.sub_(h["step_size"] * st["exp_avg"] / denom)
+        step_size = lr / (1 - b1**t)
+        denom = (st["exp_avg_sq"].sqrt() / (1 - b2**t) ** 0.5).add_(ADAMW_EPS)
+        p.addcdiv_(st["exp_avg"], denom, value=-step_size)
 
     # ------------------------------------------------------------------ per-member views
     def member_slots(self, i: int) -> list[dict[str, Tensor]]:
@@ -281,15 +298,19 @@ class Bundle:
 
     def __init__(
         self,
-        cfgs: Sequence[TrainConfig],
+        cfgs: Sequence[TrainConfig | dict],
         data: DataBundle | None = None,
         *,
         keys: Sequence[Hashable] | None = None,
+        mode: str = "loop",
         log: Callable[[str], None] | None = None,
         progress: bool = False,
     ):
-        cfgs = list(cfgs)
+        cfgs = [as_config(c) for c in cfgs]
         check_bundle(cfgs)
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is not valid; choose one of {', '.join(MODES)}")
+        self.mode = mode
         keys = list(range(len(cfgs))) if keys is None else list(keys)
         if len(keys) != len(cfgs) or len(set(keys)) != len(keys):
             raise ConfigError(f"keys={keys} must be {len(cfgs)} distinct names, one per config")
@@ -361,8 +382,12 @@ class Bundle:
         def fwd_eval(p, b, x):
             return functional_call(self.base, (p, b), (x,))
 
-        self._vforward = vmap(fwd, in_dims=(0, 0, None), randomness="different")
-        self._veval = vmap(fwd_eval, in_dims=(0, 0, None), randomness="different")
+        if self.mode == "vmap":
+            self._forward = vmap(fwd, in_dims=(0, 0, None), randomness="different")
+            self._forward_eval = vmap(fwd_eval, in_dims=(0, 0, None), randomness="different")
+        else:
+            self._forward = lambda p, b, x: _per_member(fwd, p, b, x, feats)
+            self._forward_eval = lambda p, b, x: _per_member(fwd_eval, p, b, x, False)
 
     # ------------------------------------------------------------------ members
     @property
@@ -461,7 +486,7 @@ class Bundle:
                         t_out = forward(lead.teacher, x, mcls.needs_teacher_features)
                     t_logits = t_out[0].float().clone()
                     t_feats = t_out[1].float().clone() if t_out[1] is not None else None
-                s_out = self._vforward(self.params, self.buffers, x)
+                s_out = self._forward(self.params, self.buffers, x)
             s_logits, s_feats = s_out if mcls.needs_student_features else (s_out, None)
             total_loss = None
             for k, m in enumerate(self.members):
@@ -505,7 +530,7 @@ class Bundle:
         n = 0
         for x, y in loader.epoch(0):
             with self.shared.autocast():
-                logits = self._veval(self.params, self.buffers, x)
+                logits = self._forward_eval(self.params, self.buffers, x)
             logits = logits.float()
             b = y.shape[0]
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, b).sum(1)
