@@ -255,4 +255,7 @@ def test_bench_fuse_rows_structure(tmp_path):
         assert r["member_images_per_s"] > 0
         assert r["total_images_per_s"] == pytest.approx(r["fuse"] * r["member_images_per_s"])
     assert rows[0]["ratio_to_1"] == 1.0
+    assert rows[1]["ratio_to_1"] == pytest.approx(
+        rows[1]["total_images_per_s"] / rows[0]["total_images_per_s"]
+    )
     assert main(["bench", "--fuse", "0", "--steps", "1"]) == 2  # a one-line error, no traceback
