@@ -180,9 +180,10 @@ def test_bundle_checkpoint_resumes_exactly(data, teacher):
         ]
 
 
-def test_member_state_resumes_in_a_lone_trainer(data, teacher):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_member_state_resumes_in_a_lone_trainer(optimizer, data, teacher):
     """A bundle member's state.pt is the lone Trainer's format: a lone run continues it."""
-    cfgs = member_configs("kd", teacher)
+    cfgs = member_configs("kd", teacher, optimizer=optimizer)
     bundle = Bundle(cfgs, data=data)
     next(bundle.run())
     state = bundle.member_state(1)
@@ -190,6 +191,11 @@ def test_member_state_resumes_in_a_lone_trainer(data, teacher):
     lone.load_state_dict(state)
     list(lone.run())
     list(bundle.run())
+    # and back: a lone run's state.pt loads into a fresh bundle member
+    again = Bundle(cfgs, data=data)
+    again.load_member_state(0, bundle.member_state(0))
+    again.load_member_state(1, lone.state_dict())
+    assert again.epoch == 2 and max_diff(again.member_state(1)["model"], lone.student.state_dict()) == 0.0
     assert max_diff(lone.student.state_dict(), bundle.sync_member(1).student.state_dict()) == 0.0
 
 

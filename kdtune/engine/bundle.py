@@ -409,7 +409,8 @@ class Bundle:
 
     def drop(self, key: Hashable) -> Member:
         """Remove member ``key`` (e.g. pruned by early stopping) and repack the stacks; returns it, weights
-        synced. Dropping the last member leaves an empty bundle whose ``run()`` ends at once."""
+        synced into its ``student`` (take its :meth:`member_state` or :meth:`save_model` first if they are
+        wanted). Dropping the last member leaves an empty bundle whose ``run()`` ends at once."""
         i = self.index(key)
         member = self.sync_member(key)
         keep = [j for j in range(self.size) if j != i]
