@@ -10,7 +10,10 @@ Both loops train the same teacher/student pair with the same method (vanilla KD)
 images (synthetic CIFAR-shaped data unless ``--data`` names a real data set). Each is timed over ``--repeats``
 passes of ``--steps`` steps after ``--warmup`` steps; the table gives the median, min and max images/s, the
 FLOPs per image (teacher forward + student forward and backward, counted by torch's FlopCounterMode) and, on
-a GPU, the fraction of the device's bf16 dense peak reached. Imports nothing of Ray, Optuna or MLflow.
+a GPU, the fraction of the device's bf16 dense peak reached. ``--fuse 1 4 8 16`` adds fused bundles
+(:mod:`kdtune.engine.bundle`) of K KD students measured in the same run: each member's images/s, the bundle's
+total images/s (member-images per second) and its ratio to K = 1, the K's repeats interleaved. Imports nothing of Ray,
+Optuna or MLflow.
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile", action="store_true", help="also torch.compile kdtune's student")
     p.add_argument("--only", choices=["kdtune", "reference"], default=None, help="measure one loop only")
+    p.add_argument(
+        "--fuse",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="also measure fused bundles of K students sharing one teacher forward (K = 1 is always added)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not in the table")
 
@@ -203,6 +214,84 @@ def kdtune_loop(
     return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
 
 
+def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, k: int):
+    """``run_steps(n)`` of a :class:`~kdtune.engine.bundle.Bundle` of ``k`` KD students (lr and seed differ per
+    member): one teacher forward and one backward per step for all ``k``."""
+    from kdtune.config import TrainConfig
+    from kdtune.engine.bundle import Bundle
+
+    cfgs = [
+        TrainConfig.from_dict(
+            dict(
+                data="cifar100",
+                model=student_arch,
+                teacher=teacher_ckpt,
+                method="kd",
+                batch_size=batch,
+                epochs=1,
+                device=str(device),
+                val_fraction=0.0,
+                lr=0.05 * (1 + 0.01 * i),
+                seed=i,
+            )
+        )
+        for i in range(k)
+    ]
+    fused = Bundle(cfgs, data=bundle)
+    state = {"epoch": 0}
+
+    def run_steps(n: int) -> None:
+        left = n
+        while left > 0:
+            _, done, _, _ = fused.train_pass(state["epoch"], max_steps=left)
+            left -= done
+            if left > 0:
+                state["epoch"] += 1
+
+    return run_steps
+
+
+def time_interleaved(runners: dict, warmup: int, steps: int, repeats: int, sync) -> dict[int, list[float]]:
+    """Seconds of each timed pass per runner, the runners' repeats interleaved (r1: all K, r2: all K, ...) so
+    that a change of the machine's load touches every K alike (the machine may be shared)."""
+    for run_steps in runners.values():
+        if warmup:
+            run_steps(warmup)
+    out: dict[int, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for k, run_steps in runners.items():
+            sync()
+            t0 = time.perf_counter()
+            run_steps(steps)
+            sync()
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def fused_rows(secs_by_k: dict[int, list[float]], batch: int, steps: int) -> list[dict]:
+    """One row per K. ``member_images_per_s``: the images/s each member trains at (median over the repeats);
+    ``total_images_per_s``: K times that, the member-images the bundle trains per second; ``ratio_to_1``: the
+    total over K = 1's, the bundle's speed-up for a sweep; ``best_*``: the same from the fastest repeat (a
+    shared machine's load slows some repeats)."""
+    rows = []
+    per = {k: [batch * steps / s for s in secs] for k, secs in secs_by_k.items()}
+    one, one_best = statistics.median(per[1]), max(per[1])
+    for k in sorted(per):
+        med, best = statistics.median(per[k]), max(per[k])
+        rows.append(
+            {
+                "fuse": k,
+                "member_images_per_s": med,
+                "total_images_per_s": k * med,
+                "ratio_to_1": k * med / one,
+                "best_total_images_per_s": k * best,
+                "best_ratio_to_1": k * best / one_best,
+                "member_images_per_s_runs": per[k],
+            }
+        )
+    return rows
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -255,6 +344,9 @@ def run(args) -> list[dict]:
     for name, v in (("--steps", steps), ("--repeats", args.repeats)):
         if v < 1:
             raise ConfigError(f"{name}={v} is out of range; it must be >= 1")
+    fuse = getattr(args, "fuse", None)
+    if fuse is not None and any(k < 1 for k in fuse):
+        raise ConfigError(f"--fuse {fuse} is out of range; bundle sizes must be >= 1")
     if any(b < 1 for b in args.batch):
         raise ConfigError(f"--batch {args.batch} is out of range; batch sizes must be >= 1")
     need = max(args.batch) * (steps + warmup + 1)
@@ -307,6 +399,13 @@ def run(args) -> list[dict]:
                         bundle, ckpt, args.student, batch, device, True, warmup, steps, args.repeats
                     )
                     row["kdtune+compile"] = [batch * steps / s for s in secs]
+            if fuse is not None and args.only != "reference":
+                runners = {
+                    k: fused_steps(bundle, ckpt, args.student, batch, device, k) for k in sorted({1, *fuse})
+                }
+                secs_by_k = time_interleaved(runners, warmup, steps, args.repeats, lambda: _sync(device))
+                del runners
+                row["fused"] = fused_rows(secs_by_k, batch, steps)
             row["peak_flops"] = peak
             results.append(row)
     return results
@@ -349,6 +448,19 @@ def format_table(results: list[dict]) -> str:
             if row.get("peak_flops"):
                 line += f" {100 * med * row['flops_per_image'] / row['peak_flops']:>11.1f}%"
             lines.append(line)
+        if row.get("fused"):
+            lines.append(
+                "  fused bundles of K students, one teacher forward per batch (median / fastest repeat; "
+                "ratio: total member-images/s vs K = 1)"
+            )
+            lines.append(
+                f"  {'K':>4} {'member img/s':>13} {'total img/s':>12} {'vs K=1':>7} {'best total':>11} {'vs K=1':>7}"
+            )
+            for f in row["fused"]:
+                lines.append(
+                    f"  {f['fuse']:>4} {f['member_images_per_s']:>13,.1f} {f['total_images_per_s']:>12,.1f} "
+                    f"{f['ratio_to_1']:>6.2f}x {f['best_total_images_per_s']:>11,.1f} {f['best_ratio_to_1']:>6.2f}x"
+                )
         lines.append("")
     return "\n".join(lines).rstrip()
 

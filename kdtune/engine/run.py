@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtune.config import TrainConfig, dumps
-from kdtune.engine.trainer import Trainer
+from kdtune.engine.trainer import Trainer, atomic_torch_save, read_state
 from kdtune.errors import ConfigError
 from kdtune.losses.base import METHOD_METRIC_PREFIX
 
@@ -112,15 +112,113 @@ def iter_train(
     result["wall_s"] = time.perf_counter() - t_start
     if out is not None:
         trainer.save_model(out / "final.pt")
-        tmp = out / ".result.json.tmp"
-        tmp.write_text(dumps(result))
-        tmp.replace(out / "result.json")
+        write_result(out, result)
     return result
 
 
 def train(cfg: TrainConfig | dict | None = None, /, **kwargs) -> dict[str, Any]:
     """Run to the end and return the result dict (what result.json holds)."""
     gen = iter_train(cfg, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """result.json, written atomically (its presence marks a finished run)."""
+    tmp = out / ".result.json.tmp"
+    tmp.write_text(dumps(result))
+    tmp.replace(out / "result.json")
+
+
+def iter_train_bundle(
+    cfgs: list[TrainConfig | dict],
+    /,
+    *,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+    data=None,
+) -> Generator[list[dict[str, Any]], None, list[dict[str, Any]]]:
+    """Train ``cfgs`` as one fused :class:`~kdtune.engine.bundle.Bundle`, yielding per epoch the list of the
+    members' metrics dicts; the return value is the list of their result dicts, in the order of ``cfgs``.
+
+    Each member with ``out`` set gets the run directory :func:`iter_train` writes (config.yaml, train.log,
+    state.pt, best.pt, final.pt, result.json); ``resume=true`` continues from the members' state.pt files
+    (a finished member's result.json is read back and it does not train again). A member whose loss
+    diverges is dropped: its entry is ``{"status": "diverged", "error": ..., "epochs": ..., "config": ...}``
+    and its directory gets no result.json, as a lone diverged run's does not.
+    """
+    from kdtune.engine.bundle import Bundle
+
+    cfgs = [as_config(c) for c in cfgs]
+    log = log or (lambda s: None)
+    outs = [prepare_out(c) for c in cfgs]
+    results: list[dict[str, Any] | None] = [None] * len(cfgs)
+    todo = []
+    for i, (c, out) in enumerate(zip(cfgs, outs)):
+        if out is not None and c.resume and (out / "result.json").exists():
+            results[i] = json.loads((out / "result.json").read_text())
+            log(f"{out} is already complete; nothing to resume")
+        else:
+            todo.append(i)
+    if not todo:
+        return results
+    t_start = time.perf_counter()
+    bundle = Bundle([cfgs[i] for i in todo], data=data, keys=todo, log=log, progress=progress)
+    states = [i for i in todo if outs[i] is not None and cfgs[i].resume and (outs[i] / "state.pt").exists()]
+    if states and len(states) != len(todo):
+        fresh = sorted(set(todo) - set(states))
+        raise ConfigError(
+            f"cannot resume the bundle: member {fresh[0]} has no state.pt but member {states[0]} has one; "
+            "resume members saved together, or train the fresh ones in a bundle of their own"
+        )
+    for i in states:
+        bundle.load_member_state(i, read_state(outs[i] / "state.pt", bundle.device))
+    if states:
+        log(f"resuming a bundle of {len(todo)} after epoch {bundle.epoch}/{bundle.epochs}")
+    for i in todo:
+        if outs[i] is not None:
+            (outs[i] / "config.yaml").write_text(cfgs[i].to_yaml())
+    logs = {i: open(outs[i] / "train.log", "a") for i in todo if outs[i] is not None}  # noqa: SIM115
+    try:
+        for epoch_metrics in bundle.run():
+            for m in epoch_metrics:
+                i, c, out = m["member"], cfgs[m["member"]], outs[m["member"]]
+                if m.get("diverged"):
+                    log(f"member {i} diverged: {m['error']}")
+                    results[i] = {"status": "diverged", "error": m["error"], "epochs": m["epoch"] - 1,
+                                  "config": c.to_dict()}  # fmt: skip
+                    continue
+                line = epoch_line(m)
+                log(f"[{i}] {line}")
+                if out is None:
+                    continue
+                logs[i].write(line + "\n")
+                logs[i].flush()
+                if m["is_best"]:
+                    bundle.save_model(i, out / "best.pt")
+                if c.save_every and (bundle.epoch % c.save_every == 0 or bundle.epoch == c.epochs):
+                    atomic_torch_save(bundle.member_state(i), out / "state.pt")
+            yield epoch_metrics
+    finally:
+        for f in logs.values():
+            f.close()
+    wall = time.perf_counter() - t_start
+    for i in bundle.keys:
+        result = bundle.result(i)
+        result["wall_s"] = wall
+        if outs[i] is not None:
+            bundle.save_model(i, outs[i] / "final.pt")
+            write_result(outs[i], result)
+        results[i] = result
+    return results
+
+
+def train_bundle(cfgs: list[TrainConfig | dict], /, **kwargs) -> list[dict[str, Any]]:
+    """Run a fused bundle to the end and return the members' result dicts (what their result.json hold)."""
+    gen = iter_train_bundle(cfgs, **kwargs)
     while True:
         try:
             next(gen)

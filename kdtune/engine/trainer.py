@@ -131,20 +131,7 @@ class Trainer:
         if cfg.init:
             self._load_init(init_info)
 
-        ctx = MethodContext(
-            num_classes=d.num_classes,
-            epochs=cfg.epochs,
-            steps_per_epoch=len(self.train_loader),
-            device=self.device,
-            student=self.student,
-            teacher=self.teacher,
-            student_feat_dim=getattr(self.student, "feat_dim", None),
-            teacher_feat_dim=getattr(self.teacher, "feat_dim", None) if self.teacher is not None else None,
-            train_batches=self._plain_train_batches,
-            init_error=self.init_info.get("train_error"),
-            extra={"data": d.name, "init_val_error": self.init_info.get("val_error"), "lr_factor": self._lr_factor},
-        )
-        self.method = self.method_cls(dict(cfg.hp), ctx)
+        self.method = self.method_cls(dict(cfg.hp), self.method_context(self.student))
         self.method_modules = nn.ModuleDict(self.method.trainable_modules()).to(self.device)
         params = list(self.student.parameters()) + list(self.method_modules.parameters())
         if cfg.optimizer == "sgd":
@@ -230,22 +217,29 @@ class Trainer:
         self.test_loader = mk(d.test, False, cfg.eval_batch_size)
         self._plain_train_loader = mk(d.train, False, cfg.eval_batch_size)
 
+    def method_context(self, student: nn.Module) -> MethodContext:
+        """What the method of a run training ``student`` may know (the bundle builds one per member)."""
+        d = self.data
+        return MethodContext(
+            num_classes=d.num_classes,
+            epochs=self.cfg.epochs,
+            steps_per_epoch=len(self.train_loader),
+            device=self.device,
+            student=student,
+            teacher=self.teacher,
+            student_feat_dim=getattr(student, "feat_dim", None),
+            teacher_feat_dim=getattr(self.teacher, "feat_dim", None) if self.teacher is not None else None,
+            train_batches=self._plain_train_batches,
+            init_error=self.init_info.get("train_error"),
+            extra={"data": d.name, "init_val_error": self.init_info.get("val_error"), "lr_factor": self._lr_factor},
+        )
+
     def _plain_train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self._plain_train_loader.epoch(0)
 
     def _load_teacher(self, known: dict[str, Any] | None = None) -> None:
-        from kdtune.models.checkpoint import load_model
-
-        cfg, d = self.cfg, self.data
-        model, info = load_model(
-            checkpoint_file(cfg.teacher),
-            arch=cfg.teacher_model,
-            num_classes=d.num_classes,
-            in_channels=d.in_channels,
-            map_location="cpu",
-            role="teacher checkpoint",
-            data=d.name,
-        )
+        cfg = self.cfg
+        model, info = load_teacher_model(cfg, self.data)
         model = model.to(self.device).eval()
         if self.use_channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -270,18 +264,8 @@ class Trainer:
         )
 
     def _load_init(self, known: dict[str, Any] | None = None) -> None:
-        from kdtune.models.checkpoint import load_model
-
-        cfg, d = self.cfg, self.data
-        model, info = load_model(
-            checkpoint_file(cfg.init),
-            arch=cfg.model,
-            num_classes=d.num_classes,
-            in_channels=d.in_channels,
-            map_location="cpu",
-            role="init checkpoint",
-            data=d.name,
-        )
+        cfg = self.cfg
+        model, info = load_init_model(cfg, self.data)
         self.student.load_state_dict(model.state_dict())
         if known is not None and known.get("train_error") is not None:
             self.init_info = {"source": cfg.init, "train_error": float(known["train_error"]),
@@ -420,17 +404,14 @@ class Trainer:
         return sums, steps, n_img, seconds
 
     def train_epoch(self) -> dict[str, Any]:
-        cfg, e = self.cfg, self.epoch
+        e = self.epoch
         self.method.on_epoch_start(e)
         sums, steps, n_img, train_s = self.train_pass(e)
         steps = max(steps, 1)
         term_means = {k: v.item() / steps for k, v in sums.items()}
-        train_loss = sum(term_means.values())
-        if not math.isfinite(train_loss):
-            raise DivergedError(
-                f"training loss became {train_loss} in epoch {e + 1}; lower lr or the method's weights "
-                f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in term_means.items())})"
-            )
+        msg = diverged_message(e + 1, term_means)
+        if msg is not None:
+            raise DivergedError(msg)
         self.epoch += 1
         self.train_time += train_s
         self.train_images += n_img
@@ -438,37 +419,17 @@ class Trainer:
         val = self.evaluate(self.student, self.val_loader) if self.val_loader is not None else None
         test = self.evaluate(self.student, self.test_loader)
         eval_s = time.perf_counter() - t1
-        metrics: dict[str, Any] = {
-            "epoch": self.epoch,
-            "epochs": cfg.epochs,
-            "lr": self.current_lr(),
-            "train_loss": train_loss,
-            **{f"loss_{k}": v for k, v in term_means.items()},
-            "val_acc": val["acc"] if val else None,
-            "val_loss": val["loss"] if val else None,
-            "test_acc": test["acc"],
-            "test_loss": test["loss"],
-            "train_images_per_s": n_img / max(train_s, 1e-9),
-            "train_s": train_s,
-            "eval_s": eval_s,
-            "host_rss_mb": host_rss_mb(),
-            **{METHOD_METRIC_PREFIX + k: v for k, v in self.method.epoch_metrics().items()},
-        }
-        key = "val_acc" if val else "test_acc"
-        is_best = metrics[key] > self.best["val_acc"]
-        if is_best:
-            self.best = {
-                "val_acc": metrics[key],
-                "epoch": self.epoch,
-                "test_acc_at_best_val": test["acc"],
-                "test_acc": self.best.get("test_acc", -1.0),
-            }
-        self.best["test_acc"] = max(self.best.get("test_acc", -1.0), test["acc"])
-        metrics["best_val_acc"] = self.best["val_acc"] if val else None
-        metrics["best_test_acc"] = self.best["test_acc"]
-        metrics["is_best"] = is_best
-        self.history.append(metrics)
-        return metrics
+        return record_epoch(
+            self,
+            lr=self.current_lr(),
+            term_means=term_means,
+            val=val,
+            test=test,
+            n_img=n_img,
+            train_s=train_s,
+            eval_s=eval_s,
+            method_metrics=self.method.epoch_metrics(),
+        )
 
     def data_resident_bytes(self) -> int:
         """Bytes of data held on the device by the train, validation and test loaders (0 for folder data)."""
@@ -481,106 +442,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ results
     def result(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        return {
-            "test_acc": last.get("test_acc"),
-            "test_loss": last.get("test_loss"),
-            "val_acc": last.get("val_acc"),
-            "val_loss": last.get("val_loss"),
-            "best_test_acc": self.best.get("test_acc"),
-            "best_val_acc": self.best.get("val_acc") if last.get("val_acc") is not None else None,
-            "best_epoch": self.best.get("epoch"),
-            "test_acc_at_best_val": self.best.get("test_acc_at_best_val"),
-            "epochs": self.epoch,
-            "seed": self.cfg.seed,
-            "train_images_per_s": self.train_images / max(self.train_time, 1e-9),
-            "train_s": self.train_time,
-            "teacher": self.teacher_info or None,
-            "init": self.init_info or None,
-            "num_params": sum(p.numel() for p in self.student.parameters()),
-            "data_resident_mb": self.data_resident_bytes() / 1e6,
-            "environment": environment(self.device),
-            "config": self.cfg.to_dict(),
-            "history": self.history,
-        }
+        return run_result(self, data_resident_bytes=self.data_resident_bytes(), device=self.device)
 
     def model_meta(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        return {
-            "data": self.data.name,
-            "method": self.cfg.method,
-            "epochs": self.epoch,
-            "test_acc": last.get("test_acc"),
-            "val_acc": last.get("val_acc"),
-            "seed": self.cfg.seed,
-        }
+        return model_meta(self, self.data.name)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "kdtune_state": STATE_FORMAT,
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "model": self.student.state_dict(),
-            "method_modules": self.method_modules.state_dict(),
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "history": self.history,
-            "best": self.best,
-            "train_time": self.train_time,
-            "train_images": self.train_images,
-            "teacher_info": self.teacher_info,
-            "init_info": self.init_info,
-            "rng": {"torch": torch.get_rng_state()},
-        }
-        if self.device.type == "cuda":
-            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+        return training_state(self, step=self.step, optimizer=self.optimizer.state_dict(), device=self.device)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kdtune_state") != STATE_FORMAT:
-            raise CheckpointError(
-                "this file is not a kdtune training state (state.pt); resume from a run directory"
-            )
-        saved = TrainConfig(**{k: v for k, v in state["config"].items()})
-        mine, theirs = self.cfg.identity(), saved.identity()
-        diff = sorted(k for k in mine if mine[k] != theirs.get(k) and k != "epochs")
-        if diff:
-            k = diff[0]
-            raise ConfigError(
-                f"cannot resume: {k} was {theirs.get(k)!r} in the saved run but is {mine[k]!r} now; "
-                f"use the saved config or start a new run in another out= directory"
-            )
-        self.student.load_state_dict(state["model"])
-        self.method_modules.load_state_dict(state["method_modules"])
-        self.method.load_state_dict(state["method"])
+        apply_training_state(self, state, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.history = list(state["history"])
-        self.best = dict(state["best"])
-        self.train_time = float(state.get("train_time", 0.0))
-        self.train_images = int(state.get("train_images", 0))
-        self.teacher_info = state.get("teacher_info") or self.teacher_info
-        self.init_info = state.get("init_info") or self.init_info
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
         self._setup_done = True
 
     def save_state(self, path: str | Path) -> None:
         atomic_torch_save(self.state_dict(), Path(path))
 
     def load_state(self, path: str | Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"no training state at {path}; nothing to resume") from None
-        except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-            raise CheckpointError(
-                f"cannot read training state {path}: {type(e).__name__}; start a new run"
-            ) from None
-        self.load_state_dict(state)
+        self.load_state_dict(read_state(path, self.device))
 
     def save_model(self, path: str | Path, durable: bool = True) -> None:
         from kdtune.models.checkpoint import save_model
@@ -588,6 +469,209 @@ class Trainer:
         d = self.data
         save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta(),
                    durable=durable)  # fmt: skip
+
+
+def load_teacher_model(cfg: TrainConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher of ``cfg`` read onto the CPU (``load_model`` with the config's architecture and data)."""
+    from kdtune.models.checkpoint import load_model
+
+    return load_model(
+        checkpoint_file(cfg.teacher),
+        arch=cfg.teacher_model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        map_location="cpu",
+        role="teacher checkpoint",
+        data=data.name,
+    )
+
+
+def load_init_model(cfg: TrainConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    """The warm-start student of ``cfg`` (``init=``) read onto the CPU."""
+    from kdtune.models.checkpoint import load_model
+
+    return load_model(
+        checkpoint_file(cfg.init),
+        arch=cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        map_location="cpu",
+        role="init checkpoint",
+        data=data.name,
+    )
+
+
+def check_resume_config(cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """Refuse a training state saved by another computation (any identity field but ``epochs`` differs)."""
+    if state.get("kdtune_state") != STATE_FORMAT:
+        raise CheckpointError(
+            "this file is not a kdtune training state (state.pt); resume from a run directory"
+        )
+    saved = TrainConfig(**{k: v for k, v in state["config"].items()})
+    mine, theirs = cfg.identity(), saved.identity()
+    diff = sorted(k for k in mine if mine[k] != theirs.get(k) and k != "epochs")
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"cannot resume: {k} was {theirs.get(k)!r} in the saved run but is {mine[k]!r} now; "
+            f"use the saved config or start a new run in another out= directory"
+        )
+
+
+def record_epoch(
+    run: Any,
+    *,
+    lr: float,
+    term_means: dict[str, float],
+    val: dict[str, float] | None,
+    test: dict[str, float],
+    n_img: int,
+    train_s: float,
+    eval_s: float,
+    method_metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The metrics of the epoch ``run`` just finished; updates ``run.best`` and appends to ``run.history``.
+    ``method_metrics`` (the method's own per-epoch statistics) are added with the ``method_`` prefix.
+
+    ``run`` is a :class:`Trainer` or a bundle member: anything with ``cfg``, ``epoch`` (already counting this
+    epoch), ``best`` and ``history``.
+    """
+    metrics: dict[str, Any] = {
+        "epoch": run.epoch,
+        "epochs": run.cfg.epochs,
+        "lr": lr,
+        "train_loss": sum(term_means.values()),
+        **{f"loss_{k}": v for k, v in term_means.items()},
+        "val_acc": val["acc"] if val else None,
+        "val_loss": val["loss"] if val else None,
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "train_images_per_s": n_img / max(train_s, 1e-9),
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "host_rss_mb": host_rss_mb(),
+        **{METHOD_METRIC_PREFIX + k: v for k, v in (method_metrics or {}).items()},
+    }
+    key = "val_acc" if val else "test_acc"
+    is_best = metrics[key] > run.best["val_acc"]
+    if is_best:
+        run.best = {
+            "val_acc": metrics[key],
+            "epoch": run.epoch,
+            "test_acc_at_best_val": test["acc"],
+            "test_acc": run.best.get("test_acc", -1.0),
+        }
+    run.best["test_acc"] = max(run.best.get("test_acc", -1.0), test["acc"])
+    metrics["best_val_acc"] = run.best["val_acc"] if val else None
+    metrics["best_test_acc"] = run.best["test_acc"]
+    metrics["is_best"] = is_best
+    run.history.append(metrics)
+    return metrics
+
+
+def diverged_message(epoch: int, term_means: dict[str, float]) -> str | None:
+    """The DivergedError text when the summed loss of an epoch (1-based ``epoch``) is not finite, else None."""
+    train_loss = sum(term_means.values())
+    if math.isfinite(train_loss):
+        return None
+    return (
+        f"training loss became {train_loss} in epoch {epoch}; lower lr or the method's weights "
+        f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in term_means.items())})"
+    )
+
+
+def run_result(run: Any, *, data_resident_bytes: int, device: torch.device) -> dict[str, Any]:
+    """What result.json holds for ``run`` (a :class:`Trainer` or a bundle member)."""
+    last = run.history[-1] if run.history else {}
+    return {
+        "test_acc": last.get("test_acc"),
+        "test_loss": last.get("test_loss"),
+        "val_acc": last.get("val_acc"),
+        "val_loss": last.get("val_loss"),
+        "best_test_acc": run.best.get("test_acc"),
+        "best_val_acc": run.best.get("val_acc") if last.get("val_acc") is not None else None,
+        "best_epoch": run.best.get("epoch"),
+        "test_acc_at_best_val": run.best.get("test_acc_at_best_val"),
+        "epochs": run.epoch,
+        "seed": run.cfg.seed,
+        "train_images_per_s": run.train_images / max(run.train_time, 1e-9),
+        "train_s": run.train_time,
+        "teacher": run.teacher_info or None,
+        "init": run.init_info or None,
+        "num_params": sum(p.numel() for p in run.student.parameters()),
+        "data_resident_mb": data_resident_bytes / 1e6,
+        "environment": environment(device),
+        "config": run.cfg.to_dict(),
+        "history": run.history,
+    }
+
+
+def model_meta(run: Any, data_name: str) -> dict[str, Any]:
+    """The ``meta`` saved with a model checkpoint of ``run``."""
+    last = run.history[-1] if run.history else {}
+    return {
+        "data": data_name,
+        "method": run.cfg.method,
+        "epochs": run.epoch,
+        "test_acc": last.get("test_acc"),
+        "val_acc": last.get("val_acc"),
+        "seed": run.cfg.seed,
+    }
+
+
+def training_state(run: Any, *, step: int, optimizer: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The resumable state (state.pt) of ``run`` (a :class:`Trainer` or a bundle member) with its optimiser's
+    ``state_dict`` in ``torch.optim`` form: a bundle member's state resumes in a lone Trainer and back."""
+    state = {
+        "kdtune_state": STATE_FORMAT,
+        "config": run.cfg.to_dict(),
+        "epoch": run.epoch,
+        "step": step,
+        "model": run.student.state_dict(),
+        "method_modules": run.method_modules.state_dict(),
+        "method": run.method.state_dict(),
+        "optimizer": optimizer,
+        "history": run.history,
+        "best": run.best,
+        "train_time": run.train_time,
+        "train_images": run.train_images,
+        "teacher_info": run.teacher_info,
+        "init_info": run.init_info,
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    if device.type == "cuda":
+        state["rng"]["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def apply_training_state(run: Any, state: dict[str, Any], device: torch.device) -> None:
+    """Load everything of :func:`training_state` but the optimiser and the step into ``run``."""
+    check_resume_config(run.cfg, state)
+    run.student.load_state_dict(state["model"])
+    run.method_modules.load_state_dict(state["method_modules"])
+    run.method.load_state_dict(state["method"])
+    run.epoch = int(state["epoch"])
+    run.history = list(state["history"])
+    run.best = dict(state["best"])
+    run.train_time = float(state.get("train_time", 0.0))
+    run.train_images = int(state.get("train_images", 0))
+    run.teacher_info = state.get("teacher_info") or run.teacher_info
+    run.init_info = state.get("init_info") or run.init_info
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+
+def read_state(path: str | Path, device: torch.device) -> dict[str, Any]:
+    """A state.pt read onto ``device``; a missing or unreadable file raises CheckpointError."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no training state at {path}; nothing to resume") from None
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
+        raise CheckpointError(
+            f"cannot read training state {path}: {type(e).__name__}; start a new run"
+        ) from None
 
 
 def host_rss_mb() -> float | None:

@@ -140,6 +140,8 @@ class Method:
     needs_student_features: ClassVar[bool] = False
     needs_teacher_features: ClassVar[bool] = False
     needs_init: ClassVar[bool] = False  # requires a warm-start student checkpoint (init=...)
+    # Why the method cannot train in a fused bundle (kdtune.engine.bundle); empty: it can.
+    unfusable: ClassVar[str] = ""
     hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):

@@ -360,6 +360,7 @@ class DiSK(Method):
     needs_teacher = True
     needs_teacher_features = True
     needs_init = True
+    unfusable = "its guide steps its own optimiser inside losses() and setup() fits a per-student temperature"
     hparams = {
         "alpha": HParam(0.1, "weight of CE with the labels; (1 - alpha) weighs L_dist (eq. 5)", float, 0.0, 1.0),
         "tau_t": HParam(7.0, "teacher temperature (paper text 7; official script 4; scan {1,2,4})", float, 0.0, None,
