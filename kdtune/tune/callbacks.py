@@ -223,7 +223,7 @@ class OptunaMirror(Callback):
             if failed or not _finite(value):
                 state, value = TrialState.FAIL, None
             elif epoch is not None and int(epoch) < self.epochs:
-                state, value = TrialState.PRUNED, None
+                state, value = TrialState.PRUNED, float(value)  # its last value, as Optuna records a pruned trial
             else:
                 state, value = TrialState.COMPLETE, float(value)
             end = time.time()
