@@ -246,7 +246,7 @@ def test_cli_validate_and_yaml_roundtrip(tmp_path, capsys):
     assert main(["validate", str(p)]) == 0
     out = capsys.readouterr().out
     assert "is valid" in out and "resnet8-kd: 3 trials; searches T, w_ce, w_kd, logit_std; 2 starting points" in out
-    assert "resnet8-disk: 1 trials; searches" in out and "delta_offset" in out
+    assert "resnet8-disk: 1 trial; searches" in out and "delta_offset" in out
 
 
 def test_schedulers():

@@ -196,7 +196,8 @@ def _validate(args) -> int:
         params = (
             ", ".join(ln.split()[0] for ln in g["parameters"] if " fixed " not in ln) or "nothing (one run)"
         )
-        print(f"  {g['student']}-{g['method']}: {g['trials']} trials; searches {params}; "
+        n = g["trials"]
+        print(f"  {g['student']}-{g['method']}: {n} trial{'s' if n != 1 else ''}; searches {params}; "
               f"{len(g['starts'])} starting points")  # fmt: skip
         for n in g["notes"]:
             print(f"    ({n})")
