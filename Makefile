@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo demo-train test test-all lint bench install clean
+.PHONY: demo demo-train test test-fast test-all faults lint bench install clean
 
 $(BIN)/kdtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ demo-train: $(BIN)/kdtune
 
 test: $(BIN)/kdtune
 	$(BIN)/python -m pytest
+
+# The quick loop while editing: no long integration test (slow, gpu, faults, cluster); a few minutes on 2 cores.
+test-fast: $(BIN)/kdtune
+	$(BIN)/python -m pytest -m "not slow and not gpu and not faults and not cluster"
+
+# The fault-injection suite alone (killed drivers and workers, damaged files, two drivers, a CPU hog), with
+# its figures; KDTUNE_FAULT_SEED=<seed> replays the kill moments of a failed run.
+faults: $(BIN)/kdtune
+	$(BIN)/python -m pytest -m faults tests/faults -s
 
 test-all: $(BIN)/kdtune
 	$(BIN)/python -m pytest -m "not gpu"

@@ -15,7 +15,8 @@ succeed is refused in the driver before Ray starts, instead of failing every tri
   too slow for a check);
 - the storage: a directory (or a place one can be made) that is writable;
 - an existing experiment's files: ``optuna.db`` / ``mlflow.db`` are SQLite databases, ``state.json`` is
-  JSON, ``spec.yaml`` is YAML (a damaged one would fail the resume half-way).
+  JSON, ``spec.yaml`` is YAML, an unfinished trial's ``ckpt/state.pt`` a sound archive (a damaged one would
+  fail the resume half-way).
 
 ``kdtune validate`` and ``kdtune sweep`` call it; every problem found is one line of the ConfigError.
 """
@@ -178,9 +179,33 @@ def check_experiment(exp, mlflow_db: bool = True) -> None:
         try:
             json.loads(state.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise ConfigError(f"{state} is not valid JSON (damaged?); {fix}") from None
+            raise ConfigError(f"{state} is not valid JSON (damaged?); move it away (a resume writes it again from "
+                              "the Tune experiment and the trials' folders), or restore it from a backup") from None
+    _trial_states(exp)
     saved = exp / "spec.yaml"
     if saved.is_file():
         from kdtune.config import load_yaml_mapping
 
         load_yaml_mapping(saved, "the experiment's saved spec", fix)
+
+
+def _trial_states(exp: Path) -> None:
+    """Refuse a resume whose unfinished trials hold a damaged training state (``trials/<id>/ckpt/state.pt``,
+    written atomically, so damage comes from outside): the trial would fail on it, retry and fail again. A
+    torch checkpoint is a zip archive; its CRCs are checked without unpickling. Finished trials (``done.json``)
+    never read theirs."""
+    import zipfile
+
+    for f in sorted((exp / "trials").glob("*/ckpt/state.pt")):
+        trial = f.parent.parent
+        if (trial / "done.json").is_file():
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            problem = f"member {bad} fails its CRC" if bad else None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            problem = f"{type(e).__name__}: {str(e)[:80]}"
+        if problem:
+            raise ConfigError(f"{f} is damaged ({problem}); restore it from a backup, or delete it to train "
+                              f"trial {trial.name} again from epoch 0, then resume")  # fmt: skip

@@ -40,9 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EVENTS = "events.jsonl"  # kdtune.tune.trainable.EVENTS_FILE
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ray", path=str(BIN)) is None, reason="the ray CLI is not installed"
-)
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="the ray CLI is not installed"),
+]
 
 
 def _free_port() -> int:

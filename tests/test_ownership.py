@@ -122,3 +122,37 @@ def test_driver_does_not_close_a_run_its_trial_still_holds(tmp_path):
     assert run.info.status == "FINISHED" and "epoch 2/6" in run.data.tags["kdtune.stop_reason"]
     assert run.data.tags["kdtune.outcome"] == "pruned" and run.data.tags["kdtune.stopped_epoch"] == "2"
     assert TAG_FAILURE not in run.data.tags  # pruned is not a failure
+
+
+def test_a_driver_that_waited_for_the_lock_does_not_rerun_a_sweep_finished_meanwhile(tmp_path, monkeypatch):
+    """Found by tests/faults: a second `kdtune sweep` read state.json ("running") before it took the lock; when
+    the first driver finished during the second's start-up, the second took the free lock and ran the finished
+    sweep again. The state is read again under the lock."""
+    import kdtune.preflight
+    from kdtune.spec import load_spec
+    from kdtune.tune import runner
+    from kdtune.tune.experiment import Experiment
+    from kdtune.tune.plan import space_sources
+
+    spec = load_spec({"name": "race", "data": "digits", "students": ["resnet8"], "methods": ["ce"],
+                      "budget": {"trials": 1, "epochs": 1}, "train": {"device": "cpu"},
+                      "storage": str(tmp_path), "tracking": {"enabled": False}})  # fmt: skip
+    folder = Experiment(spec.experiment_dir)
+    folder.write_start(spec, space_sources(spec))
+    folder.write_state({"status": "running", "groups": {}})
+    finished = {"status": "finished", "groups": {"resnet8-ce": {"group": "resnet8-ce", "trials": 1}}}
+
+    def other_driver_finishes(spec):  # while this driver runs its checks, the other one ends the sweep
+        folder.write_state(finished)
+
+    def no_ray():
+        raise AssertionError("a finished sweep was run again")
+
+    monkeypatch.setattr(kdtune.preflight, "preflight", other_driver_finishes)
+    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    lines = []
+    result = runner.sweep(spec, log=lines.append)
+    assert result.status == "finished" and result.groups == [finished["groups"]["resnet8-ce"]]
+    assert any("finished meanwhile by another driver" in ln for ln in lines), lines
+    assert not (tmp_path / "race" / "sweep.lock").exists()
+    assert json.loads((tmp_path / "race" / "state.json").read_text()) == finished

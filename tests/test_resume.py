@@ -20,6 +20,7 @@ import yaml
 
 pytest.importorskip("ray")
 pytest.importorskip("mlflow")
+pytestmark = pytest.mark.faults  # minutes of real processes: `make test` runs it, `make test-fast` does not
 
 TRIALS = 4
 EPOCHS = 5

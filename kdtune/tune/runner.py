@@ -233,6 +233,14 @@ class _Sweep:
         with SweepLock(self.exp) as lock:
             if lock.took_over:
                 log(f"took over the lock of a dead sweep driver (pid {lock.took_over.get('pid')})")
+            # Read again under the lock: another driver may have begun or finished this experiment while this
+            # one was checking and loading (a finished sweep must not be run again).
+            state = folder.state()
+            if folder.started:
+                folder.check_same_spec(spec)
+                if state.get("status") == "finished":
+                    log(f"experiment {spec.name} was finished meanwhile by another driver ({self.exp}); its results:")
+                    return self._result_from_state(state)
             if not folder.started:
                 folder.write_start(spec, sources)
                 state = {"status": "running", "groups": {}, "started": time.time()}
