@@ -473,32 +473,19 @@ class Trainer:
 
 def load_teacher_model(cfg: TrainConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher of ``cfg`` read onto the CPU (``load_model`` with the config's architecture and data)."""
-    from kdtune.models.checkpoint import load_model
-
-    return load_model(
-        checkpoint_file(cfg.teacher),
-        arch=cfg.teacher_model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        map_location="cpu",
-        role="teacher checkpoint",
-        data=data.name,
-    )
+    return _load_for(cfg.teacher, cfg.teacher_model, data, "teacher checkpoint")
 
 
 def load_init_model(cfg: TrainConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
     """The warm-start student of ``cfg`` (``init=``) read onto the CPU."""
+    return _load_for(cfg.init, cfg.model, data, "init checkpoint")
+
+
+def _load_for(source: str, arch: str | None, data: DataBundle, role: str) -> tuple[nn.Module, dict[str, Any]]:
     from kdtune.models.checkpoint import load_model
 
-    return load_model(
-        checkpoint_file(cfg.init),
-        arch=cfg.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        map_location="cpu",
-        role="init checkpoint",
-        data=data.name,
-    )
+    return load_model(checkpoint_file(source), arch=arch, num_classes=data.num_classes,
+                      in_channels=data.in_channels, map_location="cpu", role=role, data=data.name)  # fmt: skip
 
 
 def check_resume_config(cfg: TrainConfig, state: dict[str, Any]) -> None:

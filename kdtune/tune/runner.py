@@ -204,11 +204,10 @@ class _Sweep:
         spec, log, folder = self.spec, self.log, self.folder
         t0 = time.time()
         state = folder.state()
+        done = self._finished(state, "is already finished")
+        if done is not None:
+            return done
         if folder.started:
-            folder.check_same_spec(spec)
-            if state.get("status") == "finished":
-                log(f"experiment {spec.name} is already finished ({self.exp}); its results:")
-                return self._result_from_state(state)
             log(f"resuming experiment {spec.name} ({self.exp})")
         elif resume_only:
             raise ConfigError(f"nothing to resume: {self.exp} holds no sweep ({SPEC_FILE} is missing)")
@@ -236,11 +235,9 @@ class _Sweep:
             # Read again under the lock: another driver may have begun or finished this experiment while this
             # one was checking and loading (a finished sweep must not be run again).
             state = folder.state()
-            if folder.started:
-                folder.check_same_spec(spec)
-                if state.get("status") == "finished":
-                    log(f"experiment {spec.name} was finished meanwhile by another driver ({self.exp}); its results:")
-                    return self._result_from_state(state)
+            done = self._finished(state, "was finished meanwhile by another driver")
+            if done is not None:
+                return done
             if not folder.started:
                 folder.write_start(spec, sources)
                 state = {"status": "running", "groups": {}, "started": time.time()}
@@ -268,6 +265,16 @@ class _Sweep:
                     if ray.is_initialized():
                         ray.shutdown()
         return result
+
+    def _finished(self, state: dict, how: str) -> SweepResult | None:
+        """For an experiment begun with this very spec (another is refused): its results if it is finished."""
+        if not self.folder.started:
+            return None
+        self.folder.check_same_spec(self.spec)
+        if state.get("status") != "finished":
+            return None
+        self.log(f"experiment {self.spec.name} {how} ({self.exp}); its results:")
+        return self._result_from_state(state)
 
     def _end_parent(self, status: str) -> None:
         if self.tracker is not None:
