@@ -182,11 +182,50 @@ def check_experiment(exp, mlflow_db: bool = True) -> None:
             raise ConfigError(f"{state} is not valid JSON (damaged?); move it away (a resume writes it again from "
                               "the Tune experiment and the trials' folders), or restore it from a backup") from None
     _trial_states(exp)
+    _tune_snapshots(exp)
     saved = exp / "spec.yaml"
     if saved.is_file():
         from kdtune.config import load_yaml_mapping
 
         load_yaml_mapping(saved, "the experiment's saved spec", fix)
+
+
+def _tune_snapshots(exp: Path) -> None:
+    """Refuse a resume whose Tune experiments (``tune/sweep``, ``tune/repeats``) would restore from a damaged
+    snapshot: Tune would log the error and silently start the experiment over. The snapshot Tune reads is the
+    ``experiment_state-*.json`` with the greatest name. (kdtune writes them through an atomic file system,
+    :mod:`kdtune.tune.tunefs`: damage comes from outside.)"""
+    for d in sorted(p for p in (exp / "tune").glob("*") if p.is_dir()):
+        snaps = sorted(d.glob("experiment_state-*.json"), key=lambda f: f.name)
+        if not snaps:
+            continue
+        try:
+            ok = isinstance(json.loads(snaps[-1].read_text(encoding="utf-8")).get("trial_data"), list)
+        except (UnicodeDecodeError, ValueError, AttributeError, OSError):
+            ok = False
+        if not ok:
+            older = "the snapshot before it is then used" if len(snaps) > 1 else (
+                "with none left, the Tune experiment starts over and its trials train again")  # fmt: skip
+            raise ConfigError(f"{snaps[-1]} is a damaged Tune snapshot; restore it from a backup, or move it away "
+                              f"({older}), then resume")  # fmt: skip
+        gen = sorted(d.glob("search_gen_state-*.json"), key=lambda f: f.name)[-1:]  # the one Tune reads
+        for f in [d / "tuner.pkl", *gen]:
+            if f.is_file() and not _whole_pickle(f):
+                raise ConfigError(f"{f} is damaged (a truncated pickle); restore it from a backup, or move the Tune "
+                                  f"experiment {d} away (its trials then train again), then resume")  # fmt: skip
+
+
+def _whole_pickle(f: Path) -> bool:
+    """A pickle read to its STOP opcode without building any object (no import, no code run)."""
+    import pickletools
+
+    try:
+        with open(f, "rb") as fh:
+            for _ in pickletools.genops(fh):
+                pass
+        return True
+    except (ValueError, EOFError, OSError):
+        return False
 
 
 def _trial_states(exp: Path) -> None:

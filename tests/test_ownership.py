@@ -156,3 +156,19 @@ def test_a_driver_that_waited_for_the_lock_does_not_rerun_a_sweep_finished_meanw
     assert any("finished meanwhile by another driver" in ln for ln in lines), lines
     assert not (tmp_path / "race" / "sweep.lock").exists()
     assert json.loads((tmp_path / "race" / "state.json").read_text()) == finished
+
+
+def test_an_epoch_saved_but_not_logged_before_a_kill_is_recorded_once(tmp_path):
+    """A trial process killed after it saved epoch 4's state but before it wrote epoch 4's event trained that
+    epoch once (the state the trial goes on from holds it): the restored trial writes the missing event,
+    marked recovered, and nothing twice."""
+    from kdtune.tune.trainable import _event, _recover_epoch_events, read_events
+
+    for ep in (1, 2, 3):
+        _event(tmp_path, event="epoch", epoch=ep, trial_id="t")
+    history = [{"epoch": ep, "val_acc": 50.0 + ep} for ep in (1, 2, 3, 4)]
+    _recover_epoch_events(tmp_path, history, "t")
+    _recover_epoch_events(tmp_path, history, "t")  # a second restore adds nothing
+    epochs = [e for e in read_events(tmp_path) if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert epochs[-1].get("recovered") is True and not any(e.get("recovered") for e in epochs[:3])

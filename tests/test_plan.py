@@ -111,3 +111,73 @@ def test_searcher_gives_each_group_its_budget_interleaved_and_prunes_early_stops
     r = GroupedOptunaSearch([], "val_acc", "max", epochs=3)
     r.restore(str(path))
     assert r.suggest("t10") == Searcher.FINISHED and len(r.studies["c"].trials) == 5
+
+
+def test_searcher_rebuilt_from_the_restored_trial_list(tmp_path):
+    """On a resume the searcher is made again from the trial list Tune restored (its pickle may come from
+    another snapshot than the list): each trial once with its own params and outcome, the live ones live and
+    counted against the concurrency, the unused starting points still queued, each group's budget kept."""
+    pytest.importorskip("ray")
+    from ray.tune.search import Searcher
+
+    from kdtune.tune.search import GROUP_KEY, GroupedOptunaSearch, GroupSearch
+
+    def make():
+        groups = [GroupSearch("a", _Space("x"), 2, starts=[{"x": 0.25}, {"x": 0.75}]),
+                  GroupSearch("b", _Space("y"), 3)]  # fmt: skip
+        return GroupedOptunaSearch(groups, "val_acc", "max", epochs=3, seed=0, max_concurrent=2)
+
+    def res(v, ep):
+        return {"val_acc": v, "training_iteration": ep, "epoch": ep}
+
+    trials = [
+        {"trial_id": "t0", "status": "TERMINATED", "config": {GROUP_KEY: "b", "y": 0.1, "const": 1},
+         "last_result": res(60.0, 3)},
+        {"trial_id": "t1", "status": "TERMINATED", "config": {GROUP_KEY: "b", "y": 0.2, "const": 1},
+         "last_result": res(41.0, 1)},  # stopped by the scheduler after epoch 1
+        {"trial_id": "t2", "status": "ERROR", "config": {GROUP_KEY: "a", "x": 0.25, "const": 1},
+         "last_result": res(30.0, 2)},  # run again on resume (on_resume: resume)
+        {"trial_id": "t3", "status": "RUNNING", "config": {GROUP_KEY: "b", "y": 0.3, "const": 1},
+         "last_result": res(50.0, 2)},
+    ]  # fmt: skip
+    s = make()
+    s.rebuild(trials, requeue_errored=True)
+    assert s.asked == {"a": 1, "b": 3}
+    assert set(s.live) == {"t2", "t3"}
+    b = {t.params["y"]: t for t in s.studies["b"].trials}
+    assert [b[0.1].state.name, b[0.2].state.name, b[0.3].state.name] == ["COMPLETE", "PRUNED", "RUNNING"]
+    assert b[0.1].value == 60.0 and b[0.2].intermediate_values == {1: 41.0}
+    assert b[0.3].intermediate_values == {2: 50.0}
+    # two live trials fill the two slots: nothing more is handed out until one ends
+    assert s.suggest("t4") is None
+    s.on_trial_result("t3", res(55.0, 3))
+    s.on_trial_complete("t3", res(55.0, 3))
+    t3 = next(t for t in s.studies["b"].trials if t.params["y"] == 0.3)
+    assert t3.state.name == "COMPLETE" and t3.intermediate_values == {2: 50.0, 3: 55.0}
+    # group b has its 3 trials; a gets its one more trial: the unused starting point 0.75
+    cfg = s.suggest("t4")
+    assert cfg[GROUP_KEY] == "a" and cfg["x"] == 0.75
+    s.on_trial_complete("t2", res(70.0, 3))
+    assert s.suggest("t5") == Searcher.FINISHED
+    assert [t.params["x"] for t in s.studies["a"].trials] == [0.25, 0.75]
+    assert s.studies["a"].trials[0].state.name == "COMPLETE"
+
+    # skip: the snapshot's errored trial stays failed, and its group does not get another in its place
+    s = make()
+    s.rebuild(trials, requeue_errored=False)
+    assert set(s.live) == {"t3"} and s.studies["a"].trials[0].state.name == "FAIL" and s.asked["a"] == 1
+
+
+def test_snapshot_trials_reads_the_newest_snapshot_and_names_a_damaged_one(tmp_path):
+    pytest.importorskip("ray")
+    from kdtune.config import ConfigError
+    from kdtune.tune.search import snapshot_trials
+
+    assert snapshot_trials(tmp_path) is None
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    assert snapshot_trials(tmp_path) == []
+    bad = tmp_path / "experiment_state-2026-01-02_00-00-00.json"
+    bad.write_text('{"trial_data": [["{\\"trial_id\\": ')
+    with pytest.raises(ConfigError, match="is damaged") as e:
+        snapshot_trials(tmp_path)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)

@@ -65,7 +65,7 @@ def test_kill_mid_sweep_then_resume(tmp_path):
         "name": "killme", "data": "digits", "teacher": {"checkpoint": str(tmp_path / "teacher" / "final.pt")},
         "students": ["resnet8"], "methods": ["kd"],
         "budget": {"trials": TRIALS, "epochs": EPOCHS, "concurrency": 2, "cpus_per_trial": 1},
-        "scheduler": "none", "train": {"device": "cpu", "batch_size": 128},
+        "scheduler": "none", "train": {"device": "cpu", "batch_size": 32},
         "storage": str(tmp_path / "runs"), "tracking": {"enabled": True}, "seed": 3,
     }  # fmt: skip
     spec_path = tmp_path / "killme.yaml"
@@ -96,7 +96,7 @@ def test_kill_mid_sweep_then_resume(tmp_path):
             # a trial with at least one epoch behind it and two ahead (so it cannot finish before the kill)
             running = {t for t in ev if t not in done and 1 <= last[t] <= EPOCHS - 2}
             if done and running:
-                last_start = max(e["time"] for es in ev.values() for e in es if e["event"] == "start")
+                last_start = max(e["time"] for es in ev.values() for e in es if e["event"] in ("open", "start"))
                 snaps = [f.stat().st_mtime for f in tune_dir.glob("experiment_state-*.json")]
                 if snaps and max(snaps) > last_start + 0.2:
                     break

@@ -307,3 +307,61 @@ def test_builder_that_lost_its_lock_does_not_publish(tmp_path):
     )
     assert texts == ["first", "second"]  # the foreign holder never finished: taken over in turn, rebuilt
     assert json.loads((path / "sub" / "result.json").read_text())["text"] == "second"
+
+
+def test_tune_storage_writes_each_file_whole(tmp_path):
+    """The file system Tune uploads a sweep's snapshot through: a file being written is never visible in
+    part (a killed driver left half a pickle behind, and the resume read EOFError); Ray's own upload works
+    through it, exclusions included, and it travels to the workers pickled."""
+    import pickle
+
+    pytest.importorskip("ray")
+    from ray.train._internal.storage import _download_from_fs_path, _upload_to_fs_path
+
+    from kdtune.tune.tunefs import atomic_local_fs
+
+    fs = atomic_local_fs()
+    target = tmp_path / "dst" / "state.pkl"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    out = fs.open_output_stream(str(target))
+    out.write(b"new" * 1000)
+    assert target.read_bytes() == b"old"  # mid-write (a kill here): the old file, whole
+    out.close()
+    assert target.read_bytes() == b"new" * 1000
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+
+    src = tmp_path / "src"
+    (src / "t1" / "checkpoint_000001").mkdir(parents=True)
+    (src / "experiment_state-x.json").write_text('{"trial_data": []}')
+    (src / "t1" / "result.json").write_text("{}")
+    (src / "t1" / "checkpoint_000001" / "p.json").write_text("{}")
+    _upload_to_fs_path(str(src), fs, str(tmp_path / "exp"))
+    assert (tmp_path / "exp" / "t1" / "checkpoint_000001" / "p.json").read_text() == "{}"
+    _upload_to_fs_path(str(src), fs, str(tmp_path / "exp2"), exclude=["*/checkpoint_*"])
+    assert (tmp_path / "exp2" / "t1" / "result.json").is_file()
+    assert not (tmp_path / "exp2" / "t1" / "checkpoint_000001").exists()
+    _download_from_fs_path(pickle.loads(pickle.dumps(fs)), str(tmp_path / "exp"), str(tmp_path / "back"))
+    assert (tmp_path / "back" / "experiment_state-x.json").read_text() == '{"trial_data": []}'
+
+
+def test_resume_refuses_a_damaged_tune_snapshot_in_one_line(tmp_path):
+    from kdtune.preflight import check_experiment
+
+    d = tmp_path / "exp" / "tune" / "sweep"
+    d.mkdir(parents=True)
+    (d / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    check_experiment(tmp_path / "exp")  # a whole snapshot: fine
+    bad = d / "experiment_state-2026-01-02_00-00-00.json"
+    bad.write_text('{"trial_data": [["{')
+    with pytest.raises(ConfigError) as e:
+        check_experiment(tmp_path / "exp")
+    msg = str(e.value)
+    assert str(bad) in msg and "\n" not in msg and "the snapshot before it is then used" in msg
+    bad.unlink()
+    import pickle
+
+    (d / "tuner.pkl").write_bytes(pickle.dumps({"a": list(range(100))})[:40])  # truncated
+    with pytest.raises(ConfigError, match="truncated pickle") as e:
+        check_experiment(tmp_path / "exp")
+    assert str(d / "tuner.pkl") in str(e.value) and "\n" not in str(e.value)

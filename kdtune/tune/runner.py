@@ -15,6 +15,9 @@ Ownership (one writer per record at any time):
   that process is known to be gone (:func:`kdtune.tune.trainable.trial_gone`). Tag writes are idempotent
   (:func:`kdtune.tracking.client.retry_locked` retries a collided upsert), so even a race costs nothing.
 - ``optuna.db``: the driver's :class:`~kdtune.tune.callbacks.OptunaMirror`, once per finished trial.
+- ``tune/<name>/`` (Tune's snapshots and checkpoints): Tune's controller in the driver; every file lands whole
+  (:mod:`kdtune.tune.tunefs`), and a resume rebuilds the searcher from the trial list it restores
+  (:class:`~kdtune.tune.search.GroupedSearchGenerator`).
 
 A tracking failure never costs a trained trial: what the driver could not record is said in one line, and
 ``kdtune resume`` records it.
@@ -22,7 +25,6 @@ A tracking failure never costs a trained trial: what the driver could not record
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -445,18 +447,20 @@ class _Sweep:
         from ray import tune
 
         from kdtune.tune.trainable import run_trial
+        from kdtune.tune.tunefs import atomic_local_fs
 
         spec, log = self.spec, self.log
         path = self.exp / "tune" / TUNE_NAME
         trainable = _trainable(run_trial, ctxs, shared, spec.budget)
         total = p.total_trials
-        if tune.Tuner.can_restore(str(path)):
+        if tune.Tuner.can_restore(str(path), storage_filesystem=atomic_local_fs()):
             on = spec.failures.on_resume
             log(f"resuming its {total} trials ({len(p.groups)} groups)")
             if on == "restart":
                 _clear_errored(path, self.exp)
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=on == "resume", restart_errored=on == "restart")  # fmt: skip
+                                       resume_errored=on == "resume", restart_errored=on == "restart",
+                                       storage_filesystem=atomic_local_fs())  # fmt: skip
         else:
             b = spec.budget
             for g in p.groups:
@@ -486,16 +490,18 @@ class _Sweep:
         from ray import tune
 
         from kdtune.tune.callbacks import TrialNamer
-        from kdtune.tune.search import GroupedOptunaSearch, GroupedScheduler
+        from kdtune.tune.search import GroupedOptunaSearch, GroupedScheduler, GroupedSearchGenerator
 
         spec = self.spec
-        searcher = GroupedOptunaSearch(searches, spec.metric, spec.mode, spec.budget.epochs, seed=spec.seed)
+        searcher = GroupedOptunaSearch(searches, spec.metric, spec.mode, spec.budget.epochs, seed=spec.seed,
+                                       max_concurrent=spec.budget.concurrency)  # fmt: skip
         scheduler = GroupedScheduler(partial(make_scheduler, spec), spec.metric, spec.mode)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode,
-                num_samples=total, max_concurrent_trials=spec.budget.concurrency, reuse_actors=True,
+                search_alg=GroupedSearchGenerator(searcher, on_resume=spec.failures.on_resume),
+                scheduler=scheduler, metric=spec.metric, mode=spec.mode,
+                num_samples=total, reuse_actors=True,
                 trial_name_creator=TrialNamer(), trial_dirname_creator=TrialNamer(with_id=True),
             ),
             run_config=self._run_config(TUNE_NAME, self._callbacks(p, searches, total)),
@@ -504,9 +510,14 @@ class _Sweep:
     def _run_config(self, name, callbacks):
         from ray import tune
 
+        from kdtune.tune.tunefs import atomic_local_fs
+
+        # Every Tune checkpoint is kept (a pointer: one small progress.json per epoch): a driver killed
+        # between two snapshots restores a trial from the checkpoint its snapshot names, which must still
+        # exist (num_to_keep=1 deletes it: the trial then fails on every retry).
         return tune.RunConfig(
-            name=name, storage_path=str(self.exp / "tune"), verbose=0, callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            name=name, storage_path=str(self.exp / "tune"), storage_filesystem=atomic_local_fs(), verbose=0,
+            callbacks=callbacks, checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=self.spec.failures.max_failures),
         )  # fmt: skip
 
@@ -521,6 +532,7 @@ class _Sweep:
         from kdtune.tune.callbacks import ProgressPrinter, TrialNamer
         from kdtune.tune.search import GROUP_KEY
         from kdtune.tune.trainable import run_trial
+        from kdtune.tune.tunefs import atomic_local_fs
 
         spec, b = self.spec, self.spec.budget
         path = self.exp / "tune" / REPEATS_NAME
@@ -531,8 +543,9 @@ class _Sweep:
                   for s in summaries if s.get("best") for seed in seeds]  # fmt: skip
         if not points:
             return
-        if tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        if tune.Tuner.can_restore(str(path), storage_filesystem=atomic_local_fs()):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=atomic_local_fs())  # fmt: skip
         else:
             self.log(f"repeating each group's best configuration with seeds {seeds}")
             tuner = tune.Tuner(
@@ -674,15 +687,9 @@ def _check_finished(results, expected: int, path: Path) -> None:
 
 def errored_trials(tune_dir: Path) -> list[str]:
     """Ids of the trials the newest experiment snapshot of a Tune run records as ERROR."""
-    snaps = sorted(tune_dir.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
-    if not snaps:
-        return []
-    out = []
-    for trial_json, _ in json.loads(snaps[-1].read_text()).get("trial_data", []):
-        t = json.loads(trial_json)
-        if t.get("status") == "ERROR":
-            out.append(t["trial_id"])
-    return out
+    from kdtune.tune.search import snapshot_trials
+
+    return [t["trial_id"] for t in snapshot_trials(tune_dir) or [] if t["status"] == "ERROR"]
 
 
 def _clear_errored(tune_dir: Path, exp: Path) -> None:

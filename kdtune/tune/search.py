@@ -19,6 +19,7 @@ hands each trial's events to its group's scheduler; ASHA's rungs therefore hold 
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import Searcher, SearchGenerator
+from ray.tune.search.search_generator import _load_newest_checkpoint
 
 GROUP_KEY = "kdtune.group"
 
@@ -59,7 +61,8 @@ class _PickledState:
 
 
 class GroupedOptunaSearch(_PickledState, Searcher):
-    def __init__(self, groups: list[GroupSearch], metric: str, mode: str, epochs: int, seed: int = 0):
+    def __init__(self, groups: list[GroupSearch], metric: str, mode: str, epochs: int, seed: int = 0,
+                 max_concurrent: int = 0):
         super().__init__(metric=metric, mode=mode)
         import optuna
 
@@ -67,19 +70,69 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         self.groups = {g.name: g for g in groups}
         self.order = [g.name for g in groups]
         self.epochs = int(epochs)
+        self.seed = int(seed)
+        self.max_concurrent = int(max_concurrent)
         self.asked: dict[str, int] = {g.name: 0 for g in groups}
         self.studies = {}
         for i, g in enumerate(groups):
-            study = optuna.create_study(
-                study_name=g.name, direction="maximize" if mode == "max" else "minimize",
-                sampler=optuna.samplers.TPESampler(seed=seed + i),
-            )  # fmt: skip
-            _name_metric(study, metric)
+            study = self._new_study(g.name, self.seed + i)
             for p in g.starts[: g.budget]:
                 study.enqueue_trial(p, skip_if_exists=True)
             self.studies[g.name] = study
         self.live: dict[str, tuple[str, Any]] = {}  # tune trial id -> (group, optuna trial)
         self.reported: dict[str, set[int]] = {}
+
+    def _new_study(self, name: str, seed: int):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # also in a restored copy (no __init__)
+        study = optuna.create_study(
+            study_name=name, direction="maximize" if self.mode == "max" else "minimize",
+            sampler=optuna.samplers.TPESampler(seed=seed),
+        )  # fmt: skip
+        _name_metric(study, self.metric)
+        return study
+
+    def rebuild(self, trials: list[dict], requeue_errored: bool) -> None:
+        """Make this searcher's state that of the restored Tune experiment: ``trials`` are the trials of the
+        snapshot Tune resumes from (:func:`snapshot_trials`, creation order).
+
+        Each group's study is made again holding each of the group's trials once, with the trial's own
+        parameters: a terminated trial told as it ended (COMPLETE, PRUNED, FAIL), a trial Tune runs again
+        (pending, running, paused; errored when ``requeue_errored``) live, with its last reported value. The
+        starting points its trials have not used yet are enqueued again, and ``asked`` counts the trials Tune
+        has, so each group still gets exactly its budget. A pickled searcher is not trusted for this: the
+        files of a snapshot are written one after another, and a driver killed between two of them leaves a
+        searcher state that is older or newer than the trial list (a trial run twice or never). The samplers
+        are seeded anew (a sampler seeded as at the start would draw the first random points again)."""
+        self.asked = {n: 0 for n in self.order}
+        self.live, self.reported = {}, {}
+        mine: dict[str, list[dict]] = {n: [] for n in self.order}
+        for t in trials:
+            g = group_of(t.get("config"))
+            if g in mine:
+                mine[g].append(t)
+        for i, name in enumerate(self.order):
+            g = self.groups[name]
+            study = self._new_study(name, self.seed + i + 7919 * (1 + len(trials)))
+            for t in mine[name]:
+                study.enqueue_trial({k: v for k, v in t["config"].items() if k != GROUP_KEY})
+                ot = study.ask()
+                g.space(ot)
+                self.asked[name] += 1
+                res = t.get("last_result") or {}
+                status = t.get("status")
+                if status == "TERMINATED" or (status == "ERROR" and not requeue_errored):
+                    self._tell(study, ot, res, error=status == "ERROR", seen=set())
+                    continue
+                self.live[t["trial_id"]] = (name, ot)
+                step, v = res.get("training_iteration"), res.get(self.metric)
+                if step is not None and _finite(v):
+                    ot.report(float(v), int(step))
+                    self.reported[t["trial_id"]] = {int(step)}
+            for p in g.starts[: g.budget][len(mine[name]):]:
+                study.enqueue_trial(p, skip_if_exists=True)
+            self.studies[name] = study
 
     # ------------------------------------------------------------------ Searcher interface
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -94,7 +147,13 @@ class GroupedOptunaSearch(_PickledState, Searcher):
             live[g] += 1
         return max(open_, key=lambda n: (self.groups[n].budget - self.asked[n], -live[n], -self.order.index(n)))
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = int(max_concurrent)
+        return True
+
     def suggest(self, trial_id: str) -> dict | None:
+        if self.max_concurrent and len(self.live) >= self.max_concurrent:
+            return None  # a slot frees when a live trial ends (the limit counts restored trials too)
         name = self._next_group()
         if name is None:
             return Searcher.FINISHED
@@ -117,15 +176,16 @@ class GroupedOptunaSearch(_PickledState, Searcher):
             seen.add(int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        from optuna.trial import TrialState
-
         entry = self.live.pop(trial_id, None)
         seen = self.reported.pop(trial_id, set())
         if entry is None:
             return
         name, ot = entry
-        study = self.studies[name]
-        result = result or {}
+        self._tell(self.studies[name], ot, result or {}, error=error, seen=seen)
+
+    def _tell(self, study, ot, result: dict, error: bool, seen: set[int]) -> None:
+        from optuna.trial import TrialState
+
         value = result.get(self.metric)
         epoch = result.get("epoch", result.get("training_iteration"))
         try:
@@ -150,6 +210,65 @@ class GroupedOptunaSearch(_PickledState, Searcher):
             out[name] = counts
         return out
 
+
+
+class GroupedSearchGenerator(SearchGenerator):
+    """Tune's search generator over a :class:`GroupedOptunaSearch`, whose resume rebuilds the searcher from
+    the trial list Tune restores (:meth:`GroupedOptunaSearch.rebuild`) instead of its pickles.
+
+    The searcher counts its own live trials against ``max_concurrent`` (Ray's ``ConcurrencyLimiter`` would
+    start empty on a resume and drop the results of the trials it did not start). ``on_resume`` is the
+    spec's ``failures.on_resume``: whether Tune runs the snapshot's errored trials again."""
+
+    def __init__(self, searcher: GroupedOptunaSearch, on_resume: str = "resume"):
+        super().__init__(searcher)
+        self.on_resume = on_resume
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        # The generator's own state (the experiment spec, the number of samples) as Tune restores it; then
+        # the searcher from the trial list of the snapshot Tune restored.
+        state = _load_newest_checkpoint(dirpath, self.CKPT_FILE_TMPL.format("*"))
+        if not state:
+            raise RuntimeError(f"Unable to find checkpoint in {dirpath}.")
+        self.set_state(state)
+        trials = snapshot_trials(dirpath) or []
+        self._counter = max(self._counter, len(trials))
+        self._finished = False  # a search-generator state newer than the trial list may say finished
+        self.searcher.rebuild(trials, requeue_errored=self.on_resume in ("resume", "restart"))
+
+
+def _snapshot_files(tune_dir) -> list:
+    from pathlib import Path
+
+    return sorted(Path(tune_dir).glob("experiment_state-*.json"), key=lambda f: f.name)
+
+
+def snapshot_trials(tune_dir) -> list[dict] | None:
+    """The trials of the newest experiment snapshot of a Tune experiment folder (the one Tune resumes from:
+    the greatest name), in creation order: ``trial_id``, ``status``, ``config`` and ``last_result``. None
+    when there is no snapshot; :class:`~kdtune.config.ConfigError` naming the file when it is damaged."""
+    from ray.tune.experiment.trial import _TrainingRunMetadata
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    from kdtune.config import ConfigError
+
+    files = _snapshot_files(tune_dir)
+    if not files:
+        return None
+    f = files[-1]
+    out = []
+    try:
+        for trial_json, meta_json in json.loads(f.read_text())["trial_data"]:
+            t = _loads_with_cloudpickle(trial_json)
+            meta = _TrainingRunMetadata.from_json_state(meta_json)
+            out.append({"trial_id": t["trial_id"], "status": t["status"], "config": dict(t["config"] or {}),
+                        "last_result": dict(meta.last_result or {})})  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{f} is damaged ({type(e).__name__}); move it away to resume from an older snapshot if there is "
+            "one, or restore it from a backup"
+        ) from e
+    return out
 
 
 class GroupedScheduler(_PickledState, TrialScheduler):

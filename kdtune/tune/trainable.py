@@ -130,6 +130,16 @@ def _event(folder: Path, **kw) -> None:
         pass
 
 
+def _recover_epoch_events(folder: Path, history: list[dict], trial_id: str) -> None:
+    """A process killed after it saved an epoch's state but before it wrote the epoch's event trained that
+    epoch once: the restored state holds it. Its event is written now, marked ``recovered``, so the audit
+    trail (one ``epoch`` event per epoch trained) matches the state the trial goes on from."""
+    seen = {e.get("epoch") for e in read_events(folder) if e.get("event") == "epoch"}
+    for h in history:
+        if h.get("epoch") not in seen:
+            _event(folder, event="epoch", epoch=h.get("epoch"), trial_id=trial_id, recovered=True)
+
+
 def _epoch_of(ckpt_dir: Path) -> int:
     try:
         return int(json.loads((ckpt_dir / "progress.json").read_text())["epoch"])
@@ -258,6 +268,7 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
             trainer.load_state(ck / "state.pt")
             if tracker is not None and trainer.history:
                 tracker.backfill(trainer.history)
+            _recover_epoch_events(folder, trainer.history, trial_id)
         _event(folder, event="start", epoch=trainer.epoch, epochs=cfg.epochs, trial_id=trial_id)
 
         if trainer.epoch >= cfg.epochs and trainer.history:

@@ -97,14 +97,6 @@ def _kill_and_resume(base, tmp_path, name: str, seed: int, methods, trials: int,
             args = ["resume", str(exp)] if (exp / "spec.yaml").is_file() else ["sweep", str(spec)]
             drv = h.Driver(args, tmp_path / f"{name}-{n}.log", tmp_path)
         rc = drv.wait()
-        tuner_pkl = exp / "tune" / "sweep" / "tuner.pkl"
-        if rc != 0 and tuner_pkl.is_file() and tuner_pkl.stat().st_size == 0 and "EOFError" in drv.text():
-            # Known, not fixed yet: Ray uploads its experiment snapshot (tuner.pkl, experiment_state-*.json,
-            # searcher-state-*.pkl) to storage_path with pyarrow.fs.copy_files, which truncates then writes; a
-            # driver SIGKILLed in that window (Tune snapshots when a trial completes: the "done" moment) leaves
-            # them empty, and Tuner.restore fails with EOFError.
-            pytest.xfail(f"driver killed during Ray's non-atomic snapshot upload: {tuner_pkl} is empty "
-                         f"(kills {made})")  # fmt: skip
         assert rc == 0, drv.text()[-4000:]
         walls.append(drv.wall)
         startups.append(startup(drv))
@@ -114,12 +106,8 @@ def _kill_and_resume(base, tmp_path, name: str, seed: int, methods, trials: int,
 
     lost = [t["error"] for g in json.loads((exp / "state.json").read_text())["groups"].values() for t in g["all"]
             if "does not exist on storage anymore" in (t.get("error") or "")]  # fmt: skip
-    if lost:
-        # Known, not fixed yet: with CheckpointConfig(num_to_keep=1) Tune deletes a trial's older (pointer)
-        # checkpoint when it writes the next; a driver killed before its next snapshot restores the trial from
-        # the deleted one, and the trial fails on every retry. (num_to_keep=None broke tests/test_resume.py's
-        # timing; left for a proper fix.)
-        pytest.xfail(f"a restored trial's checkpoint was deleted by num_to_keep=1: {lost[0][:200]} (kills {made})")
+    # Every Tune checkpoint is kept (num_to_keep=None): a restored trial's one always exists.
+    assert not lost, lost
     figures = h.check_sweep(exp, spec, EPOCHS, done_at)
     total = sum(walls)
     # The drivers' walls, killed ones included, summed: the whole cost of the interrupted sweep. Each driver
