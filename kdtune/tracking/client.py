@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import random
 import re
 import threading
@@ -95,9 +96,11 @@ def _is_locked(exc: BaseException) -> bool:
     return False
 
 
-def retry_locked(fn: Callable[..., T], *args: Any, timeout_s: float = 30.0, **kwargs: Any) -> T:
+def retry_locked(fn: Callable[..., T], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> T:
     """Call ``fn``; on SQLite's "database is locked" (or a tag upsert that collided with another writer's)
-    retry with jittered backoff for up to ``timeout_s``."""
+    retry with jittered backoff for up to ``timeout_s`` (default: ``KDTUNE_TRACKING_RETRY_S``, else 30 s)."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("KDTUNE_TRACKING_RETRY_S", "30"))
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:

@@ -208,6 +208,7 @@ class _Sweep:
         state = folder.state()
         done = self._finished(state, "is already finished")
         if done is not None:
+            self._record_leftovers(state)
             return done
         if folder.started:
             log(f"resuming experiment {spec.name} ({self.exp})")
@@ -267,6 +268,17 @@ class _Sweep:
                     if ray.is_initialized():
                         ray.shutdown()
         return result
+
+    def _record_leftovers(self, state: dict) -> None:
+        """A finished sweep whose driver could not record some trials' runs either: record them now."""
+        if not self.tracking_uri:
+            return
+        trials = [(t["trial_id"], t.get("config") or {}) for g in state.get("groups", {}).values()
+                  for t in g.get("all", []) if t.get("trial_id")]  # fmt: skip
+        n = self._record("the runs of trials whose tracking failed", record_unrecorded_runs, self.tracking_uri,
+                         self.spec.name, None, self.exp, trials)  # fmt: skip
+        if n:
+            self.log(f"recorded {n} trial run{'s' if n != 1 else ''} in MLflow that the sweep could not")
 
     def _finished(self, state: dict, how: str) -> SweepResult | None:
         """For an experiment begun with this very spec (another is refused): its results if it is finished."""
@@ -585,6 +597,10 @@ class _Sweep:
         rep = getattr(self, "_repeat_results", None)
         all_results = list(results) + (list(rep) if rep is not None else [])
         groups += [f"{g}-repeats" for g in groups] if rep is not None else []
+        trials = [(_trial_id(r), {k: v for k, v in (r.config or {}).items() if k != "kdtune.group"})
+                  for r in all_results]  # fmt: skip
+        self._record("the runs of trials whose tracking failed", record_unrecorded_runs, self.tracking_uri,
+                     self.spec.name, self.parent_run_id, self.exp, trials)  # fmt: skip
         self._record("the runs of stopped trials", close_open_runs, self.tracking_uri, self.spec.name,
                      all_results, self.spec.budget.epochs, groups=groups, experiment_dir=self.exp)  # fmt: skip
 
@@ -761,6 +777,51 @@ def _overall_best(summaries: list[dict], spec: SweepSpec) -> dict | None:
     return max(bests, key=lambda t: _rank(t, spec, spec.budget.epochs))
 
 
+def _trial_id(r) -> str:
+    return (r.metrics or {}).get("trial_id") or Path(r.path).name.rsplit("_", 1)[-1]
+
+
+def record_unrecorded_runs(uri: str | None, experiment: str, parent_run_id: str | None, experiment_dir,
+                           trials: list[tuple[str, dict]]) -> int:
+    """Record in MLflow what a trial's process could not (the tracking database locked beyond the retry
+    window as it ended its run: its ``unrecorded`` event); returns how many runs were recorded.
+
+    Once the trial's process is gone (one owner per run), its run is found by trial id (or made, with the
+    trial's config as params), every epoch of its saved state missing from the run is logged (``backfill``),
+    the outcome set, the run ended FINISHED, and a ``recorded`` event written, so a later call redoes nothing.
+    A failure here is the caller's one line; the trial's folder keeps everything for the next try."""
+    if not uri:
+        return 0
+    import torch
+
+    from kdtune.tracking import TrialTracker
+    from kdtune.tracking.client import TAG_OUTCOME
+    from kdtune.tune.trainable import _event, read_events, trial_folder, wait_trials_gone
+
+    todo = []
+    for tid, config in trials:
+        folder = trial_folder(experiment_dir, tid)
+        ev = read_events(folder)
+        last = max((i for i, e in enumerate(ev) if e.get("event") == "recorded"), default=-1)
+        if any(e.get("event") == "unrecorded" for e in ev[last + 1:]) and (folder / "ckpt" / "state.pt").is_file():
+            todo.append((tid, config, folder))
+    held = {f.name for f in wait_trials_gone([f for _, _, f in todo])}
+    n = 0
+    for tid, config, folder in todo:
+        if tid in held:
+            continue
+        history = torch.load(folder / "ckpt" / "state.pt", map_location="cpu", weights_only=True)["history"]
+        tt = TrialTracker(uri, experiment, parent_run_id, tid)
+        if not tt.resumed:
+            tt.log_params(config)
+        tt.backfill(history)
+        tt.set_tags({TAG_OUTCOME: "completed" if (folder / "done.json").is_file() else "failed"})
+        tt.end("FINISHED")
+        _event(folder, event="recorded", trial_id=tid, epochs=len(history))
+        n += 1
+    return n
+
+
 def close_open_runs(uri: str | None, experiment: str, results, epochs: int, groups: list[str] | None = None,
                     experiment_dir: str | Path | None = None) -> int:
     """End the MLflow runs a group's trials left RUNNING; returns how many were closed.
@@ -781,7 +842,7 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
     exp_id = experiment_id_for(uri, experiment)
     closed = 0
     known = set()
-    ids = [(r.metrics or {}).get("trial_id") or Path(r.path).name.rsplit("_", 1)[-1] for r in results]
+    ids = [_trial_id(r) for r in results]
     # One owner per run: a trial's process may still be closing its run after fit() returned (Tune ends a
     # stopped trial without waiting for it). Touch a run only once its process has let go of it.
     held = {f.name for f in wait_trials_gone([trial_folder(experiment_dir, t) for t in ids])} if experiment_dir else set()

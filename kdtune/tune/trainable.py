@@ -350,8 +350,12 @@ def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str, orch=Non
     if tracker is not None:
         from kdtune.tracking.client import TAG_OUTCOME
 
-        tracker.set_tags({TAG_OUTCOME: "completed"})
-        tracker.end("FINISHED")
+        try:
+            tracker.set_tags({TAG_OUTCOME: "completed"})
+            tracker.end("FINISHED")
+        except Exception as e:  # noqa: BLE001 - the trial is trained: the driver records its run afterwards
+            _event(folder, event="unrecorded", what="run", reason=f"{type(e).__name__}: {e}"[:500],
+                   trial_id=trial_id)  # fmt: skip
     _write_json(folder / "done.json", final)
     _event(folder, event="done", epoch=trainer.epoch, trial_id=trial_id)
 

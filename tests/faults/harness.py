@@ -100,12 +100,13 @@ def kill_session(sid: int) -> None:
 class Driver:
     """``python -m kdtune <args>`` in its own session, its output in ``log``."""
 
-    def __init__(self, args: list[str], log: Path, cwd: Path):
+    def __init__(self, args: list[str], log: Path, cwd: Path, extra_env: dict | None = None):
         self.log = log
         self.t0 = time.time()
         self._f = open(log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "kdtune", *args], stdout=self._f,
-                                     stderr=subprocess.STDOUT, env=env(), cwd=cwd, start_new_session=True)  # fmt: skip
+                                     stderr=subprocess.STDOUT, env={**env(), **(extra_env or {})}, cwd=cwd,
+                                     start_new_session=True)  # fmt: skip
         self.wall: float | None = None
 
     def poll(self):
