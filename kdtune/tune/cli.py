@@ -36,15 +36,11 @@ def add_commands(sub) -> None:
     r.set_defaults(func=_resume)
 
     p = sub.add_parser(
-        "report", help="best trial per method and pair, with its config (table, CSV, Markdown)"
+        "report", help="best trial per method and pair, with its config (table, CSV, Markdown, plots)"
     )
-    p.add_argument("experiment", help="the experiment's directory, or its name under --storage")
-    p.add_argument("--storage", help="where experiments live (default runs/sweeps)")
-    p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
-    p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
-    p.add_argument(
-        "--plots", action="store_true", help="save validation curves and parameter importances (PNG)"
-    )
+    from kdtune.report import add_arguments as report_arguments
+
+    report_arguments(p)
     p.set_defaults(func=_report)
 
     sp = sub.add_parser("spaces", help="print a method's search space and published starting points")
@@ -112,9 +108,9 @@ def _resume(args) -> int:
 
 def _report(args) -> int:
     from kdtune.preflight import check_experiment
+    from kdtune.report.main import find_experiment_dir
 
-    exp = Path(args.experiment).expanduser()
-    check_experiment(exp if exp.is_dir() else Path(args.storage or "runs/sweeps").expanduser() / args.experiment)
+    check_experiment(find_experiment_dir(args.experiment, args.storage))  # damaged files: one line
     try:
         from kdtune.report import main_report
     except ImportError:
@@ -223,7 +219,7 @@ def _finish(result) -> None:
             from kdtune.report import main_report
 
             ns = argparse.Namespace(experiment=result.experiment_dir, storage=None, csv=None, markdown=None,
-                                    plots=False)  # fmt: skip
+                                    plots=False, out=None)  # fmt: skip
             main_report(ns)
             shown = True
         except ImportError:
