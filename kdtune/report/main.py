@@ -154,4 +154,5 @@ def main_report(args) -> int:
         if parent is not None and pngs:
             print(f"logged {len(pngs)} plots to the parent run {parent.info.run_id} (artifacts/report)")
     print(f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    print(f"dashboards (MLflow and Optuna): kdtune dashboard {exp_dir}")
     return 0

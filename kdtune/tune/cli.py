@@ -43,6 +43,19 @@ def add_commands(sub) -> None:
     report_arguments(p)
     p.set_defaults(func=_report)
 
+    db = sub.add_parser(
+        "dashboard",
+        help="MLflow's UI and optuna-dashboard for one experiment on 127.0.0.1, until Ctrl-C",
+        description="Start `mlflow ui` (this environment's, on the experiment's tracking store) and "
+        "optuna-dashboard (pip install 'kdtune[dashboard]') on the experiment's optuna.db, print both "
+        "addresses, and stop both on Ctrl-C.",
+    )
+    db.add_argument("experiment", help="the experiment's directory, or its name under --storage")
+    db.add_argument("--storage", help="where experiments live (default runs/sweeps)")
+    db.add_argument("--mlflow-port", type=int, default=None, help="MLflow UI's port (default: a free one)")
+    db.add_argument("--optuna-port", type=int, default=None, help="optuna-dashboard's port (default: a free one)")
+    db.set_defaults(func=_dashboard)
+
     sp = sub.add_parser("spaces", help="print a method's search space and published starting points")
     sp.add_argument("method", nargs="?", help="a method (default: all with a space file)")
     sp.add_argument("--data", default="cifar100", help="data set of the context (default cifar100)")
@@ -116,6 +129,12 @@ def _report(args) -> int:
     except ImportError:
         return _fallback_report(args)
     return int(main_report(args) or 0)
+
+
+def _dashboard(args) -> int:
+    from kdtune.dashboard import run_dashboard
+
+    return run_dashboard(args.experiment, args.storage, args.mlflow_port, args.optuna_port, log=_print)
 
 
 def _fallback_report(args) -> int:
@@ -236,6 +255,5 @@ def _finish(result) -> None:
     if result.tracking_uri and not shown:
         print(f"MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}"
               if result.tracking_uri.startswith("sqlite") else f"MLflow UI:  {result.tracking_uri}")  # fmt: skip
-    if (exp / "optuna.db").exists():
-        print(f"Optuna:     optuna-dashboard sqlite:///{exp / 'optuna.db'}")
-    print(f"report:     kdtune report {exp}")
+    print(f"report:     kdtune report {exp} --plots")
+    print(f"dashboards: kdtune dashboard {exp}")
