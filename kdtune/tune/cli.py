@@ -71,7 +71,9 @@ def add_commands(sub) -> None:
         help="check a sweep spec without starting: fields, spaces, starting points, method constraints, the "
         "teacher checkpoint, the data, the storage (kdtune.preflight)",
     )
-    v.add_argument("spec")
+    v.add_argument("spec", nargs="?", help="the sweep spec (YAML)")
+    v.add_argument("--schema", action="store_true",
+                   help="print the sweep spec's JSON Schema (for editors: completion and checks of spec files)")  # fmt: skip
     v.set_defaults(func=_validate)
 
 
@@ -191,6 +193,17 @@ def _spaces(args) -> int:
 
 
 def _validate(args) -> int:
+    if args.schema:
+        import json
+
+        from kdtune.spec_schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    if not args.spec:
+        from kdtune.errors import ConfigError
+
+        raise ConfigError("kdtune validate needs a spec file (kdtune validate sweeps/digits.yaml), or --schema")
     from kdtune.preflight import preflight
     from kdtune.tune.runner import prepare
 

@@ -1,0 +1,78 @@
+"""kdtune validate --schema: the sweep spec's JSON Schema, from a pydantic model that cannot drift from the spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdtune import spec as spec_mod
+from kdtune.cli import main
+
+jsonschema = pytest.importorskip("jsonschema")
+SWEEPS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def schema():
+    from kdtune.spec_schema import json_schema
+
+    return json_schema()
+
+
+def test_cli_prints_the_schema(capsys, schema):
+    assert main(["validate", "--schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == schema and printed["$schema"].endswith("2020-12/schema")
+    assert main(["validate"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kdtune: error: kdtune validate needs a spec file (kdtune validate sweeps/digits.yaml), or --schema"
+    )
+
+
+def _props(schema, ref):
+    return set(schema["$defs"][ref]["properties"])
+
+
+def test_schema_holds_exactly_the_specs_fields(schema):
+    assert set(schema["properties"]) == {f.name for f in dataclasses.fields(spec_mod.SweepSpec)} - {"source"}
+    assert _props(schema, "Budget") == {f.name for f in dataclasses.fields(spec_mod.Budget)}
+    assert _props(schema, "Scheduler") == {f.name for f in dataclasses.fields(spec_mod.SchedulerSpec)}
+    assert _props(schema, "Tracking") == {f.name for f in dataclasses.fields(spec_mod.TrackingSpec)}
+    assert _props(schema, "Failures") == {f.name for f in dataclasses.fields(spec_mod.FailureSpec)}
+    assert _props(schema, "Teacher") == {f.name for f in dataclasses.fields(spec_mod.TeacherSpec)}
+    from kdtune.config import TrainConfig
+
+    assert _props(schema, "TrainFields") == set(TrainConfig.fields()) - set(spec_mod.SWEEP_OWNED)
+    assert set(schema["required"]) == {"students", "methods"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_shipped_specs_validate(schema, path):
+    jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"budget": {"trails": 3}},  # a typo in a field name
+        {"methods": ["dkdd"]},  # not a method
+        {"students": ["resnet9"]},
+        {"metric": "test_acc"},  # never select on the test split
+        {"budget": {"trials": 0}},
+        {"train": {"lr": "fast"}},
+        {"train": {"epochs": 3}},  # set by the sweep (budget.epochs)
+        {"scheduler": {"name": "pbt"}},
+    ],
+)
+def test_schema_refuses_what_load_spec_refuses(schema, bad):
+    from kdtune.errors import ConfigError
+
+    raw = {"name": "s", "data": "digits", "students": ["resnet8"], "methods": ["kd"], **bad}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, schema)
+    with pytest.raises(ConfigError):
+        spec_mod.load_spec(raw)
