@@ -126,6 +126,11 @@ def test_mlflow_runs(main_sweep):
     runs = client.search_runs([eid], max_results=1000)
     roles = [r.data.tags.get("kdtune.role") for r in runs]
     assert roles.count("parent") == 1 and roles.count("stage") == 2
+    for r in runs:  # tags that name places name real ones
+        for k in ("kdtune.trial_dir", "kdtune.stage_dir", "kdtune.experiment_dir"):
+            if k in r.data.tags:
+                assert Path(r.data.tags[k]).is_dir() and Path(r.data.tags[k]).is_absolute(), (k, r.data.tags[k])
+    assert all("kdtune.stage_dir" in r.data.tags for r in runs if r.data.tags.get("kdtune.role") == "stage")
     parent = next(r for r in runs if r.data.tags.get("kdtune.role") == "parent")
     assert parent.info.status == "FINISHED"
     # a training experiment (the UI opens on its runs); the parent carries the sweep's summary

@@ -358,6 +358,9 @@ class SweepTracker:
             run_id, existing = runs[0].info.run_id, dict(runs[0].data.params)
         else:
             tags = {TAG_ROLE: "stage", TAG_STAGE: name, TAG_STAGE_KEY: key}
+            if model_path is not None:  # where the stage lives: its folder, shared by every sweep that uses it
+                folder = Path(model_path).resolve()
+                tags["kdtune.stage_dir"] = str(folder if folder.is_dir() else folder.parent)
             if self.parent_run_id:
                 tags[TAG_PARENT] = self.parent_run_id
             run = retry_locked(
