@@ -153,6 +153,7 @@ def main_report(args) -> int:
             print(f"wrote {p}")
         if parent is not None and pngs:
             print(f"logged {len(pngs)} plots to the parent run {parent.info.run_id} (artifacts/report)")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
-    print(f"dashboards (MLflow and Optuna): kdtune dashboard {exp_dir}")
+    if not getattr(args, "from_sweep", False):  # the sweep's own last lines say where to look
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+        print(f"dashboards (MLflow and Optuna): kdtune dashboard {exp_dir}")
     return 0

@@ -180,6 +180,9 @@ def plot_loss_terms(client, rows: list[dict], out_dir: str | Path) -> list[Path]
                 ax.plot(steps, [h[s] for s in steps], linewidth=1.3, label=k,
                         linestyle="--" if k == "train_loss" else "-")  # fmt: skip
             ax.set_title(f"{r['method']} ({r['trials'][0]})", fontsize=9)
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch", fontsize=8)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
@@ -326,8 +329,10 @@ def _optuna_figure(make, path: Path, title: str, labels: list[str], size=(7.0, 4
     fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
     try:
         fig.set_size_inches(*size)
-        fig.suptitle(title, fontsize=10)
-        (ax if hasattr(ax, "set_title") else ax.flat[0]).set_title("")
+        for a in fig.axes:  # Optuna titles its plots on the left: ours names the study and the trial count
+            a.set_title("", loc="left")
+        main = ax if hasattr(ax, "set_title") else ax.flat[0]
+        main.set_title(title, fontsize=10)
         fig.tight_layout()
         return _save(fig, path, title, labels)
     finally:
@@ -351,7 +356,9 @@ def plot_studies(studies, metric: str, out_dir: str | Path, note: Callable[[str]
         name, n = study.study_name, _complete(study)
         trials = study.get_trials(deepcopy=False)
         imp = importances(study)
-        if imp is None:
+        if imp is None and not any(t.params for t in trials):
+            note(f"importance {name}: skipped (nothing searched)")
+        elif imp is None:
             note(f"importance {name}: skipped ({n} complete trial{'s' if n != 1 else ''}; needs 2 or more with "
                  "a hyperparameter that varies)")  # fmt: skip
         else:

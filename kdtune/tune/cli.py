@@ -251,7 +251,7 @@ def _finish(result) -> None:
             from kdtune.report import main_report
 
             ns = argparse.Namespace(experiment=result.experiment_dir, storage=None, csv=None, markdown=None,
-                                    plots=False, out=None)  # fmt: skip
+                                    plots=False, out=None, from_sweep=True)  # fmt: skip
             main_report(ns)
             shown = True
         except ImportError:
