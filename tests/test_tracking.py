@@ -387,3 +387,9 @@ def test_student_named_after_its_trial_with_a_signature_registered_with_descript
     mv = st.client.get_model_version("sweep-a-described", version)
     assert "dkd resnet8 student distilled from resnet8x4 on digits" in mv.description
     assert "beta=8.0" in mv.description and "val_acc 91.25" in mv.description
+    ce = TrialTracker(uri, EXP, parent, trial_id="stu_00008", trial_name="resnet8-ce_stu_00008")
+    ce.log_params({"method": "ce", "student": "resnet8", "teacher": "resnet8x4", "data": "digits"})
+    ce.log_student(_Trainer(torch))
+    ce.end("FINISHED")
+    v2 = st.register_best(ce.run_id, name="sweep-a-described")
+    assert "ce resnet8 student (no teacher) on digits" in st.client.get_model_version("sweep-a-described", v2).description

@@ -312,7 +312,8 @@ class SweepTracker:
         hps = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(p.items()) if k.startswith(f"{method}."))
         scores = ", ".join(f"{k} {m[k]:.2f}" for k in ("val_acc", "best_val_acc", "test_acc") if k in m)
         teacher = p.get("teacher")
-        who = f"{p.get('student', '?')} student" + (f" distilled from {teacher}" if teacher not in (None, "none") else "")
+        distilled = teacher not in (None, "none") and method not in ("ce", "ls", "mse")  # teacher objectives
+        who = f"{p.get('student', '?')} student" + (f" distilled from {teacher}" if distilled else " (no teacher)")
         retry_locked(
             self.client.update_registered_model,
             name,
