@@ -76,3 +76,56 @@ def test_schema_refuses_what_load_spec_refuses(schema, bad):
         jsonschema.validate(raw, schema)
     with pytest.raises(ConfigError):
         spec_mod.load_spec(raw)
+
+
+def _bounded(schema):
+    """(path, low, low_open, high, high_open, integer) of every bounded number the schema holds."""
+
+    def walk(props, prefix):
+        for name, p in props.items():
+            p = next((a for a in p.get("anyOf", [p]) if a.get("type") in ("integer", "number")), p)
+            if p.get("type") in ("integer", "number") and any(
+                k in p for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+            ):
+                yield (f"{prefix}{name}", p.get("minimum", p.get("exclusiveMinimum")), "exclusiveMinimum" in p,
+                       p.get("maximum", p.get("exclusiveMaximum")), "exclusiveMaximum" in p, p["type"] == "integer")  # fmt: skip
+
+    yield from walk(schema["properties"], "")
+    for section, ref in (("budget", "Budget"), ("scheduler", "Scheduler"), ("failures", "Failures")):
+        yield from walk(schema["$defs"][ref]["properties"], f"{section}.")
+
+
+def test_schema_bounds_are_load_specs_bounds(schema):
+    """At each bound and just past it, the schema and load_spec agree: the two cannot drift apart silently."""
+    from kdtune.errors import ConfigError
+
+    checked = 0
+    for path, lo, lo_open, hi, hi_open, integer in _bounded(schema):
+        eps = 1 if integer else 1e-6
+        values = [v for v in (lo, lo - eps if lo is not None else None, hi, hi + eps if hi is not None else None)
+                  if v is not None]  # fmt: skip
+        values += [lo + eps] if lo_open else []  # just inside an open bound
+        values += [hi - eps] if hi_open else []
+        for v in values:
+            raw = {"name": "s", "data": "digits", "students": ["resnet8"], "methods": ["ce"],
+                   "budget": {"epochs": 10_000}}  # fmt: skip
+            section, _, field = path.rpartition(".")
+            (raw.setdefault(section, {}) if section else raw)[field] = v
+            if path == "val_fraction":
+                raw["metric"] = "train_loss"  # val_fraction: 0 is fine without a validation metric
+            if path == "budget.epochs" or path.startswith("scheduler."):
+                raw["scheduler"] = {"name": "none"} if path == "budget.epochs" else raw.get("scheduler")
+            try:
+                jsonschema.validate(raw, schema)
+                schema_ok = True
+            except jsonschema.ValidationError:
+                schema_ok = False
+            try:
+                spec_mod.load_spec(raw)
+                spec_ok = True
+            except ConfigError:
+                spec_ok = False
+            assert schema_ok == spec_ok, f"{path}={v}: schema {'accepts' if schema_ok else 'refuses'}, load_spec " \
+                f"{'accepts' if spec_ok else 'refuses'}"
+            checked += 1
+    assert checked >= 30
