@@ -281,9 +281,11 @@ class TrialTracker:
         module = getattr(trainer.student, "_orig_mod", trainer.student)
         x = torch.zeros(shape)
         was_training = module.training
-        try:
+        try:  # on the module itself (no copy): eval mode for the one forward, then as it was
+            device = next(module.parameters()).device
+            module.eval()
             with torch.inference_mode():
-                y = copy.deepcopy(module).to("cpu").float().eval()(x)
+                y = module(x.to(device)).float().cpu()
         finally:
             module.train(was_training)
         signature = infer_signature(x.numpy(), y.numpy())
