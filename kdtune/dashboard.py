@@ -118,9 +118,9 @@ def plan(exp_dir: Path, uri: str, mlflow_port: int | None, optuna_port: int | No
             raise KdtuneError(f"{what}={port} is not a port; give a number from 1 to 65535, or leave it out")
         if port is not None and not _port_free(port):
             raise KdtuneError(f"{what}={port}: that port is taken on {HOST}; pick another, or leave it out")
-    if uri.startswith("sqlite:"):
+    if uri.startswith("sqlite:"):  # one worker: a local UI for one person (four start twice as slowly here)
         p = mlflow_port or free_port()
-        out.append(("MLflow UI", [script("mlflow"), "ui", "--backend-store-uri", uri, "--host", HOST,
+        out.append(("MLflow UI", [script("mlflow"), "ui", "--backend-store-uri", uri, "--host", HOST, "--workers", "1",
                                   "--port", str(p)], f"http://{HOST}:{p}"))  # fmt: skip
     db = exp_dir / "optuna.db"
     if db.is_file():
