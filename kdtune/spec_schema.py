@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from kdtune.config import AMP_MODES, CHOICES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig
 from kdtune.names import DATASET_NAMES, METHOD_NAMES, MODEL_NAMES
-from kdtune.spec import METRIC_MODES, ON_RESUME, SCHEDULERS, SWEEP_OWNED, TEACHER_METHODS
+from kdtune.spec import (
+    MAX_EPOCHS,
+    MAX_TRIALS,
+    METRIC_MODES,
+    ON_RESUME,
+    SCHEDULERS,
+    SWEEP_OWNED,
+    TEACHER_METHODS,
+)
 
 SCHEMA_ID = "https://kdtune.invalid/schemas/sweep-spec.json"
 Model = Literal[MODEL_NAMES]  # type: ignore[valid-type]
@@ -80,7 +88,7 @@ class MethodOptions(_Strict):
     starts: Union[bool, list[dict[str, Any]]] = Field(  # noqa: UP007
         True, description="true: the published starting points; false: none; or a list of points"
     )
-    trials: int | None = Field(None, ge=1, description="this method's own budget (default budget.trials)")
+    trials: int | None = Field(None, ge=1, le=MAX_TRIALS, description="this method's own budget (default budget.trials)")
 
 
 class Teacher(_Strict):
@@ -92,8 +100,8 @@ class Teacher(_Strict):
 
 
 class Budget(_Strict):
-    trials: int = Field(8, ge=1, le=100_000, description="trials per method")
-    epochs: int = Field(30, ge=1, le=10_000)
+    trials: int = Field(8, ge=1, le=MAX_TRIALS, description="trials per method")
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS)
     concurrency: int = Field(1, ge=1, le=10_000, description="trials at a time")
     cpus_per_trial: float = Field(1.0, gt=0, le=1024)
     gpus_per_trial: float = Field(0.0, ge=0, le=64, description="fractional GPUs are bookkeeping only")
@@ -151,3 +159,71 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = SCHEMA_ID
     return schema
+
+
+# ---------------------------------------------------------------------------------------------- scalar checks
+# `kdtune.spec` checks each scalar field of a spec through the field of these models (type and bounds), so the
+# schema an editor sees and the validator a sweep runs hold one definition of each field.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "": SweepSpecModel, "budget": Budget, "scheduler": Scheduler, "failures": Failures, "tracking": Tracking,
+    "teacher": Teacher, "methods": MethodOptions,
+}  # fmt: skip
+_BOUNDS = {"ge": (">=", "["), "gt": (">", "("), "le": ("<=", "]"), "lt": ("<", ")")}
+
+
+def field_of(where: str, key: str):
+    """The pydantic FieldInfo of ``<where><key>`` (``where`` like ``budget.`` or ``methods.dkd.``)."""
+    section = where.split(".", 1)[0] if where else ""
+    return SECTIONS[section].model_fields[key]
+
+
+def bounds(info) -> dict[str, float]:
+    """``{"ge": 1, "le": 100}`` of a field's numeric constraints."""
+    out = {}
+    for m in info.metadata:
+        for name in _BOUNDS:
+            if getattr(m, name, None) is not None:
+                out[name] = getattr(m, name)
+    return out
+
+
+def range_text(b: dict[str, float]) -> str:
+    lo = next(((k, v) for k, v in b.items() if k in ("ge", "gt")), None)
+    hi = next(((k, v) for k, v in b.items() if k in ("le", "lt")), None)
+    if lo and hi:
+        return f"in {_BOUNDS[lo[0]][1]}{lo[1]:g}, {hi[1]:g}{_BOUNDS[hi[0]][1]}"
+    k, v = lo or hi  # type: ignore[misc]
+    return f"{_BOUNDS[k][0]} {v:g}"
+
+
+def check_scalar(where: str, key: str, value: Any, kind: type, hi: float | None = None) -> Any:
+    """``value`` of field ``<where><key>`` checked by pydantic against the field's type ``kind`` (bool, int,
+    float or str, strictly: no "3" for 3, no true for 1) and its bounds (``hi`` tightens the upper one);
+    raises ConfigError in one line naming the field. Integer-valued floats count as integers (YAML ``8.0``)."""
+    from typing import Annotated
+
+    from pydantic import AllowInfNan, Strict, TypeAdapter, ValidationError
+
+    from kdtune.errors import ConfigError
+
+    name = f"{where}{key}"
+    info = field_of(where, key)
+    b = bounds(info)
+    if hi is not None:
+        b.pop("lt", None)
+        b["le"] = min(hi, b.get("le", hi))
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    extra: list[Any] = [Strict()]
+    if kind is float:
+        extra.append(AllowInfNan(False))
+    adapter = TypeAdapter(Annotated[(kind, *extra, Field(**b))])  # type: ignore[valid-type]
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        err = e.errors()[0]["type"]
+        if err in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            shown = f"{value:g}" if kind is float else value
+            raise ConfigError(f"{name}={shown} is out of range; it must be {range_text(b)}") from None
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ConfigError(f"{name}={value!r} must be {what}") from None

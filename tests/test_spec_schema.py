@@ -129,3 +129,29 @@ def test_schema_bounds_are_load_specs_bounds(schema):
                 f"{'accepts' if spec_ok else 'refuses'}"
             checked += 1
     assert checked >= 30
+
+
+@pytest.mark.parametrize(
+    "bad, line",
+    [
+        ({"download": "yes"}, "download='yes' must be true or false"),
+        ({"seed": "3"}, "seed='3' must be an integer"),  # strict: a string is not a number
+        ({"seed": True}, "seed=True must be an integer"),
+        ({"budget": {"trials": 2.5}}, "budget.trials=2.5 must be an integer"),
+        ({"budget": {"cpus_per_trial": float("inf")}}, "budget.cpus_per_trial=inf must be a number"),
+        ({"budget": {"cpus_per_trial": 0}}, "budget.cpus_per_trial=0 is out of range; it must be in (0, 1024]"),
+        ({"val_fraction": 1.0}, "val_fraction=1 is out of range; it must be in [0, 1)"),
+        ({"budget": {"epochs": 4}, "scheduler": {"grace_period": 5}},
+         "scheduler.grace_period=5 is out of range; it must be in [1, 4]"),  # the model's bound, tightened
+        ({"methods": {"ce": {"trials": 0}}}, "methods.ce.trials=0 is out of range; it must be in [1, 100000]"),
+        ({"tracking": {"enabled": 1}}, "tracking.enabled=1 must be true or false"),
+        ({"metric": 3}, "metric=3 must be a string"),
+    ],
+)
+def test_scalar_fields_are_checked_by_the_pydantic_model_in_one_line(bad, line):
+    from kdtune.errors import ConfigError
+
+    raw = {"name": "s", "data": "digits", "students": ["resnet8"], "methods": ["ce"], **bad}
+    with pytest.raises(ConfigError) as e:
+        spec_mod.load_spec(raw)
+    assert str(e.value) == line
