@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 $(BIN)/kdtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,dashboard]'
 	touch $(BIN)/kdtune
 
 install: $(BIN)/kdtune

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,9 +275,9 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
         )
     data = _str(raw, "data", "digits")
     _lookup("data", data, "data set")
-    val_fraction = _num(raw, "val_fraction", 0.1, lo=0.0, hi=1.0, hi_open=True)
-    data_seed = _int(raw, "data_seed", 0, lo=0)
-    seed = _int(raw, "seed", 0, lo=0)
+    val_fraction = _num(raw, "val_fraction", 0.1)
+    data_seed = _int(raw, "data_seed", 0)
+    seed = _int(raw, "seed", 0)
 
     students = raw.get("students", raw.get("student"))
     if isinstance(students, str):
@@ -348,12 +347,12 @@ def _budget(raw: Any) -> Budget:
         raise ConfigError("budget must be a mapping, e.g. budget: {trials: 8, epochs: 30, concurrency: 2}")
     _no_unknown("budget.", raw, {f.name for f in dataclasses.fields(Budget)})
     return Budget(
-        trials=_int(raw, "trials", 8, lo=1, hi=MAX_TRIALS, prefix="budget."),
-        epochs=_int(raw, "epochs", 30, lo=1, hi=MAX_EPOCHS, prefix="budget."),
-        concurrency=_int(raw, "concurrency", 1, lo=1, hi=10_000, prefix="budget."),
-        cpus_per_trial=_num(raw, "cpus_per_trial", 1.0, lo=0.0, lo_open=True, hi=1024, prefix="budget."),
-        gpus_per_trial=_num(raw, "gpus_per_trial", 0.0, lo=0.0, hi=64, prefix="budget."),
-        repeats=_int(raw, "repeats", 1, lo=1, hi=100, prefix="budget."),
+        trials=_int(raw, "trials", 8, prefix="budget."),
+        epochs=_int(raw, "epochs", 30, prefix="budget."),
+        concurrency=_int(raw, "concurrency", 1, prefix="budget."),
+        cpus_per_trial=_num(raw, "cpus_per_trial", 1.0, prefix="budget."),
+        gpus_per_trial=_num(raw, "gpus_per_trial", 0.0, prefix="budget."),
+        repeats=_int(raw, "repeats", 1, prefix="budget."),
     )
 
 
@@ -372,9 +371,9 @@ def _scheduler(raw: Any, budget: Budget) -> SchedulerSpec:
         raise ConfigError(
             f"scheduler.name={name!r} is not valid{did_you_mean(name, SCHEDULERS)}; choose one of {', '.join(SCHEDULERS)}"
         )
-    grace = _int(raw, "grace_period", min(max(1, budget.epochs // 8), budget.epochs), lo=1, hi=budget.epochs,
+    grace = _int(raw, "grace_period", min(max(1, budget.epochs // 8), budget.epochs), hi=budget.epochs,
                  prefix="scheduler.")  # fmt: skip
-    rf = _num(raw, "reduction_factor", 2.0, lo=1.0, lo_open=True, hi=100, prefix="scheduler.")
+    rf = _num(raw, "reduction_factor", 2.0, prefix="scheduler.")
     return SchedulerSpec(name=name, grace_period=grace, reduction_factor=rf)
 
 
@@ -410,7 +409,7 @@ def _failures(raw: Any) -> FailureSpec:
             f"failures.on_resume={on_resume!r} is not valid{did_you_mean(on_resume, ON_RESUME)}; choose one of "
             f"{', '.join(ON_RESUME)}"
         )
-    return FailureSpec(max_failures=_int(raw, "max_failures", 1, lo=0, hi=100, prefix="failures."),
+    return FailureSpec(max_failures=_int(raw, "max_failures", 1, prefix="failures."),
                        on_resume=on_resume)  # fmt: skip
 
 
@@ -494,7 +493,7 @@ def _methods(raw: Any, METHODS, TrainConfig) -> list[MethodSpec]:
             raise ConfigError(f"{where}.starts must be true (published points), false, or a list of mappings")
         trials = opts.get("trials")
         if trials is not None:
-            trials = _int(opts, "trials", 1, lo=1, hi=MAX_TRIALS, prefix=where + ".")
+            trials = _int(opts, "trials", 1, prefix=where + ".")
         out.append(MethodSpec(name=name, space=space, starts=starts, trials=trials))
     return out
 
@@ -628,59 +627,36 @@ def _lookup(where: str, name: Any, kind: str) -> None:
     check_name(kind, name, where)
 
 
+# Scalar fields are checked by the pydantic model of the spec (kdtune.spec_schema: its JSON Schema holds the
+# same types and bounds); these read a field with its default and give one line naming it when it is wrong.
+
+
+def _check(prefix: str, key: str, value: Any, kind: type, hi: float | None = None) -> Any:
+    from kdtune.spec_schema import check_scalar
+
+    return check_scalar(prefix, key, value, kind, hi=hi)
+
+
 def _str(raw: dict, key: str, default: str) -> str:
-    v = raw.get(key, default)
-    if not isinstance(v, str):
-        raise ConfigError(f"{key}={v!r} must be a string")
-    return v
+    return _check("", key, raw.get(key, default), str)
 
 
 def _opt_str(raw: dict, key: str, prefix: str = "") -> str | None:
     v = raw.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise ConfigError(f"{prefix}{key}={v!r} must be a string")
-    return v
+    return None if v is None else _check(prefix, key, v, str)
 
 
 def _bool(raw: dict, key: str, default: bool, prefix: str = "") -> bool:
-    v = raw.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{prefix}{key}={v!r} must be true or false")
-    return v
+    return _check(prefix, key, raw.get(key, default), bool)
 
 
-def _int(
-    raw: dict, key: str, default: int, lo: int | None = None, hi: int | None = None, prefix: str = ""
-) -> int:
-    v = raw.get(key, default)
-    if (
-        isinstance(v, bool)
-        or not isinstance(v, (int, float))
-        or (isinstance(v, float) and not v.is_integer())
-    ):
-        raise ConfigError(f"{prefix}{key}={v!r} must be an integer")
-    v = int(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{prefix}{key}={v} is out of range; it must be {rng}")
-    return v
+def _int(raw: dict, key: str, default: int, prefix: str = "", hi: int | None = None) -> int:
+    """An integer field; its bounds are the model's (``hi`` tightens the upper one: grace_period <= epochs)."""
+    return int(_check(prefix, key, raw.get(key, default), int, hi=hi))
 
 
-def _num(raw: dict, key: str, default: float, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False, hi_open: bool = False, prefix: str = "") -> float:  # fmt: skip
-    v = raw.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{prefix}{key}={v!r} must be a number")
-    v = float(v)
-    bad = lo is not None and (v <= lo if lo_open else v < lo)
-    bad |= hi is not None and (v >= hi if hi_open else v > hi)
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ConfigError(f"{prefix}{key}={v:g} is out of range; it must be in {lb}{lo:g}, {hi:g}{rb}")
-    return v
+def _num(raw: dict, key: str, default: float, prefix: str = "") -> float:
+    return float(_check(prefix, key, raw.get(key, default), float))
 
 
 def stage_key(cfg) -> str:

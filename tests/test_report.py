@@ -46,18 +46,21 @@ TRIALS = [
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("storage")
+    storage = tmp_path_factory.mktemp("cwd") / "runs" / "sweeps"  # where `kdtune sweep` writes, from a cwd
     uri = default_tracking_uri(storage / EXP)
     st = SweepTracker(uri, EXP)
     parent = st.start_parent({"name": EXP, "metric": "val_acc", "mode": "max"}, {}, {})
     st.log_stage("teacher", {"model": "resnet32x4", "method": "ce"}, {"val_acc": 99.0, "test_acc": 99.0})
     for i, (method, pair, hp, seed, val, test, status) in enumerate(TRIALS):
         tt = TrialTracker(uri, EXP, parent, trial_id=f"t_{i:05d}", trial_name=f"{method}_t_{i:05d}")
-        tt.log_params({"method": method, **pair, "seed": seed, "lr": 0.05, "out": f"/runs/{i}", **hp})
+        # named as a sweep's trial runs are: <method>.<hyperparameter>, train.<field>
+        tt.log_params({"method": method, **pair, "seed": seed, "train.lr": 0.05, "out": f"/runs/{i}",
+                       **{f"{method}.{k}": v for k, v in hp.items()}})  # fmt: skip
         for epoch in range(3):
             d = 2 - epoch
             tt.log_metrics(
-                {"val_acc": val - d, "test_acc": test - d, "train_loss": 1.0 / (epoch + 1)}, step=epoch
+                {"val_acc": val - d, "test_acc": test - d, "train_loss": 1.0 / (epoch + 1),
+                 "loss_ce": 0.5 / (epoch + 1)}, step=epoch
             )
         tt.end(status, reason="DivergedError: NaN" if status == "FAILED" else None)
     st.end_parent("FINISHED")
@@ -163,32 +166,83 @@ def test_main_report_writes_table_csv_markdown_and_plots(experiment, tmp_path, c
     assert "report/importance_kd.png" in logged and "report/r.md" in logged
 
 
-def test_importances_come_from_the_optuna_mirror_when_present(experiment, tmp_path, capsys):
-    optuna = pytest.importorskip("optuna")
+def _png_text(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return dict(im.text)
+
+
+def test_plots_say_what_they_draw(experiment, tmp_path):
     storage, _, _, _ = experiment
+    assert main_report(_args(experiment=EXP, storage=str(storage), out=str(tmp_path))) == 0  # --out: plots
+    curves = _png_text(tmp_path / "curves_cifar100_resnet32x4-resnet8x4.png")
+    # the teacher's (its stage run) and the CE baseline's (the ce group's best) accuracy drawn in
+    assert "teacher resnet32x4 (99.00)" in curves["Description"] and "CE baseline (69.00)" in curves["Description"]
+    assert "kd (72.00, 3 seeds)" in curves["Description"]
+    assert not (tmp_path / "curves_cifar100_resnet8x4.png").exists()  # CE is the pair's baseline, not alone
+    losses = _png_text(tmp_path / "losses_cifar100_resnet32x4-resnet8x4.png")
+    assert "kd: loss_ce, train_loss" in losses["Description"] and "loss terms" in losses["Title"]
+    acc = _png_text(tmp_path / "accuracy_cifar100_resnet32x4-resnet8x4.png")["Description"]
+    assert "kd 73.50 vs published 73.33" in acc and "dkd 75.00 vs published 76.32" in acc
+    assert "kd 91.00 (no published number)" in _png_text(tmp_path / "accuracy_digits_resnet8x4-resnet8.png")[
+        "Description"
+    ]
+
+
+def test_optuna_plots_of_the_mirrored_studies(experiment, tmp_path, capsys):
+    optuna = pytest.importorskip("optuna")
+    storage, _, st, parent = experiment
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = storage / EXP / "optuna.db"
-    study = optuna.create_study(study_name=f"{EXP}/kd", storage=f"sqlite:///{db}", direction="maximize")
+    url = f"sqlite:///{db}"
+    # as the sweep's OptunaMirror writes them: a study per group, named after it, with method/student attrs
+    study = optuna.create_study(study_name="resnet8x4-kd", storage=url, direction="maximize")
+    study.set_user_attr("method", "kd")
+    dists = {"mirror_only": optuna.distributions.FloatDistribution(0, 10),
+             "flat": optuna.distributions.FloatDistribution(0, 1)}  # fmt: skip
     for i in range(6):
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={"mirror_only": float(i), "flat": 0.5 + 0.01 * (i % 2)},
-                distributions={
-                    "mirror_only": optuna.distributions.FloatDistribution(0, 10),
-                    "flat": optuna.distributions.FloatDistribution(0, 1),
-                },
-                value=float(i),
-            )
-        )
+        pruned = i % 3 == 2
+        study.add_trial(optuna.trial.create_trial(
+            params={"mirror_only": float(i), "flat": 0.5 + 0.01 * (i % 2)}, distributions=dists, value=float(i),
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            intermediate_values={e: float(i) * e / 3 for e in range(1 if pruned else 3)}))  # fmt: skip
+    lonely = optuna.create_study(study_name="resnet8x4-dist", storage=url, direction="maximize")
+    lonely.set_user_attr("method", "dist")
+    lonely.add_trial(optuna.trial.create_trial(params={"beta": 1.0}, value=1.0,
+                     distributions={"beta": optuna.distributions.FloatDistribution(0, 2)}))  # fmt: skip
     try:
-        assert main_report(_args(experiment=str(storage / EXP), plots=True, plots_dir=str(tmp_path))) == 0
+        assert main_report(_args(experiment=str(storage / EXP), out=str(tmp_path))) == 0
     finally:
         db.unlink()
     out = capsys.readouterr().out
-    line = [ln for ln in out.splitlines() if ln.startswith("importance kd:")][0]
-    assert line.startswith("importance kd: mirror_only")  # the mirror's parameter, ranked first
-    assert "importance dkd: beta" in out  # no mirror study for dkd: MLflow params
-    assert (tmp_path / "importance_kd.png").stat().st_size > 0
+    line = [ln for ln in out.splitlines() if ln.startswith("importance resnet8x4-kd:")][0]
+    assert line.startswith("importance resnet8x4-kd: mirror_only")  # the mirror's parameter, ranked first
+    assert "importance resnet8x4-dist: skipped (1 complete trial;" in out  # one line, no plot
+    assert not (tmp_path / "importance_resnet8x4-dist.png").exists()
+    assert "importance dkd: beta" in out  # no mirrored study for dkd: its MLflow runs
+    imp = _png_text(tmp_path / "importance_resnet8x4-kd.png")
+    assert "(4 complete trials)" in imp["Title"] and imp["Description"].startswith("mirror_only")
+    par = _png_text(tmp_path / "parallel_resnet8x4-kd.png")
+    assert "parallel coordinates" in par["Title"] and par["Description"] == "flat; mirror_only"
+    inter = _png_text(tmp_path / "intermediate_resnet8x4-kd.png")
+    assert "per epoch of 6 trials (2 pruned)" in inter["Title"]
+    assert (tmp_path / "parallel_resnet8x4-dist.png").exists()  # one complete trial still draws its line
+    logged = {f.path for f in st.client.list_artifacts(parent, "report")}
+    assert {"report/importance_resnet8x4-kd.png", "report/intermediate_resnet8x4-kd.png"} <= logged
+
+
+def test_cli_report_finds_what_sweep_wrote_from_its_cwd(experiment, monkeypatch, capsys):
+    from kdtune.cli import main
+
+    storage, _, _, _ = experiment
+    monkeypatch.chdir(storage.parent.parent)  # runs/sweeps/rep, as `kdtune sweep` wrote it
+    assert main(["report", EXP]) == 0
+    assert "kdtune report: rep (11 trials)" in capsys.readouterr().out
+    assert main(["report", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdtune: error: no experiment 'nope'") and "runs/sweeps: rep" in err
+    assert "--tracking-uri" not in err and "--storage DIR" in err and len(err.splitlines()) == 1
 
 
 def test_report_refuses_a_missing_experiment(tmp_path):

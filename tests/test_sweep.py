@@ -25,6 +25,7 @@ from kdtune.spec import load_spec  # noqa: E402
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # trials of seconds: sample often
     from kdtune.tune.runner import _init_ray
 
     started = _init_ray()
@@ -125,6 +126,11 @@ def test_mlflow_runs(main_sweep):
     runs = client.search_runs([eid], max_results=1000)
     roles = [r.data.tags.get("kdtune.role") for r in runs]
     assert roles.count("parent") == 1 and roles.count("stage") == 2
+    for r in runs:  # tags that name places name real ones
+        for k in ("kdtune.trial_dir", "kdtune.stage_dir", "kdtune.experiment_dir"):
+            if k in r.data.tags:
+                assert Path(r.data.tags[k]).is_dir() and Path(r.data.tags[k]).is_absolute(), (k, r.data.tags[k])
+    assert all("kdtune.stage_dir" in r.data.tags for r in runs if r.data.tags.get("kdtune.role") == "stage")
     parent = next(r for r in runs if r.data.tags.get("kdtune.role") == "parent")
     assert parent.info.status == "FINISHED"
     # a training experiment (the UI opens on its runs); the parent carries the sweep's summary
@@ -149,12 +155,25 @@ def test_mlflow_runs(main_sweep):
         assert 0.0 < r.data.metrics["orch_frac"] < 1.0 and r.data.metrics["orch_s"] > 0.0
         assert r.data.metrics["host_rss_mb"] > 0.0
     kd_runs = [r for r in trial_runs if r.data.params["method"] == "kd"]
-    assert all("T" in r.data.params for r in kd_runs)
+    # params named by method and training field; the seed once, as `seed`
+    assert all({"kd.T", "kd.w_kd", "train.lr", "train.weight_decay", "seed"} <= set(r.data.params) for r in kd_runs)
+    assert not any(k in ("T", "lr", "train.seed") for r in kd_runs for k in r.data.params)
+    # MLflow's own system metrics, on at least one trial (a trial shorter than one sample has none)
+    assert any(k.startswith("system/cpu_utilization") for r in trial_runs for k in r.data.metrics)
+    # a completed trial's student is named after its trial, with a signature
+    done = [r for r in trial_runs if r.data.tags["kdtune.outcome"] == "completed"]
+    models = client.search_logged_models([eid])
+    assert {m.name for m in models} >= {r.info.run_name for r in done} and "model" not in {m.name for m in models}
+    # the parent: the spec as one artifact, a handful of params
+    assert "spec.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.params["methods"] == "kd, disk" and len(parent.data.params) <= 25
     # the sweep's best student is registered with an alias, from the best trial's run
     best = result.best
     assert best["mlflow_run_id"] and "models:/mini@best" in best["registered"]
     mv = client.get_model_version_by_alias("mini", "best")
     assert mv.run_id == best["mlflow_run_id"]
+    assert best["method"] in mv.description and "resnet8 student" in mv.description
+    assert "best student of kdtune sweep 'mini'" in client.get_registered_model("mini").description
 
 
 def test_second_call_reports_a_finished_sweep_and_a_changed_spec_is_refused(main_sweep):

@@ -65,8 +65,10 @@ def test_parent_run_has_spec_versions_and_spaces(sweep):
     assert tags["kdtune.sweep_id"] == EXP and tags["kdtune.role"] == "parent"
     assert tags["kdtune.metric"] == "val_acc" and tags["kdtune.mode"] == "max"
     assert "mlflow.source.git.commit" in tags and tags["kdtune.storage"]
-    assert params["budget.trials"] == "4" and params["data"] == "digits"
-    assert params["methods"] == '["kd","dkd"]'
+    # a handful of readable params; the whole spec is one artifact, spec.yaml
+    assert params["trials"] == "4" and params["epochs"] == "3" and params["data"] == "digits"
+    assert params["methods"] == "kd, dkd" and params["students"] == "resnet8" and params["metric"] == "val_acc"
+    assert not any(k.startswith("budget.") for k in params) and len(params) <= 20
     for lib in ("torch", "ray", "optuna", "mlflow", "kdtune"):
         assert params[f"version.{lib}"] and params[f"version.{lib}"] != "not installed"
     assert params["git_commit"] == tags["mlflow.source.git.commit"]
@@ -315,3 +317,79 @@ def test_client_is_shared_per_uri_and_store_in_wal_mode(sweep):
     con = sqlite3.connect(str(sqlite_path(uri)))
     assert st.wal and con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
+
+
+def test_trial_params_are_named_by_method_and_training_field():
+    from kdtune.tracking.trial import trial_params
+
+    base = {"lr": 0.05, "weight_decay": 5e-4, "epochs": 2, "seed": 0, "out": "/x", "device": "cpu",
+            "model": "resnet8", "hp": {"alpha": 1.0, "beta": 8.0}}  # fmt: skip
+    extra = {"method": "dkd", "student": "resnet8", "seed": 3}
+    p = trial_params("dkd", {"beta": 2.0, "lr": 0.1, "train.weight_decay": 1e-4, "seed": 3}, base, extra)
+    assert {k: p[k] for k in ("method", "student", "seed", "train.epochs", "train.lr", "train.weight_decay",
+                              "dkd.alpha", "dkd.beta")} == {  # fmt: skip
+        "method": "dkd", "student": "resnet8", "seed": 3, "train.epochs": 2, "train.lr": 0.1,
+        "train.weight_decay": 1e-4, "dkd.alpha": 1.0, "dkd.beta": 2.0}  # fmt: skip
+    # every training field and every DKD hyperparameter, defaults included; nothing about where it is kept
+    assert p["train.momentum"] == 0.9 and p["train.optimizer"] == "sgd" and p["dkd.T"] == 4.0
+    assert not {"train.seed", "train.out", "train.device", "train.hp", "beta", "lr"} & set(p)
+    # DIST's beta is another name than DKD's beta: a cross-method plot cannot mix them
+    assert "dist.beta" in trial_params("dist", {"beta": 1.0}, {}, {"method": "dist"})
+
+
+def test_system_metrics_are_logged_on_the_trial_run(sweep, monkeypatch):
+    pytest.importorskip("psutil")
+    st, parent, uri = sweep
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tt = TrialTracker(uri, EXP, parent, trial_id="sys_00000", trial_name="kd_sys_00000", system_metrics=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if any(k.startswith("system/") for k in st.client.get_run(tt.run_id).data.metrics):
+            break
+    tt.end("FINISHED")
+    metrics = st.client.get_run(tt.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert tt._monitor is None  # stopped with the run
+
+
+class _Trainer:
+    """What TrialTracker.log_student reads of the engine's Trainer."""
+
+    def __init__(self, torch):
+        from types import SimpleNamespace
+
+        self.data = SimpleNamespace(in_channels=1, image_size=4)
+        self.student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+
+def test_student_named_after_its_trial_with_a_signature_registered_with_descriptions(sweep, monkeypatch):
+    torch = pytest.importorskip("torch")
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="stu_00007", trial_name="resnet8-dkd_stu_00007")
+    tt.log_params({"method": "dkd", "student": "resnet8", "teacher": "resnet8x4", "data": "digits",
+                   "dkd.beta": 8.0})  # fmt: skip
+    tt.log_metrics({"val_acc": 91.25}, step=2)
+    uri_model = tt.log_student(_Trainer(torch), step=2)
+    tt.end("FINISHED")
+    (model,) = st.client.search_logged_models([st.experiment_id], filter_string=f"source_run_id = '{tt.run_id}'")
+    assert model.name == "resnet8-dkd_stu_00007" and uri_model.endswith(model.model_id)
+    from mlflow.models import get_model_info
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    info = get_model_info(f"models:/{model.model_id}")
+    assert info.signature is not None
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 4, 4)
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3)
+    version = st.register_best(tt.run_id, name="sweep-a-described")  # found by its run, whatever its name
+    rm = st.client.get_registered_model("sweep-a-described")
+    assert "best student of kdtune sweep 'sweep-a'" in rm.description
+    mv = st.client.get_model_version("sweep-a-described", version)
+    assert "dkd resnet8 student distilled from resnet8x4 on digits" in mv.description
+    assert "beta=8.0" in mv.description and "val_acc 91.25" in mv.description
+    ce = TrialTracker(uri, EXP, parent, trial_id="stu_00008", trial_name="resnet8-ce_stu_00008")
+    ce.log_params({"method": "ce", "student": "resnet8", "teacher": "resnet8x4", "data": "digits"})
+    ce.log_student(_Trainer(torch))
+    ce.end("FINISHED")
+    v2 = st.register_best(ce.run_id, name="sweep-a-described")
+    assert "ce resnet8 student (no teacher) on digits" in st.client.get_model_version("sweep-a-described", v2).description

@@ -29,22 +29,16 @@ def main_report(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``kdtune report`` (for the CLI that adds the subcommand)."""
     p.add_argument("experiment", help="experiment name (under --storage) or path to its directory")
-    p.add_argument("--storage", default="./kdtune-experiments", help="where experiments live")
-    p.add_argument(
-        "--tracking-uri",
-        dest="tracking_uri",
-        default=None,
-        help="MLflow tracking URI (default: the experiment's sqlite:///<dir>/mlflow.db)",
-    )
+    p.add_argument("--storage", default=None, help="where experiments live (default runs/sweeps)")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the table as Markdown")
     p.add_argument(
         "--plots",
         action="store_true",
-        help="write validation curves and parameter importances (PNG) and log them to the parent run",
+        help="write the plots (PNG; <experiment>/report unless --out) and log them to the parent run",
     )
     p.add_argument(
-        "--plots-dir", dest="plots_dir", default=None, help="where plots go (default <experiment>/report)"
+        "--out", default=None, metavar="DIR", help="write the plots here (implies --plots)"
     )
     p.add_argument(
         "--metric", default=None, help="rank by this validation metric (default: the sweep's, val_acc)"

@@ -2,39 +2,68 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kdtune.errors import KdtuneError
 
-DEFAULT_STORAGE = "./kdtune-experiments"
+DEFAULT_STORAGE = "runs/sweeps"  # where `kdtune sweep` writes (kdtune.tune.experiment.DEFAULT_STORAGE)
+SPEC_FILE = "spec.yaml"  # the spec a sweep saves in its experiment directory
+
+
+def _is_experiment(d: Path) -> bool:
+    return (d / "mlflow.db").is_file() or (d / SPEC_FILE).is_file()
+
+
+def _spec_tracking_uri(exp_dir: Path) -> str | None:
+    """The tracking URI the sweep's saved spec names (a tracking server), else None (the embedded store)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((exp_dir / SPEC_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    tracking = raw.get("tracking") if isinstance(raw, dict) else None
+    if isinstance(tracking, str):
+        return tracking or None
+    return tracking.get("uri") if isinstance(tracking, dict) else None
+
+
+def find_experiment_dir(experiment: str, storage: str | None = None) -> Path:
+    """The directory ``kdtune sweep`` wrote: ``experiment`` as a path, else a name under ``storage`` (default
+    runs/sweeps). One line naming where it looked, and what is there, when neither holds a sweep."""
+    as_path = Path(experiment).expanduser()
+    storage_dir = Path(storage or DEFAULT_STORAGE).expanduser()
+    for c in (as_path, storage_dir / experiment):
+        if c.is_dir() and _is_experiment(c):
+            return c.absolute()
+    there = sorted(d.name for d in storage_dir.iterdir() if d.is_dir() and _is_experiment(d)) if storage_dir.is_dir() else []
+    listed = f"experiments in {storage_dir}: {', '.join(there)}" if there else f"no experiment in {storage_dir}"
+    raise KdtuneError(
+        f"no experiment {experiment!r}: neither {as_path} nor {storage_dir / experiment} holds a sweep "
+        f"(mlflow.db or {SPEC_FILE}); {listed}; run `kdtune sweep <spec>` first, or give the experiment's "
+        "directory, or its name with --storage DIR"
+    )
 
 
 def resolve_experiment(
-    experiment: str, storage: str | None, tracking_uri: str | None
+    experiment: str, storage: str | None, tracking_uri: str | None = None
 ) -> tuple[str, Path, str]:
     """(experiment name, experiment directory, tracking URI) for ``experiment`` given as a name or a path.
 
-    A name is looked up under ``storage``; a path to an experiment directory works too. Without
-    ``tracking_uri`` the sweep's embedded ``<dir>/mlflow.db`` must exist (it is never created here).
+    The URI is ``tracking_uri`` when given, else the one the sweep's saved spec names, else the embedded
+    ``<dir>/mlflow.db``, which must exist (it is never created here).
     """
     from kdtune.tracking.uri import default_tracking_uri, normalize_tracking_uri
 
-    storage_dir = Path(storage or DEFAULT_STORAGE).expanduser()
-    as_path = Path(experiment).expanduser()
-    candidates = [storage_dir / experiment]
-    if as_path != candidates[0]:
-        candidates.append(as_path)
-    exp_dir = next((c for c in candidates if (c / "mlflow.db").is_file()), None)
-    if exp_dir is None:
-        exp_dir = as_path if (os.sep in experiment or "/" in experiment) else storage_dir / experiment
-    name = exp_dir.name or experiment
-    if tracking_uri:
-        return name, exp_dir, normalize_tracking_uri(tracking_uri)
+    exp_dir = find_experiment_dir(experiment, storage)
+    name = exp_dir.name
+    uri = tracking_uri or _spec_tracking_uri(exp_dir)
+    if uri:
+        return name, exp_dir, normalize_tracking_uri(uri)
     if not (exp_dir / "mlflow.db").is_file():
         raise KdtuneError(
-            f"no experiment {experiment!r}: {exp_dir / 'mlflow.db'} does not exist; run `kdtune sweep <spec>` "
-            "first, or pass --storage DIR (default ./kdtune-experiments) or --tracking-uri"
+            f"experiment {exp_dir} has no MLflow store ({exp_dir / 'mlflow.db'} does not exist: tracking was "
+            "off, or the sweep has not started a trial yet); run `kdtune sweep <spec>` with tracking enabled"
         )
     return name, exp_dir, default_tracking_uri(exp_dir)
 
@@ -57,7 +86,7 @@ def main_report(args) -> int:
 
     ``args`` fields: experiment (name or path), storage (dir), tracking_uri (optional), csv (path or None),
     markdown (path or None), plots (bool); optional: metric, mode (default: the sweep's, from the parent
-    run's tags, else val_acc/max), plots_dir (default ``<experiment dir>/report``).
+    run's tags, else val_acc/max), out (plots' directory, implies plots; default ``<experiment dir>/report``).
     """
     from kdtune.report.table import check_metric, collect_trials, format_text, write_csv, write_markdown
     from kdtune.tracking.client import TAG_METRIC, TAG_MODE, TAG_ROLE, get_client, search_all_runs
@@ -95,17 +124,25 @@ def main_report(args) -> int:
     for p in written:
         print(f"wrote {p}")
 
-    if getattr(args, "plots", False):
-        from kdtune.report.plots import plot_curves, plot_importances
+    if getattr(args, "plots", False) or getattr(args, "out", None):
+        from kdtune.report.plots import (
+            plot_accuracy,
+            plot_curves,
+            plot_importances,
+            plot_loss_terms,
+            stage_values,
+        )
 
-        out_dir = Path(getattr(args, "plots_dir", None) or exp_dir / "report")
-        pngs = plot_curves(client, rows, metric, out_dir)
+        out_dir = Path(getattr(args, "out", None) or getattr(args, "plots_dir", None) or exp_dir / "report")
+        pngs = plot_curves(client, rows, metric, out_dir, stage_values(client, exp.experiment_id))
+        pngs += plot_loss_terms(client, rows, out_dir)
+        pngs += plot_accuracy(rows, out_dir)
         imp_pngs, imps = plot_importances(
             trials, metric, mode, out_dir, exp.name, optuna_db=exp_dir / "optuna.db"
         )
-        for method, imp in imps.items():
+        for key, imp in imps.items():
             top = ", ".join(f"{k} {v:.2f}" for k, v in list(imp.items())[:5])
-            print(f"importance {method}: {top}")
+            print(f"importance {key}: {top}")
         pngs += imp_pngs
         if parent is not None:
             from kdtune.tracking.client import log_path
@@ -116,5 +153,7 @@ def main_report(args) -> int:
             print(f"wrote {p}")
         if parent is not None and pngs:
             print(f"logged {len(pngs)} plots to the parent run {parent.info.run_id} (artifacts/report)")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    if not getattr(args, "from_sweep", False):  # the sweep's own last lines say where to look
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+        print(f"dashboards (MLflow and Optuna): kdtune dashboard {exp_dir}")
     return 0

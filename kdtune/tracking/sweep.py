@@ -1,7 +1,7 @@
 """The sweep's side of MLflow (driver): the experiment, its parent run, stage runs, the model registry.
 
-One parent run per sweep holds the spec (flattened params and ``spec.yaml``), the search spaces' source,
-library versions and the git commit. On resume the parent is found again by tag
+One parent run per sweep holds the spec as one artifact (``spec.yaml``) and a handful of readable params
+(:func:`parent_params`), the search spaces' source, library versions and the git commit. On resume the parent is found again by tag
 ``kdtune.sweep_id=<experiment name>`` and continued, never duplicated. Stages (a teacher trained for the
 sweep, the CE student DiSK starts from) get child runs of their own, logged once per experiment. The best
 student is registered in the model registry with an alias (MLflow 3 aliases, not stages).
@@ -91,6 +91,48 @@ def _find_setting(flat: Mapping[str, Any], name: str) -> Any:
     return flat[hits[0]] if hits else None
 
 
+def _names(value: Any, key: str = "model") -> list[str]:
+    """Names from a spec list or mapping (``[kd, dkd]``, ``{kd: {...}}``, ``[{model: resnet8}]``)."""
+    if isinstance(value, Mapping):
+        return [str(k) for k in value]
+    if isinstance(value, (list, tuple)):
+        return [str(v.get(key)) if isinstance(v, Mapping) else str(v) for v in value]
+    return [] if value is None else [str(value)]
+
+
+def parent_params(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The parent run's params: what a person scanning a list of sweeps wants to read, not the whole spec.
+
+    ``data``, ``teacher`` (architecture, or the checkpoint), ``students`` and ``methods`` (comma-separated),
+    ``trials`` (per method) and ``epochs``, ``concurrency``, ``scheduler``, ``metric``, ``seed`` where the spec
+    has them.
+    """
+    flat = flatten(dict(spec))
+    out: dict[str, Any] = {}
+    if spec.get("data") is not None:
+        out["data"] = spec["data"]
+    teacher = spec.get("teacher")
+    if isinstance(teacher, Mapping):
+        out["teacher"] = teacher.get("model") or teacher.get("checkpoint") or "none"
+    elif teacher is not None:
+        out["teacher"] = teacher
+    for key in ("students", "methods"):
+        if spec.get(key) is not None:
+            out[key] = ", ".join(_names(spec[key]))
+    budget = spec.get("budget") if isinstance(spec.get("budget"), Mapping) else {}
+    for name in ("trials", "epochs", "concurrency"):
+        if budget.get(name) is not None:
+            out[name] = budget[name]
+    for name in ("metric", "seed"):
+        value = _find_setting(flat, name)
+        if value is not None:
+            out[name] = value
+    scheduler = spec.get("scheduler")
+    if isinstance(scheduler, Mapping) and scheduler.get("name"):
+        out["scheduler"] = scheduler["name"]
+    return out
+
+
 class SweepTracker:
     """The driver's handle on a sweep's MLflow experiment.
 
@@ -129,7 +171,8 @@ class SweepTracker:
     ) -> str:
         """Create the sweep's parent run, or continue the existing one on resume; returns its run id.
 
-        Params: the spec flattened with dots, ``version.<lib>`` and ``git_commit``. Tags: ``kdtune.sweep_id``,
+        Params: a handful that say what the sweep is (:func:`parent_params`; the whole spec is the artifact
+        ``spec.yaml``), ``version.<lib>`` and ``git_commit``. Tags: ``kdtune.sweep_id``,
         ``mlflow.source.git.commit``, ``kdtune.git_dirty``, ``kdtune.metric``/``kdtune.mode`` when the spec
         names them, plus ``tags``. Artifacts: ``spec.yaml`` and ``search_spaces/<method>.py``.
         """
@@ -165,7 +208,7 @@ class SweepTracker:
             self.resumed = True
         self.parent_run_id = run_id
 
-        params: dict[str, Any] = dict(flat)
+        params: dict[str, Any] = parent_params(spec)
         params.update({f"version.{k}": v for k, v in library_versions().items()})
         params["git_commit"] = commit
         log_params_once(self.client, run_id, params, existing)
@@ -232,8 +275,10 @@ class SweepTracker:
             models = retry_locked(
                 self.client.search_logged_models,
                 [run.info.experiment_id],
-                filter_string=f"source_run_id = {quote(run_id)} AND name = {quote(artifact_path)}",
+                filter_string=f"source_run_id = {quote(run_id)}",
             )
+            # the model of that name, else the run's newest (a trial's student is named after the trial)
+            models = [m for m in models if m.name == artifact_path] or models
             if models:
                 model = max(models, key=lambda m: m.creation_timestamp)
                 source, model_id = f"models:/{model.model_id}", model.model_id
@@ -241,8 +286,8 @@ class SweepTracker:
                 listed = retry_locked(self.client.list_artifacts, run_id, artifact_path)
                 if not any(Path(f.path).name == "MLmodel" for f in listed):
                     raise CheckpointError(
-                        f"run {run_id} has no model logged as {artifact_path!r}; log it with "
-                        "TrialTracker.log_model() before registering it"
+                        f"run {run_id} has no model logged (none named {artifact_path!r}); log it with "
+                        "TrialTracker.log_student() or log_model() before registering it"
                     )
                 source, model_id = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}", None
             with global_tracking_uri(self.tracking_uri):  # the registry resolves models:/ through it
@@ -255,7 +300,34 @@ class SweepTracker:
                     model_id=model_id,
                 )
         retry_locked(self.client.set_registered_model_alias, name, alias, str(version.version))
+        self._describe_model(name, str(version.version), run_id, alias)
         return str(version.version)
+
+    def _describe_model(self, name: str, version: str, run_id: str, alias: str) -> None:
+        """Descriptions a person reads in the registry: the model's (what it is, from which sweep) and the
+        version's (the trial, its method and hyperparameters, its accuracy)."""
+        run = retry_locked(self.client.get_run, run_id)
+        p, m = run.data.params, run.data.metrics
+        method = p.get("method", "?")
+        hps = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(p.items()) if k.startswith(f"{method}."))
+        scores = ", ".join(f"{k} {m[k]:.2f}" for k in ("val_acc", "best_val_acc", "test_acc") if k in m)
+        teacher = p.get("teacher")
+        distilled = teacher not in (None, "none") and method not in ("ce", "ls", "mse")  # teacher objectives
+        who = f"{p.get('student', '?')} student" + (f" distilled from {teacher}" if distilled else " (no teacher)")
+        retry_locked(
+            self.client.update_registered_model,
+            name,
+            description=f"The best student of kdtune sweep {self.experiment_name!r} (alias @{alias}): the "
+            f"version the sweep picked on its validation metric. Load: mlflow.pytorch.load_model("
+            f"'models:/{name}@{alias}') (needs kdtune importable).",
+        )
+        retry_locked(
+            self.client.update_model_version,
+            name,
+            version,
+            description=f"{method} {who} on {p.get('data', '?')}, trial {run.info.run_name} (run {run_id})"
+            + (f"; {hps}" if hps else "") + (f"; {scores}" if scores else "") + ".",
+        )
 
     # ------------------------------------------------------------------ stages
     def log_stage(
@@ -287,6 +359,9 @@ class SweepTracker:
             run_id, existing = runs[0].info.run_id, dict(runs[0].data.params)
         else:
             tags = {TAG_ROLE: "stage", TAG_STAGE: name, TAG_STAGE_KEY: key}
+            if model_path is not None:  # where the stage lives: its folder, shared by every sweep that uses it
+                folder = Path(model_path).resolve()
+                tags["kdtune.stage_dir"] = str(folder if folder.is_dir() else folder.parent)
             if self.parent_run_id:
                 tags[TAG_PARENT] = self.parent_run_id
             run = retry_locked(

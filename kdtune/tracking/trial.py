@@ -78,6 +78,70 @@ def _no_requirement_check():
         env.warn_dependency_requirement_mismatches = original
 
 
+# TrainConfig fields that say where or how a run is kept, not what is computed: not logged as ``train.*``.
+_NOT_TRAINING = frozenset(
+    {"hp", "method", "model", "data", "teacher", "teacher_model", "init", "out", "overwrite", "resume", "save_every", "device",
+     "data_root", "download", "seed", "num_workers"}
+)  # fmt: skip
+
+
+def trial_params(
+    method: str, config: Mapping[str, Any], base: Mapping[str, Any], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The params of a trial run, named by what they mean, so that a plot across methods never mixes two
+    meanings under one name (DKD's ``beta`` and DIST's ``beta``):
+
+    - ``extra`` as it is (``method``, ``student``, ``teacher``, ``data``, ``seed``, ...): what is trained;
+    - the method's hyperparameters as ``<method>.<name>`` (``dkd.beta``, ``wttm.gamma``), the searched ones
+      (``config``) over the group's base values (``base["hp"]``);
+    - training fields as ``train.<field>`` (``train.lr``, ``train.weight_decay``), searched over base; the
+      seed only as ``seed`` (the report tells seeds of one configuration apart by it).
+
+    A config key is read as the trainable reads it (:func:`kdtune.tune.trainable.split_config`).
+    """
+    from kdtune.config import TrainConfig
+    from kdtune.losses import METHODS
+    from kdtune.tune.trainable import split_config
+
+    fields, hp = split_config(dict(config), method)
+    out: dict[str, Any] = dict(extra)
+    merged = {**dict(base), **fields}
+    try:  # every field, defaults included, so that runs compare on all of them
+        merged = {**TrainConfig.from_dict({**merged, "hp": {}}).to_dict(), **merged}
+    except Exception:  # noqa: BLE001 - the trial itself says what is wrong; log what was given
+        pass
+    train = {k: v for k, v in merged.items() if k not in _NOT_TRAINING}
+    out.update({f"train.{k}": v for k, v in sorted(train.items())})
+    declared = {k: h.default for k, h in METHODS.get(method).hparams.items()} if method in METHODS else {}
+    hps = {**declared, **dict(base.get("hp") or {}), **hp}
+    out.update({f"{method}.{k}": v for k, v in sorted(hps.items())})
+    return out
+
+
+def model_name(trial_name: str) -> str:
+    """A LoggedModel name from a trial name (MLflow allows letters, digits, ``-``, ``_`` and ``.``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(trial_name)).strip("-") or "model"
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, resumed: bool):
+    """MLflow's own system-metrics monitor on ``run_id`` (CPU, memory, disk, network, GPU with nvidia-ml-py
+    as ``system/*``), sampled every ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` s (MLflow's variable;
+    default here 10); ``None`` without psutil."""
+    try:
+        import psutil  # noqa: F401
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    import logging
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # no GPU: not worth a warning per trial
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
 class TrialTracker:
     """One Tune trial's MLflow run: a child of ``parent_run_id`` named after the trial.
 
@@ -95,6 +159,7 @@ class TrialTracker:
         trial_id: str,
         trial_name: str | None = None,
         background: bool = False,
+        system_metrics: bool = False,
     ):
         self.tracking_uri = normalize_tracking_uri(tracking_uri)
         self.background = background
@@ -132,8 +197,15 @@ class TrialTracker:
             self.resumed = False
             self._params = {}
         self.ended = False
+        self._monitor = start_system_metrics(self.run_id, self.tracking_uri, self.resumed) if system_metrics else None
 
     # ------------------------------------------------------------------ logging
+    def log_trial_params(
+        self, method: str, config: Mapping[str, Any], base: Mapping[str, Any], extra: Mapping[str, Any]
+    ) -> None:
+        """A Tune trial's params, named so runs of different methods compare: see :func:`trial_params`."""
+        self.log_params(trial_params(method, config, base, extra))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log hyperparameters (nested mappings flattened with dots); values already logged are skipped."""
         log_params_once(self.client, self.run_id, params, self._params)
@@ -198,7 +270,28 @@ class TrialTracker:
         """Log a file, or a directory's contents, under ``artifact_path`` of the run."""
         log_path(self.client, self.run_id, path, artifact_path)
 
-    def log_model(self, model, name: str = "model", step: int = 0, input_example=None) -> str:
+    def log_student(self, trainer, step: int = 0) -> str:
+        """The trained student as a LoggedModel named after the trial, with a signature (from one zero input
+        of the data's shape: the engine normalises images before the model, so the model takes floats)."""
+        import torch
+        from mlflow.models import infer_signature
+
+        d = trainer.data
+        shape = (2, d.in_channels, d.image_size, d.image_size) if d.image_size else (2, d.in_channels)
+        module = getattr(trainer.student, "_orig_mod", trainer.student)
+        x = torch.zeros(shape)
+        was_training = module.training
+        try:  # on the module itself (no copy): eval mode for the one forward, then as it was
+            device = next(module.parameters()).device
+            module.eval()
+            with torch.inference_mode():
+                y = module(x.to(device)).float().cpu()
+        finally:
+            module.train(was_training)
+        signature = infer_signature(x.numpy(), y.numpy())
+        return self.log_model(trainer.student, name=model_name(self.trial_name), step=step, signature=signature)
+
+    def log_model(self, model, name: str = "model", step: int = 0, input_example=None, signature=None) -> str:
         """Log ``model`` with ``mlflow.pytorch.log_model`` as a LoggedModel of this run; returns its URI.
 
         A CPU copy of the module (unwrapped from ``torch.compile``) is pickled (MLflow's "pickle" format:
@@ -227,6 +320,7 @@ class TrialTracker:
                 pip_requirements=requirements,
                 serialization_format="pickle",
                 input_example=input_example,
+                signature=signature,
             )
         return info.model_uri
 
@@ -234,6 +328,9 @@ class TrialTracker:
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` goes to tag kdtune.failure_reason."""
         status = check_status(status)
+        if self._monitor is not None:
+            self._monitor.finish()  # its last samples, before the run is closed
+            self._monitor = None
         unlogged = None
         try:
             self.flush()

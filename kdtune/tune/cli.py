@@ -36,16 +36,25 @@ def add_commands(sub) -> None:
     r.set_defaults(func=_resume)
 
     p = sub.add_parser(
-        "report", help="best trial per method and pair, with its config (table, CSV, Markdown)"
+        "report", help="best trial per method and pair, with its config (table, CSV, Markdown, plots)"
     )
-    p.add_argument("experiment", help="the experiment's directory, or its name under --storage")
-    p.add_argument("--storage", help="where experiments live (default runs/sweeps)")
-    p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
-    p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
-    p.add_argument(
-        "--plots", action="store_true", help="save validation curves and parameter importances (PNG)"
-    )
+    from kdtune.report import add_arguments as report_arguments
+
+    report_arguments(p)
     p.set_defaults(func=_report)
+
+    db = sub.add_parser(
+        "dashboard",
+        help="MLflow's UI and optuna-dashboard for one experiment on 127.0.0.1, until Ctrl-C",
+        description="Start `mlflow ui` (this environment's, on the experiment's tracking store) and "
+        "optuna-dashboard (pip install 'kdtune[dashboard]') on the experiment's optuna.db, print both "
+        "addresses, and stop both on Ctrl-C.",
+    )
+    db.add_argument("experiment", help="the experiment's directory, or its name under --storage")
+    db.add_argument("--storage", help="where experiments live (default runs/sweeps)")
+    db.add_argument("--mlflow-port", type=int, default=None, help="MLflow UI's port (default: a free one)")
+    db.add_argument("--optuna-port", type=int, default=None, help="optuna-dashboard's port (default: a free one)")
+    db.set_defaults(func=_dashboard)
 
     sp = sub.add_parser("spaces", help="print a method's search space and published starting points")
     sp.add_argument("method", nargs="?", help="a method (default: all with a space file)")
@@ -62,7 +71,9 @@ def add_commands(sub) -> None:
         help="check a sweep spec without starting: fields, spaces, starting points, method constraints, the "
         "teacher checkpoint, the data, the storage (kdtune.preflight)",
     )
-    v.add_argument("spec")
+    v.add_argument("spec", nargs="?", help="the sweep spec (YAML)")
+    v.add_argument("--schema", action="store_true",
+                   help="print the sweep spec's JSON Schema (for editors: completion and checks of spec files)")  # fmt: skip
     v.set_defaults(func=_validate)
 
 
@@ -112,14 +123,20 @@ def _resume(args) -> int:
 
 def _report(args) -> int:
     from kdtune.preflight import check_experiment
+    from kdtune.report.main import find_experiment_dir
 
-    exp = Path(args.experiment).expanduser()
-    check_experiment(exp if exp.is_dir() else Path(args.storage or "runs/sweeps").expanduser() / args.experiment)
+    check_experiment(find_experiment_dir(args.experiment, args.storage))  # damaged files: one line
     try:
         from kdtune.report import main_report
     except ImportError:
         return _fallback_report(args)
     return int(main_report(args) or 0)
+
+
+def _dashboard(args) -> int:
+    from kdtune.dashboard import run_dashboard
+
+    return run_dashboard(args.experiment, args.storage, args.mlflow_port, args.optuna_port, log=_print)
 
 
 def _fallback_report(args) -> int:
@@ -176,6 +193,17 @@ def _spaces(args) -> int:
 
 
 def _validate(args) -> int:
+    if args.schema:
+        import json
+
+        from kdtune.spec_schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    if not args.spec:
+        from kdtune.errors import ConfigError
+
+        raise ConfigError("kdtune validate needs a spec file (kdtune validate sweeps/digits.yaml), or --schema")
     from kdtune.preflight import preflight
     from kdtune.tune.runner import prepare
 
@@ -223,7 +251,7 @@ def _finish(result) -> None:
             from kdtune.report import main_report
 
             ns = argparse.Namespace(experiment=result.experiment_dir, storage=None, csv=None, markdown=None,
-                                    plots=False)  # fmt: skip
+                                    plots=False, out=None, from_sweep=True)  # fmt: skip
             main_report(ns)
             shown = True
         except ImportError:
@@ -240,6 +268,5 @@ def _finish(result) -> None:
     if result.tracking_uri and not shown:
         print(f"MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}"
               if result.tracking_uri.startswith("sqlite") else f"MLflow UI:  {result.tracking_uri}")  # fmt: skip
-    if (exp / "optuna.db").exists():
-        print(f"Optuna:     optuna-dashboard sqlite:///{exp / 'optuna.db'}")
-    print(f"report:     kdtune report {exp}")
+    print(f"report:     kdtune report {exp} --plots")
+    print(f"dashboards: kdtune dashboard {exp}")

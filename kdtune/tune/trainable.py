@@ -244,9 +244,9 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
         from kdtune.tracking import TrialTracker
 
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, trial_id, trial_name,
-                               background=True)  # fmt: skip
+                               background=True, system_metrics=True)  # fmt: skip
         seed = config.get("train.seed", config.get("seed", ctx.base.get("seed")))
-        tracker.log_params({**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed, **config})
+        tracker.log_trial_params(ctx.method, config, ctx.base, {**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed})
         tracker.set_tags({"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
                           "kdtune.trial_dir": str(folder), TAG_OUTCOME: "running"})  # fmt: skip
 
@@ -339,7 +339,7 @@ def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str, orch=Non
     if tracker is not None:
         try:
             _log_best(tracker, folder / "ckpt")
-            tracker.log_model(trainer.student, name="model", step=trainer.epoch)
+            tracker.log_student(trainer, step=trainer.epoch)
         except Exception as e:  # noqa: BLE001 - a tracking failure never costs a trained trial
             _event(folder, event="unrecorded", what="artifacts", reason=f"{type(e).__name__}: {e}"[:500],
                    trial_id=trial_id)

@@ -1,0 +1,185 @@
+"""``kdtune dashboard <experiment>``: MLflow's UI and optuna-dashboard for one experiment, until Ctrl-C.
+
+Both are started from this environment's own scripts (``<venv>/bin/mlflow``, ``<venv>/bin/optuna-dashboard``;
+the latter from ``pip install kdtune[dashboard]``) on 127.0.0.1 (free ports unless given), each in a session of
+its own (``mlflow ui`` spawns workers: the whole group is stopped), and both are stopped on Ctrl-C, SIGTERM, or
+when either one exits. An experiment tracked on an MLflow server (``tracking.uri: http://...``) gets no local
+MLflow UI: its address is printed instead. Nothing here imports MLflow or Optuna.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kdtune.errors import KdtuneError
+
+HOST = "127.0.0.1"
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def script(name: str, extra: str | None = None) -> str:
+    """The console script ``name`` of this Python's environment (else on PATH); one line naming the fix."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which(name)
+    if not found:
+        how = f"pip install 'kdtune[{extra}]'" if extra else f"pip install {name}"
+        raise KdtuneError(f"{name} is not installed in this environment ({sys.executable}); install it: {how}")
+    return found
+
+
+def answering(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class Child:
+    def __init__(self, name: str, cmd: list[str], url: str, log_dir: Path):
+        self.name, self.cmd, self.url = name, cmd, url
+        self.log = log_dir / f"{name.split()[0].lower()}.log"
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)  # fmt: skip
+
+    def tail(self, n: int = 5) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(ln.strip() for ln in lines[-n:] if ln.strip())
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the child's whole session group, SIGKILL after ``grace_s``."""
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the leader is gone; its workers go with the group
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(pgid):
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def plan(exp_dir: Path, uri: str, mlflow_port: int | None, optuna_port: int | None) -> list[tuple]:
+    """(name, command, url) of what to start; checks ports and scripts before anything starts."""
+    out = []
+    for port, what in ((mlflow_port, "--mlflow-port"), (optuna_port, "--optuna-port")):
+        if port is not None and not (0 < port < 65536):
+            raise KdtuneError(f"{what}={port} is not a port; give a number from 1 to 65535, or leave it out")
+        if port is not None and not _port_free(port):
+            raise KdtuneError(f"{what}={port}: that port is taken on {HOST}; pick another, or leave it out")
+    if uri.startswith("sqlite:"):  # one worker: a local UI for one person (four start twice as slowly here)
+        p = mlflow_port or free_port()
+        out.append(("MLflow UI", [script("mlflow"), "ui", "--backend-store-uri", uri, "--host", HOST, "--workers", "1",
+                                  "--port", str(p)], f"http://{HOST}:{p}"))  # fmt: skip
+    db = exp_dir / "optuna.db"
+    if db.is_file():
+        p = optuna_port or free_port()
+        while out and str(p) == out[0][1][-1]:
+            p = free_port()
+        out.append(("Optuna dashboard", [script("optuna-dashboard", "dashboard"), f"sqlite:///{db}",
+                                         "--host", HOST, "--port", str(p)], f"http://{HOST}:{p}"))  # fmt: skip
+    return out
+
+
+def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int | None = None,
+                  optuna_port: int | None = None, ready_timeout_s: float = 120.0, log=print) -> int:  # fmt: skip
+    """Start both, print their addresses, wait for Ctrl-C (or SIGTERM, or a child's exit), stop both."""
+    from kdtune.report.main import find_experiment_dir, resolve_experiment
+
+    exp_dir = find_experiment_dir(experiment, storage)
+    _, _, uri = resolve_experiment(str(exp_dir), None)
+    todo = plan(exp_dir, uri, mlflow_port, optuna_port)
+    if not uri.startswith("sqlite:"):
+        log(f"MLflow UI: {uri} (the sweep's tracking server)")
+    if not (exp_dir / "optuna.db").is_file():
+        log(f"Optuna dashboard: not started, {exp_dir / 'optuna.db'} does not exist yet (trials are mirrored "
+            "as they finish)")  # fmt: skip
+    if not todo:
+        return 0
+    log_dir = Path(tempfile.mkdtemp(prefix="kdtune-dashboard-"))
+    children: list[Child] = []
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        for name, cmd, url in todo:
+            children.append(Child(name, cmd, url, log_dir))
+        for c in children:
+            log(f"{c.name + ':':<18}{c.url}  (pid {c.proc.pid})")
+        log(f"experiment {exp_dir}; logs in {log_dir}; Ctrl-C stops both")
+        pending = list(children)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            for c in children:
+                if c.proc.poll() is not None:
+                    raise KdtuneError(f"{c.name} exited with status {c.proc.returncode}: {c.tail() or 'no output'} "
+                                      f"(log {c.log})")  # fmt: skip
+            ready = [c for c in pending if answering(c.url)]
+            for c in ready:
+                log(f"{c.name} is answering at {c.url}")
+                pending.remove(c)
+            if pending and time.monotonic() > deadline:
+                log(f"note: {', '.join(c.name for c in pending)} not answering after {ready_timeout_s:.0f}s; "
+                    "still waiting (see the logs)")  # fmt: skip
+                deadline = float("inf")
+            time.sleep(0.5 if pending else 1.0)
+    except KeyboardInterrupt:
+        log("stopping the dashboards")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for c in children:
+            c.stop()
