@@ -448,7 +448,7 @@ class _BundleTrial:
                 if hist:
                     self.last[mid] = self._figures(hist[-1], "running")
             self._decide(list(bundle.keys), {mid: bundle.member(mid).history[-1] for mid in bundle.keys})
-            if not bundle.size:
+            if not bundle.size or bundle.epoch >= self.epochs:  # every member finished: the final result again
                 self._report()
                 return
         orch = OrchestrationClock()
