@@ -709,6 +709,8 @@ def _clear_errored(tune_dir: Path, exp: Path) -> None:
 
     for tid in errored_trials(tune_dir):
         shutil.rmtree(trial_folder(exp, tid), ignore_errors=True)
+        for member in trial_folder(exp, tid).parent.glob(f"{tid}-m*"):  # a fused bundle's members
+            shutil.rmtree(member, ignore_errors=True)
 
 
 def orchestration_summary(summaries: list[dict]) -> str | None:
