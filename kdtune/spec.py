@@ -114,6 +114,7 @@ class Budget:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     repeats: int = 1
+    fuse: int | str = 1  # members per fused bundle (one Tune trial); "auto": picked per device (kdtune.tune.fused)
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,22 @@ def _budget(raw: Any) -> Budget:
         cpus_per_trial=_num(raw, "cpus_per_trial", 1.0, prefix="budget."),
         gpus_per_trial=_num(raw, "gpus_per_trial", 0.0, prefix="budget."),
         repeats=_int(raw, "repeats", 1, prefix="budget."),
+        fuse=_fuse(raw),
     )
+
+
+MAX_FUSE = 64
+
+
+def _fuse(raw: dict) -> int | str:
+    v = raw.get("fuse", 1)
+    if v == "auto":
+        return "auto"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise ConfigError(f"budget.fuse={v!r} must be an integer >= 1 (members per fused bundle) or 'auto'")
+    if not 1 <= int(v) <= MAX_FUSE:
+        raise ConfigError(f"budget.fuse={int(v)} is out of range; it must be in [1, {MAX_FUSE}] or 'auto'")
+    return int(v)
 
 
 def _scheduler(raw: Any, budget: Budget) -> SchedulerSpec:

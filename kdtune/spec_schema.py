@@ -11,7 +11,7 @@ teacher checkpoint's architecture, the starting points); a spec it accepts valid
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -19,6 +19,7 @@ from kdtune.config import AMP_MODES, CHOICES, OPTIMIZERS, PRESETS, SCHEDULES, Tr
 from kdtune.names import DATASET_NAMES, METHOD_NAMES, MODEL_NAMES
 from kdtune.spec import (
     MAX_EPOCHS,
+    MAX_FUSE,
     MAX_TRIALS,
     METRIC_MODES,
     ON_RESUME,
@@ -106,6 +107,9 @@ class Budget(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0, le=1024)
     gpus_per_trial: float = Field(0.0, ge=0, le=64, description="fractional GPUs are bookkeeping only")
     repeats: int = Field(1, ge=1, le=100, description="reruns of each method's best configuration over seeds")
+    fuse: Union[Annotated[int, Field(ge=1, le=MAX_FUSE)], Literal["auto"]] = Field(  # noqa: UP007
+        1, description="trials of a group trained as one fused bundle (1: unfused; auto)"
+    )
 
 
 class Scheduler(_Strict):

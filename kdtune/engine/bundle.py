@@ -305,6 +305,8 @@ class Bundle:
         mode: str = "loop",
         log: Callable[[str], None] | None = None,
         progress: bool = False,
+        teacher_info: dict[str, Any] | None = None,
+        init_info: dict[str, Any] | None = None,
     ):
         cfgs = [as_config(c) for c in cfgs]
         check_bundle(cfgs)
@@ -317,7 +319,7 @@ class Bundle:
         self.log = log or (lambda s: None)
         self.progress = progress
         # The lead Trainer is member 0 and holds what the bundle shares: data, loaders, teacher, devices.
-        lead = Trainer(cfgs[0], data=data, log=self.log)
+        lead = Trainer(cfgs[0], data=data, log=self.log, teacher_info=teacher_info, init_info=init_info)
         self.shared = lead
         self.device = lead.device
         self.method_cls = lead.method_cls

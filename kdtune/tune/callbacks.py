@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kdtune.tune.fused import MEMBERS_KEY, member_results
 from kdtune.tune.search import GROUP_KEY, _name_metric, group_of
 
 
@@ -79,7 +80,7 @@ class ProgressPrinter(Callback):
         self.log = print
 
     def _params(self, trial) -> str:
-        return " ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items() if k != GROUP_KEY)
+        return " ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items() if k not in (GROUP_KEY, MEMBERS_KEY))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._running[trial.trial_id] = {"group": group_of(trial.config) or "-", "epoch": 0, "value": None,
@@ -117,8 +118,30 @@ class ProgressPrinter(Callback):
             self._drawn = 0
         self.log(text)
 
+    def _members_done(self, trial, failed: bool) -> None:
+        """A fused bundle ended: one line per member, each counted as a trial."""
+        rows = member_results(trial.last_result or {})
+        group = group_of(trial.config) or "-"
+        for m in trial.config[MEMBERS_KEY]:
+            r = rows.get(m["id"], {})
+            self._done += 1
+            ep, val, outcome = r.get("epoch", "?"), r.get(self.metric), r.get("outcome")
+            how = {"completed": "done", "pruned": f"pruned at epoch {ep}/{self.epochs}"}.get(outcome, "FAILED")
+            if outcome == "running" and not failed:
+                how = f"pruned at epoch {ep}/{self.epochs}"
+            if _finite(val):
+                self._best[group] = max(self._best.get(group, -math.inf), float(val))
+            val_s = f"{self.metric} {val:.2f}" if _finite(val) else "no result"
+            test = r.get("test_acc")
+            test_s = f" (test {test:.2f})" if _finite(test) else ""
+            count = f"[{self._done}/{self.total}] " if self.total else ""
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in m["config"].items())
+            self._line(f"  {count}{group:<18} {m['id']}  {how:<20} {val_s}{test_s}  {params}")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._running.pop(trial.trial_id, None)
+        if MEMBERS_KEY in (trial.config or {}):
+            return self._members_done(trial, failed=False)
         self._done += 1
         r = trial.last_result or {}
         group = group_of(trial.config) or "-"
@@ -135,6 +158,8 @@ class ProgressPrinter(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._running.pop(trial.trial_id, None)
+        if MEMBERS_KEY in (trial.config or {}):
+            return self._members_done(trial, failed=True)
         self._done += 1
         err = getattr(trial, "error_file", None)
         reason = ""
@@ -188,6 +213,11 @@ class OptunaMirror(Callback):
         self._started.setdefault(trial.trial_id, time.time())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if MEMBERS_KEY in (trial.config or {}):
+            for mid, r in member_results(result).items():
+                if _finite(r.get(self.metric)) and r.get("epoch") is not None:
+                    self._curves.setdefault(mid, {})[int(r["epoch"])] = float(r[self.metric])
+            return
         v = result.get(self.metric)
         step = result.get("training_iteration")
         if _finite(v) and step is not None:
@@ -199,6 +229,47 @@ class OptunaMirror(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._mirror(trial, failed=True)
 
+    def _mirror_members(self, trial, group: str, failed: bool) -> None:
+        """A fused bundle ended: one Optuna trial per member (``tune_trial_id`` = the member id, ``bundle`` = the
+        Tune trial), with the member's own curve and outcome."""
+        import optuna
+        from optuna.trial import TrialState
+
+        try:
+            study = self.study(group)
+            have = {t.user_attrs.get("tune_trial_id") for t in study.get_trials(deepcopy=False)}
+            rows = member_results(trial.last_result or {})
+            end = time.time()
+            start = self._started.pop(trial.trial_id, None) or end
+            space = self.spaces.get(group)
+            for m in trial.config[MEMBERS_KEY]:
+                mid, config = m["id"], m["config"]
+                if mid in have:
+                    continue
+                params, dists = {}, {}
+                if space is not None:
+                    _, dists, _ = space.record(config)
+                    params = {k: config[k] for k in dists if k in config}
+                r = rows.get(mid, {})
+                value, epoch, outcome = r.get(self.metric), r.get("epoch"), r.get("outcome")
+                if not _finite(value) or outcome in ("diverged", "failed") or (failed and outcome == "running"):
+                    state, value = TrialState.FAIL, None
+                elif outcome == "completed":
+                    state, value = TrialState.COMPLETE, float(value)
+                else:
+                    state, value = TrialState.PRUNED, float(value)
+                attrs = {"tune_trial_id": mid, "bundle": trial.trial_id, "epochs_run": epoch,
+                         "test_acc": r.get("test_acc"), **{f"const.{k}": v for k, v in config.items() if k not in dists}}  # fmt: skip
+                ft = optuna.trial.create_trial(
+                    params=params, distributions={k: dists[k] for k in params}, value=value, state=state,
+                    user_attrs=attrs, intermediate_values=self._curves.pop(mid, {}),
+                )  # fmt: skip
+                ft.datetime_start = _dt.datetime.fromtimestamp(start)
+                ft.datetime_complete = _dt.datetime.fromtimestamp(end)
+                study.add_trial(ft)
+        except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
+            print(f"kdtune: warning: could not mirror bundle {trial.trial_id} into {self.storage_url}: {e}")
+
     def _mirror(self, trial, failed: bool) -> None:
         import optuna
         from optuna.trial import TrialState
@@ -206,6 +277,8 @@ class OptunaMirror(Callback):
         group = group_of(trial.config)
         if group is None:
             return
+        if MEMBERS_KEY in (trial.config or {}):
+            return self._mirror_members(trial, group, failed)
         try:
             study = self.study(group)
             for t in study.get_trials(deepcopy=False):
@@ -239,3 +312,4 @@ class OptunaMirror(Callback):
             study.add_trial(ft)
         except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
             print(f"kdtune: warning: could not mirror trial {trial.trial_id} into {self.storage_url}: {e}")
+

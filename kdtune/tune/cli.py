@@ -225,8 +225,9 @@ def _validate(args) -> int:
             ", ".join(ln.split()[0] for ln in g["parameters"] if " fixed " not in ln) or "nothing (one run)"
         )
         n = g["trials"]
+        fused = f"; fused {g['fuse']} per Tune trial ({g['units']} bundles)" if g.get("fuse", 1) > 1 else ""
         print(f"  {g['student']}-{g['method']}: {n} trial{'s' if n != 1 else ''}; searches {params}; "
-              f"{len(g['starts'])} starting points")  # fmt: skip
+              f"{len(g['starts'])} starting points{fused}")  # fmt: skip
         for n in g["notes"]:
             print(f"    ({n})")
     return 0

@@ -42,6 +42,14 @@ class GroupPlan:
     parameters: dict  # name -> Optuna distribution, as the space's default path sees them
     stages: tuple[str, ...]  # names of the stages it needs
     needs_ce_error: bool = False
+    fuse: int = 1  # members per fused bundle (one Tune trial); budget.fuse resolved (kdtune.tune.fused)
+
+    @property
+    def units(self) -> int:
+        """Tune trials (scheduled units) of the group: its budget in bundles of ``fuse``."""
+        from kdtune.tune.fused import units
+
+        return units(self.budget, self.fuse)
 
 
 @dataclass
@@ -57,6 +65,11 @@ class SweepPlan:
     def total_trials(self) -> int:
         return sum(g.budget for g in self.groups)
 
+    @property
+    def total_units(self) -> int:
+        """Tune trials of the sweep: a fused bundle of K members is one (``total_trials`` counts members)."""
+        return sum(g.units for g in self.groups)
+
     def space(self, group: GroupPlan, ce_error: float | None = None):
         """The group's search space (a picklable define-by-run function)."""
         return space_fn(self.spec, group.student, group.method, self.teacher_arch, ce_error, self.sources,
@@ -69,7 +82,7 @@ class SweepPlan:
         return {
             "stages": {n: {"key": s.key, "dir": str(s.dir)} for n, s in self.stages.items()},
             "groups": [
-                {"group": g.name, "student": g.student, "method": g.method, "trials": g.budget,
+                {"group": g.name, "student": g.student, "method": g.method, "trials": g.budget, "fuse": g.fuse,
                  "parameters": [f"{k}: {describe_distribution(d)}" for k, d in g.parameters.items()],
                  "starts": g.starts, "notes": g.notes, "stages": list(g.stages)}
                 for g in self.groups
@@ -128,6 +141,7 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
     """The sweep ``spec`` describes, decided: stages, and per group its base config, space, starts, budget."""
     from kdtune.config import TrainConfig
     from kdtune.losses import METHODS
+    from kdtune.tune.fused import check_fusable, resolve_fuse
 
     sources = sources if sources is not None else space_sources(spec)
     arch = teacher_arch(spec)
@@ -165,8 +179,11 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
         ms = spec.method(method)
         budget = (ms.trials or spec.budget.trials) if params else 1
         points, notes = starting_points(fn, ms.starts)
+        fuse = resolve_fuse(spec.budget.fuse, method, spec.budget.gpus_per_trial, budget)
+        if fuse > 1:
+            check_fusable(f"{student}-{method}", params, method, base)
         groups.append(GroupPlan(name=f"{student}-{method}", student=student, method=method, base=base,
                                 budget=budget, starts=points, notes=notes, parameters=params,
-                                stages=tuple(needs), needs_ce_error=bool(cls.needs_init)))  # fmt: skip
+                                stages=tuple(needs), needs_ce_error=bool(cls.needs_init), fuse=fuse))  # fmt: skip
     return SweepPlan(spec=spec, teacher_arch=arch, stages=stages, groups=groups, sources=sources,
                      num_classes=num_classes)  # fmt: skip

@@ -179,7 +179,8 @@ def prepare(spec: SweepSpec) -> dict[str, Any]:
     """Everything a sweep checks before Ray starts (``kdtune validate``): the plan, described."""
     p = plan(spec)
     return {"groups": [{"student": g.student, "method": g.method, "parameters": p.space(g).describe(),
-                        "starts": g.starts, "notes": g.notes, "trials": g.budget} for g in p.groups],
+                        "starts": g.starts, "notes": g.notes, "trials": g.budget, "fuse": g.fuse,
+                        "units": g.units} for g in p.groups],
             "stages": {n: str(st.dir) for n, st in p.stages.items()}}  # fmt: skip
 
 
@@ -357,7 +358,11 @@ class _Sweep:
                 teacher_info=teacher.teacher_info() if teacher is not None else None,
                 init_info=ce.init_info() if ce is not None else None,
             )  # fmt: skip
-            searches.append(GroupSearch(g.name, fn, g.budget, g.starts))
+            if g.fuse > 1:
+                from kdtune.tune.fused import member_early_stopping
+
+                ctxs[g.name].fuse = member_early_stopping(spec)
+            searches.append(GroupSearch(g.name, fn, g.budget, g.starts, fuse=g.fuse))
             for note in g.notes:
                 log(f"  {g.name}: {note}")
 
@@ -380,7 +385,8 @@ class _Sweep:
 
         for s in summaries:
             state["groups"][s["group"]] = s
-        ids = [t["trial_id"] for s in summaries for t in s["all"]]
+        # a fused bundle is one scheduled unit: its own folder holds the process's open/closed events
+        ids = list(dict.fromkeys(t.get("bundle") or t["trial_id"] for s in summaries for t in s["all"]))
         util = slot_utilisation(self.exp, ids, spec.budget.concurrency, fit_wall, since=t_fit)
         state["timeline"] = timeline(self.exp, ids, t0=t0, stages_done=t_stages, tune_start=t_fit,
                                      tune_end=t_fitted, end=time.time())  # fmt: skip
@@ -480,10 +486,14 @@ class _Sweep:
                 what = f"{g.budget} trials" if g.parameters else "1 run (no search space)"
                 starts = f", {min(len(g.starts), g.budget)} from published starting points" if g.starts else ""
                 log(f"  {g.name} ({pair}): {what}{starts}")
+            for g in p.groups:
+                if g.fuse > 1:
+                    log(f"  {g.name}: fused, {g.fuse} trials per Tune trial ({g.units} bundles of one trial's "
+                        "resources each)")  # fmt: skip
             log(f"{total} trials x {b.epochs} epochs, {b.concurrency} at a time, all groups in one experiment")
             tuner = self._new_tuner(p, searches, trainable, total)
         results = tuner.fit()
-        _check_finished(results, total, path)
+        _check_finished(results, p.total_units, path)
         return results
 
     def _callbacks(self, p: SweepPlan, searches, label_total: int):
@@ -507,13 +517,14 @@ class _Sweep:
         spec = self.spec
         searcher = GroupedOptunaSearch(searches, spec.metric, spec.mode, spec.budget.epochs, seed=spec.seed,
                                        max_concurrent=spec.budget.concurrency)  # fmt: skip
-        scheduler = GroupedScheduler(partial(make_scheduler, spec), spec.metric, spec.mode)
+        scheduler = GroupedScheduler(partial(make_scheduler, spec), spec.metric, spec.mode,
+                                     fifo_groups=tuple(g.name for g in p.groups if g.fuse > 1))  # fmt: skip
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=GroupedSearchGenerator(searcher, on_resume=spec.failures.on_resume),
                 scheduler=scheduler, metric=spec.metric, mode=spec.mode,
-                num_samples=total, reuse_actors=True,
+                num_samples=p.total_units, reuse_actors=True,
                 trial_name_creator=TrialNamer(), trial_dirname_creator=TrialNamer(with_id=True),
             ),
             run_config=self._run_config(TUNE_NAME, self._callbacks(p, searches, total)),
@@ -594,8 +605,10 @@ class _Sweep:
         if not self.tracking_uri:
             return
         groups = [g for g in {(r.config or {}).get("kdtune.group") for r in results} if g]
+        from kdtune.tune.fused import expand_members
+
         rep = getattr(self, "_repeat_results", None)
-        all_results = list(results) + (list(rep) if rep is not None else [])
+        all_results = expand_members(results) + (list(rep) if rep is not None else [])
         groups += [f"{g}-repeats" for g in groups] if rep is not None else []
         trials = [(_trial_id(r), {k: v for k, v in (r.config or {}).items() if k != "kdtune.group"})
                   for r in all_results]  # fmt: skip
@@ -605,10 +618,11 @@ class _Sweep:
                      all_results, self.spec.budget.epochs, groups=groups, experiment_dir=self.exp)  # fmt: skip
 
     def _summaries(self, p: SweepPlan, results) -> list[dict]:
+        from kdtune.tune.fused import expand_members
         from kdtune.tune.search import GROUP_KEY
 
         by_group: dict[str, list] = {g.name: [] for g in p.groups}
-        for r in results:
+        for r in expand_members(results):  # a fused bundle's members are trials of their own
             g = (r.config or {}).get(GROUP_KEY)
             if g in by_group:
                 by_group[g].append(r)
@@ -633,6 +647,8 @@ class _Sweep:
                 spec.metric: m.get(spec.metric), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
                 "best_val_acc": m.get("best_val_acc"), "orch_frac": m.get("orch_frac"), "error": error,
             })  # fmt: skip
+            if m.get("bundle"):
+                trials[-1]["bundle"] = m["bundle"]
         ok = [t for t in trials if t["error"] is None and _finite(t.get(spec.metric))]
         best = max(ok, key=lambda t: _rank(t, spec, epochs)) if ok else None
         if best is not None and self.tracking_uri:
@@ -716,6 +732,8 @@ def _clear_errored(tune_dir: Path, exp: Path) -> None:
 
     for tid in errored_trials(tune_dir):
         shutil.rmtree(trial_folder(exp, tid), ignore_errors=True)
+        for member in trial_folder(exp, tid).parent.glob(f"{tid}-m*"):  # a fused bundle's members
+            shutil.rmtree(member, ignore_errors=True)
 
 
 def orchestration_summary(summaries: list[dict]) -> str | None:

@@ -45,6 +45,7 @@ class GroupSearch:
     space: Callable  # SpaceFn: define-by-run, returns constants
     budget: int
     starts: list[dict] = field(default_factory=list)
+    fuse: int = 1  # members per Tune trial (a fused bundle, kdtune.tune.fused)
 
 
 class _PickledState:
@@ -105,8 +106,10 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         files of a snapshot are written one after another, and a driver killed between two of them leaves a
         searcher state that is older or newer than the trial list (a trial run twice or never). The samplers
         are seeded anew (a sampler seeded as at the start would draw the first random points again)."""
+        from kdtune.tune.fused import MEMBERS_KEY
+
         self.asked = {n: 0 for n in self.order}
-        self.live, self.reported = {}, {}
+        self.live, self.reported, self.bundles = {}, {}, {}
         mine: dict[str, list[dict]] = {n: [] for n in self.order}
         for t in trials:
             g = group_of(t.get("config"))
@@ -115,14 +118,19 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         for i, name in enumerate(self.order):
             g = self.groups[name]
             study = self._new_study(name, self.seed + i + 7919 * (1 + len(trials)))
+            self.studies[name] = study
             for t in mine[name]:
+                res = t.get("last_result") or {}
+                status = t.get("status")
+                ended = status == "TERMINATED" or (status == "ERROR" and not requeue_errored)
+                if MEMBERS_KEY in t["config"]:
+                    self._rebuild_bundle(t, name, g, study, res, ended, error=status == "ERROR")
+                    continue
                 study.enqueue_trial({k: v for k, v in t["config"].items() if k != GROUP_KEY})
                 ot = study.ask()
                 g.space(ot)
                 self.asked[name] += 1
-                res = t.get("last_result") or {}
-                status = t.get("status")
-                if status == "TERMINATED" or (status == "ERROR" and not requeue_errored):
+                if ended:
                     self._tell(study, ot, res, error=status == "ERROR", seen=set())
                     continue
                 self.live[t["trial_id"]] = (name, ot)
@@ -130,9 +138,32 @@ class GroupedOptunaSearch(_PickledState, Searcher):
                 if step is not None and _finite(v):
                     ot.report(float(v), int(step))
                     self.reported[t["trial_id"]] = {int(step)}
-            for p in g.starts[: g.budget][len(mine[name]):]:
+            for p in g.starts[: g.budget][self.asked[name]:]:
                 study.enqueue_trial(p, skip_if_exists=True)
-            self.studies[name] = study
+
+    def _rebuild_bundle(self, t: dict, name: str, g: GroupSearch, study, res: dict, ended: bool,
+                        error: bool) -> None:
+        """:meth:`rebuild` for a fused bundle: each member (``kdtune.members`` in the trial's config) its own
+        Optuna trial again, told from the bundle's last result when the bundle ended, else live."""
+        from kdtune.tune.fused import MEMBERS_KEY
+
+        if not hasattr(self, "bundles"):
+            self.bundles = {}
+        trials = {}
+        for m in t["config"][MEMBERS_KEY]:
+            study.enqueue_trial(dict(m["config"]))
+            ot = study.ask()
+            g.space(ot)
+            trials[m["id"]] = ot
+        self.asked[name] += len(trials)
+        tid = t["trial_id"]
+        self.live[tid] = (name, None)
+        self.bundles[tid] = {"group": name, "trials": trials, "told": set(), "reported": {}}
+        if ended:
+            self.live.pop(tid, None)
+            self._bundle_result(tid, res, final=True, error=error)
+        elif res:
+            self._bundle_result(tid, res, final=False)
 
     # ------------------------------------------------------------------ Searcher interface
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -158,6 +189,8 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         if name is None:
             return Searcher.FINISHED
         g = self.groups[name]
+        if getattr(g, "fuse", 1) > 1:
+            return self._suggest_bundle(trial_id, name, g)
         ot = self.studies[name].ask()
         consts = g.space(ot) or {}
         self.asked[name] += 1
@@ -165,6 +198,8 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         return {GROUP_KEY: name, **ot.params, **consts}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in getattr(self, "bundles", {}):
+            return self._bundle_result(trial_id, result, final=False)
         entry = self.live.get(trial_id)
         v = result.get(self.metric)
         step = result.get("training_iteration")
@@ -176,6 +211,9 @@ class GroupedOptunaSearch(_PickledState, Searcher):
             seen.add(int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in getattr(self, "bundles", {}):
+            self.live.pop(trial_id, None)
+            return self._bundle_result(trial_id, result or {}, final=True, error=error)
         entry = self.live.pop(trial_id, None)
         seen = self.reported.pop(trial_id, set())
         if entry is None:
@@ -199,6 +237,60 @@ class GroupedOptunaSearch(_PickledState, Searcher):
                 study.tell(ot, float(value))
         except RuntimeError:  # told already (a resumed experiment replaying an event): nothing to change
             pass
+
+    # ------------------------------------------------------------------ fused bundles (budget.fuse)
+    def _suggest_bundle(self, trial_id: str, name: str, g: GroupSearch) -> dict:
+        """Ask the group's study for up to ``fuse`` trials at once: one Tune config holding the members."""
+        from kdtune.tune.fused import MEMBERS_KEY
+
+        if not hasattr(self, "bundles"):
+            self.bundles = {}
+        k = min(g.fuse, g.budget - self.asked[name])
+        members, trials = [], {}
+        for i in range(k):
+            ot = self.studies[name].ask()
+            consts = g.space(ot) or {}
+            mid = f"{trial_id}-m{i}"
+            members.append({"id": mid, "number": ot.number, "config": {**ot.params, **consts}})
+            trials[mid] = ot
+        self.asked[name] += k
+        self.live[trial_id] = (name, None)
+        self.bundles[trial_id] = {"group": name, "trials": trials, "told": set(), "reported": {}}
+        return {GROUP_KEY: name, MEMBERS_KEY: members}
+
+    def _bundle_result(self, trial_id: str, result: dict, final: bool, error: bool = False) -> None:
+        """Each member's per-epoch value to its own Optuna trial; its outcome (COMPLETE, PRUNED, FAIL) once
+        the bundle says it is final (or, for members still open, when the bundle ends)."""
+        from optuna.trial import TrialState
+
+        from kdtune.tune.fused import member_results
+
+        b = self.bundles[trial_id]
+        study = self.studies[b["group"]]
+        rows = member_results(result)
+        for mid, ot in b["trials"].items():
+            if mid in b["told"]:
+                continue
+            r = rows.get(mid, {})
+            v, epoch, outcome = r.get(self.metric), r.get("epoch"), r.get("outcome")
+            seen = b["reported"].setdefault(mid, set())
+            if _finite(v) and epoch is not None and int(epoch) not in seen:
+                ot.report(float(v), int(epoch))
+                seen.add(int(epoch))
+            if outcome in (None, "running") and not final:
+                continue
+            try:
+                if outcome == "completed" and _finite(v):
+                    study.tell(ot, float(v))
+                elif outcome == "pruned" or (outcome == "running" and not error and _finite(v)):
+                    study.tell(ot, state=TrialState.PRUNED)
+                else:
+                    study.tell(ot, state=TrialState.FAIL)
+            except RuntimeError:  # told already (a resumed experiment replaying an event)
+                pass
+            b["told"].add(mid)
+        if final:
+            self.bundles.pop(trial_id, None)
 
     def outcome_counts(self) -> dict[str, dict[str, int]]:
         """Per group: how many trials its study holds in each state (COMPLETE, PRUNED, FAIL, RUNNING…)."""
@@ -274,12 +366,15 @@ def snapshot_trials(tune_dir) -> list[dict] | None:
 class GroupedScheduler(_PickledState, TrialScheduler):
     """One trial scheduler per group, made by ``factory()`` when a group's first trial arrives."""
 
-    def __init__(self, factory: Callable[[], TrialScheduler], metric: str, mode: str):
+    def __init__(self, factory: Callable[[], TrialScheduler], metric: str, mode: str,
+                 fifo_groups: tuple[str, ...] = ()):  # fmt: skip
         super().__init__()
         self.factory = factory
         self._metric = metric
         self.mode = mode
         self.subs: dict[str | None, TrialScheduler] = {}
+        # fused groups (budget.fuse > 1): Tune never stops a bundle; its members are pruned inside it
+        self.fifo_groups = tuple(fifo_groups)
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
@@ -287,7 +382,7 @@ class GroupedScheduler(_PickledState, TrialScheduler):
     def _sub(self, trial) -> TrialScheduler:
         g = group_of(trial.config)
         if g not in self.subs:
-            self.subs[g] = self.factory()
+            self.subs[g] = FIFOScheduler() if g in getattr(self, "fifo_groups", ()) else self.factory()
         return self.subs[g]
 
     def on_trial_add(self, tune_controller, trial) -> None:

@@ -60,6 +60,7 @@ class TrialContext:
     params: dict = field(default_factory=dict)  # extra MLflow params (student, teacher, data, ...)
     teacher_info: dict | None = None  # the teacher's accuracy, measured once by its stage
     init_info: dict | None = None  # the warm start's errors, measured once by the CE stage
+    fuse: dict | None = None  # a fused group's member early stopping (kdtune.tune.fused): metric, mode, rungs
 
 
 @dataclass
@@ -209,6 +210,10 @@ def run_trial(config: dict[str, Any], ctxs: dict[str, TrialContext] | None = Non
     torch.set_num_threads(max(1, int(ctx.threads)))
     tctx = tune.get_context()
     trial_id, trial_name, trial_dir = tctx.get_trial_id(), tctx.get_trial_name(), tctx.get_trial_dir()
+    from kdtune.tune.fused import MEMBERS_KEY, run_bundle
+
+    if MEMBERS_KEY in config:  # a fused bundle of K members (budget.fuse): one Tune trial, K trials
+        return run_bundle(config, ctx, data, trial_id, trial_name)
 
     marker = diverged_marker(ctx, trial_id)
     if marker.exists():
