@@ -168,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from kdtune.errors import disk_full_message, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        where = getattr(e, "filename", None) or "its output"
+        print(f"kdtune: error: {disk_full_message(where)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,3 +32,36 @@ def did_you_mean(name: str, choices) -> str:
 
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class DiskFullError(KdtuneError):
+    """The disk (or quota) holding an experiment or run is full: what was written before is kept."""
+
+    exit_code = 1
+
+
+#: How a full disk reads in an error, whoever raised it: the OS (ENOSPC, EDQUOT) or SQLite (MLflow, Optuna).
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full", "[Errno 28]",
+                   "[Errno 122]")  # fmt: skip
+
+
+def is_disk_full(error: BaseException | str | None) -> bool:
+    """Whether ``error`` (an exception, with its causes and context, or an error's text) is a full disk."""
+    import errno
+
+    seen: set[int] = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(error) for t in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return isinstance(error, str) and any(t in error for t in _DISK_FULL_TEXT)
+
+
+def disk_full_message(where, resume: str | None = None) -> str:
+    """The one line for a full disk: where, what is kept, and the command that goes on once space is freed."""
+    then = f", then run `{resume}`" if resume else ", then run the command again"
+    return (f"the disk holding {where} is full (No space left on device): free space there{then}; "
+            "everything written before it filled is kept")

@@ -28,6 +28,7 @@ shared by every node (NFSv3+ or any local filesystem; object stores have no excl
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -100,11 +101,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True
         os.replace(tmp, path)
         if durable:
             _fsync_dir(path.parent)
-    except BaseException:
-        f.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # a full disk refuses the close's flush too: the error is the first one
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(e, RuntimeError) and _nearly_full(path.parent):
+            # torch.save's C++ writer says only "unexpected pos 64 vs 0" when a write fails: name the cause
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
+
+
+def _nearly_full(folder: Path, below: int = 8 << 20) -> bool:
+    """Whether the file system holding ``folder`` has less than ``below`` bytes left."""
+    try:
+        return shutil.disk_usage(folder).free < below
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:

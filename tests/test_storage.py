@@ -365,3 +365,73 @@ def test_resume_refuses_a_damaged_tune_snapshot_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="truncated pickle") as e:
         check_experiment(tmp_path / "exp")
     assert str(d / "tuner.pkl") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_full_disk_is_recognised_however_it_is_raised():
+    import errno
+    import sqlite3
+
+    from kdtune.errors import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    try:  # a full disk as the cause of another error (MLflow wraps SQLite's)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("could not log") from e
+    except RuntimeError as wrapped:
+        assert is_disk_full(wrapped)
+    assert is_disk_full("ray.exceptions.RayTaskError: ... OSError: [Errno 28] No space left on device")
+    assert not is_disk_full(OSError(errno.ENOENT, "No such file or directory"))
+    assert not is_disk_full(sqlite3.OperationalError("database is locked"))
+    assert not is_disk_full(None)
+
+
+def test_a_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save's writer reports a failed write as "unexpected pos"; on a full disk it becomes ENOSPC (and
+    the old file and no temporary file are left)."""
+    import errno
+
+    import torch
+
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: _Usage(0))
+
+    def failing_save(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError) as info:
+        with storage.atomic_write(path, "wb") as f:
+            torch.save({"a": 1}, f)
+    assert info.value.errno == errno.ENOSPC and str(path) in str(info.value)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    # with space left, the same error is not a full disk and stays what it was
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: _Usage(1 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with storage.atomic_write(path, "wb") as f:
+            torch.save({"a": 1}, f)
+
+
+class _Usage:
+    def __init__(self, free):
+        self.total, self.used, self.free = 1 << 30, (1 << 30) - free, free
+
+
+def test_the_cli_says_a_full_disk_in_one_line(monkeypatch, capsys, tmp_path):
+    import errno
+
+    from kdtune import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "x" / "state.pt"))
+
+    monkeypatch.setattr(cli, "_methods", full)
+    assert cli.main(["methods"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdtune: error: the disk holding ") and "free space" in err[0], err
+    assert str(tmp_path / "runs" / "x" / "state.pt") in err[0]

@@ -78,7 +78,9 @@ def quiet_mlflow() -> None:
         for name, level in (
             ("mlflow", logging.WARNING),
             ("mlflow.pytorch", logging.ERROR),
-            ("mlflow.store.db.utils", logging.WARNING),
+            # it logs a whole traceback for an SQLite error it then raises anyway (a locked or full database):
+            # kdtune retries that, or reports it in one line
+            ("mlflow.store.db.utils", logging.CRITICAL),
             ("alembic", logging.WARNING),
         ):
             logging.getLogger(name).setLevel(level)

@@ -359,8 +359,11 @@ class _BundleTrial:
             for mid, tr in self.trackers.items():
                 if not tr.ended:
                     ep = (self.last.get(mid) or {}).get("epoch") or 0
-                    tr.set_tags({TAG_OUTCOME: "failed", TAG_STOPPED_EPOCH: ep})
-                    tr.end("FAILED", f"{type(e).__name__}: {e}")
+                    try:
+                        tr.set_tags({TAG_OUTCOME: "failed", TAG_STOPPED_EPOCH: ep})
+                        tr.end("FAILED", f"{type(e).__name__}: {e}")
+                    except Exception:  # noqa: BLE001 - the bundle's own error is the one to report
+                        pass
             raise
 
     def _open_trackers(self, live: list[dict]) -> None:

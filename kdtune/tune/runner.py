@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kdtune.errors import ConfigError, KdtuneError
+from kdtune.errors import ConfigError, DiskFullError, KdtuneError, disk_full_message, is_disk_full
 from kdtune.spec import SweepSpec, load_spec
 from kdtune.tune.experiment import (
     DEFAULT_STORAGE,  # noqa: F401 - re-exported
@@ -252,15 +252,15 @@ class _Sweep:
             try:
                 result = self._run_locked(the_plan, state, data, t0, ray_started)
             except KeyboardInterrupt:
-                state["status"] = "interrupted"
-                folder.write_state(state)
+                self._write_end_state(state, "interrupted")
                 self._end_parent("KILLED")
                 log(f"interrupted; finish it with: kdtune resume {self.exp}")
                 raise
-            except BaseException:
-                state["status"] = "failed"
-                folder.write_state(state)
+            except BaseException as e:
+                self._write_end_state(state, "failed")
                 self._end_parent("FAILED")
+                if is_disk_full(e) and not isinstance(e, DiskFullError):
+                    raise DiskFullError(disk_full_message(self.exp, f"kdtune resume {self.exp}")) from e
                 raise
             finally:
                 if ray_started:
@@ -269,6 +269,15 @@ class _Sweep:
                     if ray.is_initialized():
                         ray.shutdown()
         return result
+
+    def _write_end_state(self, state: dict, status: str) -> None:
+        """The state's status as the driver stops; never in place of the error that stopped it (a full disk
+        refuses this write too, and resume does not need it: a state left "running" resumes the same)."""
+        state["status"] = status
+        try:
+            self.folder.write_state(state)
+        except OSError as e:
+            self.log(f"warning: could not write the experiment's state ({e.strerror or e})")
 
     def _record_leftovers(self, state: dict) -> None:
         """A finished sweep whose driver could not record some trials' runs either: record them now."""
@@ -492,8 +501,18 @@ class _Sweep:
                         "resources each)")  # fmt: skip
             log(f"{total} trials x {b.epochs} epochs, {b.concurrency} at a time, all groups in one experiment")
             tuner = self._new_tuner(p, searches, trainable, total)
-        results = tuner.fit()
+        results = self._tune_fit(tuner)
         _check_finished(results, p.total_units, path)
+        return results
+
+    def _tune_fit(self, tuner):
+        """``tuner.fit()``, ended at once, with one line, by a trial that failed on a full disk."""
+        from kdtune.tune.callbacks import disk_full_trials, reset_disk_full
+
+        reset_disk_full()
+        results = tuner.fit()
+        if disk_full_trials():
+            raise DiskFullError(disk_full_message(self.exp, f"kdtune resume {self.exp}"))
         return results
 
     def _callbacks(self, p: SweepPlan, searches, label_total: int):
@@ -533,6 +552,7 @@ class _Sweep:
     def _run_config(self, name, callbacks):
         from ray import tune
 
+        from kdtune.tune.callbacks import DiskFullStop, DiskFullWatch
         from kdtune.tune.tunefs import atomic_local_fs
 
         # Every Tune checkpoint is kept (a pointer: one small progress.json per epoch): a driver killed
@@ -540,7 +560,8 @@ class _Sweep:
         # exist (num_to_keep=1 deletes it: the trial then fails on every retry).
         return tune.RunConfig(
             name=name, storage_path=str(self.exp / "tune"), storage_filesystem=atomic_local_fs(), verbose=0,
-            callbacks=callbacks, checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            callbacks=[*callbacks, DiskFullWatch()], stop=DiskFullStop(),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=self.spec.failures.max_failures),
         )  # fmt: skip
 
@@ -581,7 +602,7 @@ class _Sweep:
                     REPEATS_NAME, [ProgressPrinter(spec.metric, b.epochs, total=len(points), log=self.log)]
                 ),
             )  # fmt: skip
-        results = tuner.fit()
+        results = self._tune_fit(tuner)
         _check_finished(results, len(points), path)
         self._repeat_results = results
         by_group: dict[str, list] = {}

@@ -333,8 +333,11 @@ def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: P
         raise
     except BaseException as e:
         if tracker is not None and not tracker.ended:
-            tracker.set_tags({TAG_OUTCOME: "failed", TAG_STOPPED_EPOCH: trainer.epoch if trainer else 0})
-            tracker.end("FAILED", f"{type(e).__name__}: {e}")
+            try:
+                tracker.set_tags({TAG_OUTCOME: "failed", TAG_STOPPED_EPOCH: trainer.epoch if trainer else 0})
+                tracker.end("FAILED", f"{type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001 - the trial's own error is the one to report (a full disk refuses
+                pass  # both); its run stays open and the driver, or the resumed trial, ends it
         raise
 
 

@@ -315,3 +315,50 @@ def test_tracking_database_locked_beyond_the_retry_window(base, tmp_path):
     retried = sum(1 for es in h.events(exp).values() for e in es if e["event"] == "open") - 2
     print(f"\n[faults] locked: mlflow.db held for {held:.1f} s (busy timeout 20 s, retry window 2 s); first driver rc {rc}; "
           f"trial processes started again: {retried}; checks {figures}")  # fmt: skip
+
+
+def _small_fs(where) -> bool:
+    """A 96 MB tmpfs at ``where``, where this machine lets a test mount one (root, CAP_SYS_ADMIN)."""
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(where)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_disk_full_mid_sweep_then_resumed(base, tmp_path):
+    """The experiment's disk fills up mid-sweep (a real 96 MB file system, filled by another file): the
+    sweep stops with a non-zero exit and a line naming the full disk; once space is freed, ``kdtune resume``
+    finishes it with every epoch trained once and one MLflow run per trial."""
+    small = tmp_path / "small"
+    if not _small_fs(small):
+        pytest.skip("no size-limited file system can be mounted on this machine (needs root and CAP_SYS_ADMIN)")
+    try:
+        spec, exp = h.write_spec(small, "full", base["teacher"], trials=2, epochs=EPOCHS)
+        d = h.Driver(["sweep", str(spec)], tmp_path / "full.log", tmp_path)
+        filler = small / "filler"
+        try:
+            h.wait_for(lambda: any(e["event"] == "epoch" for es in h.events(exp).values() for e in es), 400,
+                       "the first epoch", d)  # fmt: skip
+            with open(filler, "wb") as f:  # the disk is full from here on
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+            rc = d.wait(timeout=600)
+        finally:
+            d.cleanup()
+        text = d.text()
+        assert rc != 0, text[-4000:]
+        assert "No space left on device" in text or "disk is full" in text, text[-4000:]
+        last = [ln for ln in text.strip().splitlines() if ln.startswith("kdtune: error")]
+        assert last, text[-4000:]
+        filler.unlink()
+        out = subprocess.run([sys.executable, "-m", "kdtune", "resume", str(exp)], capture_output=True, text=True,
+                             env=h.env(), cwd=tmp_path, timeout=400, start_new_session=True)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        figures = h.check_sweep(exp, spec, EPOCHS)
+        print(f"\n[faults] disk full: the sweep stopped with rc {rc}: {last[-1][:300]}; after freeing space the "
+              f"resume finished; checks {figures}")  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
