@@ -1,5 +1,6 @@
 """Fault injection, for real: SIGKILLed drivers (at random, replayable moments), a killed trial worker, a
-damaged checkpoint and state file, two drivers on one experiment, a sweep beside a CPU hog.
+damaged checkpoint and state file, two drivers on one experiment, a sweep beside a CPU hog, the tracking
+database locked beyond the retry window, the disk filling up mid-sweep.
 
 After each fault the sweep must finish as if nothing happened (:func:`harness.check_sweep`). Run with
 ``make faults`` (or ``pytest -m faults tests/faults -s`` to see the figures). The kill moments come from a
