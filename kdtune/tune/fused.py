@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -270,10 +271,10 @@ def run_bundle(config: dict, ctx, data, trial_id: str, trial_name: str) -> None:
     bfolder = trial_folder(ctx.experiment_dir, trial_id)
     bfolder.mkdir(parents=True, exist_ok=True)
     mfolders = {m["id"]: trial_folder(ctx.experiment_dir, m["id"]) for m in members}
-    _event(bfolder, event="open", trial_id=trial_id, members=list(mfolders))
+    _event(bfolder, event="open", trial_id=trial_id, members=list(mfolders), nice=os.nice(0))
     for mid, f in mfolders.items():
         (f / "ckpt").mkdir(parents=True, exist_ok=True)
-        _event(f, event="open", trial_id=mid, bundle=trial_id)
+        _event(f, event="open", trial_id=mid, bundle=trial_id, nice=os.nice(0))
     try:
         _BundleTrial(members, ctx, data, trial_id, trial_name, bfolder, mfolders).run()
     finally:

@@ -53,6 +53,10 @@ _DRIVER_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter, silent at verbose=0
     # Snapshot the experiment (trials, searcher) every 2 s instead of 10: a killed driver loses less.
     "TUNE_GLOBAL_CHECKPOINT_S": "2",
+    # Ray runs its workers at nice 15, so a trial beside any other work on the machine (in one scheduling
+    # group) got ~4 % of a core: the demo beside two busy processes took 10 min instead of 30 s. The trials
+    # are the sweep's work: they run at the driver's own priority (``nice kdtune sweep`` lowers them all).
+    "RAY_worker_niceness": "0",
 }
 # Reach the trial processes through the job's runtime_env (variables set after ray.init do not).
 _WORKER_ENV = {

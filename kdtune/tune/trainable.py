@@ -224,7 +224,7 @@ def run_trial(config: dict[str, Any], ctxs: dict[str, TrialContext] | None = Non
     ck = folder / "ckpt"
     ck.mkdir(parents=True, exist_ok=True)
     done = folder / "done.json"
-    _event(folder, event="open", trial_id=trial_id)  # this process now owns the trial's run and folder
+    _event(folder, event="open", trial_id=trial_id, nice=os.nice(0))  # this process now owns the trial's run and folder
     try:
         if done.exists():
             # Finished before the driver died, but after Tune's last snapshot: report the final result again.

@@ -97,14 +97,29 @@ def kill_session(sid: int) -> None:
             pass
 
 
+# Start N busy processes, then become the command (same session, same process group as the hogs).
+_WITH_HOGS = (
+    "import os, subprocess, sys\n"
+    "for _ in range(int(sys.argv[1])):\n"
+    "    subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
 class Driver:
     """``python -m kdtune <args>`` in its own session, its output in ``log``."""
 
-    def __init__(self, args: list[str], log: Path, cwd: Path, extra_env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, cwd: Path, extra_env: dict | None = None, hogs: int = 0):
+        """``hogs``: that many busy processes started in the driver's own session first, so they share its
+        scheduling group (Linux's autogroup gives each session an equal share, whatever the niceness inside:
+        hogs in another session would never compete with niced trial processes); ``cleanup`` ends them."""
         self.log = log
         self.t0 = time.time()
         self._f = open(log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "kdtune", *args], stdout=self._f,
+        cmd = [sys.executable, "-m", "kdtune", *args]
+        if hogs:
+            cmd = [sys.executable, "-c", _WITH_HOGS, str(hogs), *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=self._f,
                                      stderr=subprocess.STDOUT, env={**env(), **(extra_env or {})}, cwd=cwd,
                                      start_new_session=True)  # fmt: skip
         self.wall: float | None = None
@@ -227,6 +242,9 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
     for t in tune_ids:
         eps = [e["epoch"] for e in ev[t] if e["event"] == "epoch"]
         assert sorted(eps) == list(range(1, epochs + 1)), f"trial {t} trained epochs {eps}"
+    # every trial process ran at the driver's priority (Ray's own default niced its workers to 15)
+    nice = {e.get("nice") for es in ev.values() for e in es if e["event"] == "open" and "pid" in e}
+    assert nice == {os.nice(0)}, f"trial processes ran at niceness {nice}, the driver at {os.nice(0)}"
     for t, since in (done_at or {}).items():
         again = [e for e in ev.get(t, []) if e["event"] == "epoch" and e["time"] > since]
         assert not again, f"trial {t} had finished, yet trained again: {again}"
@@ -255,7 +273,7 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
         mirrored = [t.user_attrs.get("tune_trial_id") for t in optuna.load_study(study_name=g, storage=storage).get_trials(deepcopy=False)]
         assert sorted(mirrored) == sorted(ids), (g, mirrored, ids)
     return {"trials": len(tune_ids), "mlflow_runs": len(trial_runs), "orphan_runs": len(orphans),
-            "studies": sorted(studies)}  # fmt: skip
+            "studies": sorted(studies), "nice": sorted(nice)}  # fmt: skip
 
 
 def draw_moments(seed: int, n: int) -> list[tuple[str, float]]:
