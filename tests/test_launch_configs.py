@@ -178,10 +178,12 @@ def test_setup_writes_the_node_environment_and_secrets_once(path, tmp_path):
     # what a node's shell (ray start, `ray submit`'s python) then has
     probe = (
         f". {home}/.bashrc; "
-        'echo "$RAY_AUTH_MODE|$RAY_AUTH_TOKEN_PATH|$KDTUNE_STORAGE|$MLFLOW_TRACKING_USERNAME|$(command -v python)"'
+        'echo "$RAY_AUTH_MODE|$RAY_AUTH_TOKEN_PATH|$KDTUNE_STORAGE|$MLFLOW_TRACKING_USERNAME|$(command -v python)'
+        '|$RAY_worker_niceness"'
     )
     res = _run_in_sandbox(probe, env, shared)
-    mode, token_path, storage, user, python = res.stdout.strip().split("|")
+    mode, token_path, storage, user, python, nice = res.stdout.strip().split("|")
+    assert nice == "0"  # trial processes at the node's priority, not Ray's nice 15
     assert mode == "token" and Path(token_path).read_text() == token
     assert storage == f"{shared}/experiments" and user == "admin"
     assert python == f"{home}/kdtune-venv/bin/python"
