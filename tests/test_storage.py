@@ -435,3 +435,45 @@ def test_the_cli_says_a_full_disk_in_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kdtune: error: the disk holding ") and "free space" in err[0], err
     assert str(tmp_path / "runs" / "x" / "state.pt") in err[0]
+
+
+def test_the_optuna_mirror_database_is_made_whole_before_use(tmp_path):
+    """A driver killed while Optuna created optuna.db's tables could leave ``studies`` without its unique
+    index (Optuna never adds it to an existing table), and then one group's name was taken by several
+    studies (seen in a loaded fault run). A new database is built whole and renamed into place; an old one
+    missing the index gets it."""
+    import sqlite3
+
+    import optuna
+
+    from kdtune.tune.callbacks import whole_optuna_db
+
+    def studies(db):
+        with sqlite3.connect(db) as con:
+            return [r[0] for r in con.execute("SELECT study_name FROM studies")]
+
+    def create_twice(db):
+        for _ in range(2):
+            optuna.create_study(storage=f"sqlite:///{db}", study_name="resnet8-kd", load_if_exists=True)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fresh = tmp_path / "fresh" / "optuna.db"
+    fresh.parent.mkdir()
+    whole_optuna_db(fresh)
+    assert [p.name for p in fresh.parent.iterdir()] == ["optuna.db"]  # no temporary file left
+    create_twice(fresh)
+    assert studies(fresh) == ["resnet8-kd"]
+
+    # the half schema a kill left: without the index, the same name is taken twice (what the fix prevents)
+    half = tmp_path / "half.db"
+    optuna.storages.RDBStorage(f"sqlite:///{half}").engine.dispose()
+    with sqlite3.connect(half) as con:
+        con.execute("DROP INDEX ix_studies_study_name")
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(half.read_bytes())
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # the second call inserts, then finds two
+        create_twice(broken)
+    assert studies(broken) == ["resnet8-kd", "resnet8-kd"]
+    whole_optuna_db(half)
+    create_twice(half)
+    assert studies(half) == ["resnet8-kd"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -175,6 +177,36 @@ class ProgressPrinter(Callback):
         self._line(f"  {count}{group:<18} {trial.trial_id}  FAILED  {reason}  {self._params(trial)}")
 
 
+def whole_optuna_db(path: Path) -> None:
+    """Make the mirror's SQLite database whole before it is used. A new one is built under a temporary name
+    and renamed into place. SQLite runs each of Optuna's ``CREATE`` statements on its own, and Optuna adds no
+    index to a table that already exists. So a driver killed between ``CREATE TABLE studies`` and its unique
+    index left a database that took one study name twice: the Optuna trials of one group split over two
+    studies. One left that way without a duplicate yet gets the index now."""
+    import sqlite3
+
+    if not path.exists():
+        import optuna
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+        storage.remove_session()
+        storage.engine.dispose()
+        os.replace(tmp, path)
+        return
+    con = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in con.execute("SELECT study_name FROM studies")]
+        if len(names) == len(set(names)):
+            con.execute("CREATE UNIQUE INDEX IF NOT EXISTS ix_studies_study_name ON studies (study_name)")
+            con.commit()
+    except sqlite3.Error:
+        pass  # a damaged database is refused in one line by the preflight, before Ray starts
+    finally:
+        con.close()
+
+
 class OptunaMirror(Callback):
     """Copy each finished Tune trial into the Optuna study of its group in ``storage_url`` (SQLite)."""
 
@@ -200,6 +232,8 @@ class OptunaMirror(Callback):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
+            if self.storage_url.startswith("sqlite:///"):
+                whole_optuna_db(Path(self.storage_url.removeprefix("sqlite:///")))
             study = optuna.create_study(
                 storage=self.storage_url, study_name=group, load_if_exists=True,
                 direction="maximize" if self.mode == "max" else "minimize",
