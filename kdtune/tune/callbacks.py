@@ -164,14 +164,8 @@ class ProgressPrinter(Callback):
         if MEMBERS_KEY in (trial.config or {}):
             return self._members_done(trial, failed=True)
         self._done += 1
-        err = getattr(trial, "error_file", None)
-        reason = ""
-        if err:
-            try:
-                lines = [ln for ln in open(err).read().strip().splitlines() if ln.strip()]
-                reason = lines[-1][:200] if lines else ""
-            except OSError:
-                pass
+        lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
+        reason = lines[-1][:200] if lines else ""
         group = group_of(trial.config) or "-"
         count = f"[{self._done}/{self.total}] " if self.total else ""
         self._line(f"  {count}{group:<18} {trial.trial_id}  FAILED  {reason}  {self._params(trial)}")
@@ -232,7 +226,7 @@ class OptunaMirror(Callback):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            if self.storage_url.startswith("sqlite:///"):
+            if not self._studies and self.storage_url.startswith("sqlite:///"):  # once, before its first study
                 whole_optuna_db(Path(self.storage_url.removeprefix("sqlite:///")))
             study = optuna.create_study(
                 storage=self.storage_url, study_name=group, load_if_exists=True,
@@ -366,6 +360,7 @@ def disk_full_trials() -> list[str]:
 
 
 def _error_text(trial) -> str:
+    """The end of a failed trial's ``error.txt`` (Tune's record of its errors), or "" when there is none."""
     path = getattr(trial, "error_file", None)
     if not path:
         return ""

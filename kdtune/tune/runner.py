@@ -264,7 +264,7 @@ class _Sweep:
                 self._write_end_state(state, "failed")
                 self._end_parent("FAILED")
                 if is_disk_full(e) and not isinstance(e, DiskFullError):
-                    raise DiskFullError(disk_full_message(self.exp, f"kdtune resume {self.exp}")) from e
+                    raise self._disk_full() from e
                 raise
             finally:
                 if ray_started:
@@ -516,8 +516,11 @@ class _Sweep:
         reset_disk_full()
         results = tuner.fit()
         if disk_full_trials():
-            raise DiskFullError(disk_full_message(self.exp, f"kdtune resume {self.exp}"))
+            raise self._disk_full()
         return results
+
+    def _disk_full(self) -> DiskFullError:
+        return DiskFullError(disk_full_message(self.exp, f"kdtune resume {self.exp}"))
 
     def _callbacks(self, p: SweepPlan, searches, label_total: int):
         from kdtune.tune.callbacks import OptunaMirror, ProgressPrinter
