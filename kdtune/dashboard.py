@@ -110,6 +110,28 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def experiment_id(base: str, name: str, timeout_s: float = 5.0) -> str | None:
+    """The id of experiment ``name`` on the MLflow server at ``base`` (its REST API), None if it has none."""
+    import json
+    from urllib.parse import quote
+
+    url = f"{base.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name={quote(name)}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return str(json.loads(r.read())["experiment"]["experiment_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def runs_line(base: str, name: str) -> str | None:
+    """``runs: <address>``: the sweep's runs table in MLflow's Model training mode, on kdtune's view of all
+    trials (:mod:`kdtune.tracking.views`); None when the server does not know the experiment."""
+    from kdtune.tracking.views import runs_url
+
+    eid = experiment_id(base, name)
+    return None if eid is None else f"{'  trials:':<18}{runs_url(base, eid)}"
+
+
 def plan(exp_dir: Path, uri: str, mlflow_port: int | None, optuna_port: int | None) -> list[tuple]:
     """(name, command, url) of what to start; checks ports and scripts before anything starts."""
     out = []
@@ -138,10 +160,13 @@ def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int 
     from kdtune.report.main import find_experiment_dir, resolve_experiment
 
     exp_dir = find_experiment_dir(experiment, storage)
-    _, _, uri = resolve_experiment(str(exp_dir), None)
+    name, _, uri = resolve_experiment(str(exp_dir), None)
     todo = plan(exp_dir, uri, mlflow_port, optuna_port)
     if not uri.startswith("sqlite:"):
         log(f"MLflow UI: {uri} (the sweep's tracking server)")
+        line = runs_line(uri, name) if uri.startswith(("http://", "https://")) else None
+        if line:
+            log(line)
     if not (exp_dir / "optuna.db").is_file():
         log(f"Optuna dashboard: not started, {exp_dir / 'optuna.db'} does not exist yet (trials are mirrored "
             "as they finish)")  # fmt: skip
@@ -155,13 +180,14 @@ def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int 
 
     previous = signal.signal(signal.SIGTERM, _term)
     try:
-        for name, cmd, url in todo:
-            children.append(Child(name, cmd, url, log_dir))
+        for what, cmd, url in todo:
+            children.append(Child(what, cmd, url, log_dir))
         for c in children:
             log(f"{c.name + ':':<18}{c.url}  (pid {c.proc.pid})")
         log(f"experiment {exp_dir}; logs in {log_dir}; Ctrl-C stops both")
         pending = list(children)
         deadline = time.monotonic() + ready_timeout_s
+        runs_from, runs_until = None, 0.0
         while True:
             for c in children:
                 if c.proc.poll() is not None:
@@ -171,6 +197,13 @@ def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int 
             for c in ready:
                 log(f"{c.name} is answering at {c.url}")
                 pending.remove(c)
+                if c.name == "MLflow UI":  # its API may answer a moment after its first page
+                    runs_from, runs_until = c.url, time.monotonic() + ready_timeout_s
+            if runs_from:  # the address to open: MLflow's own start page is its GenAI home
+                line = runs_line(runs_from, name)
+                if line or time.monotonic() > runs_until:
+                    log(line or f"note: MLflow at {runs_from} does not list experiment {name!r}")
+                    runs_from = None
             if pending and time.monotonic() > deadline:
                 log(f"note: {', '.join(c.name for c in pending)} not answering after {ready_timeout_s:.0f}s; "
                     "still waiting (see the logs)")  # fmt: skip

@@ -73,8 +73,24 @@ def test_dashboard_serves_both_and_ctrl_c_stops_both(experiment):
             pending = [u for u in pending if not answering(u)]
             time.sleep(0.5)
         assert not pending, (pending, lines)
+        # then the address to open: the experiment's runs table in Model training mode, on kdtune's view
+        import threading
+
+        more: list[str] = []
+        reader = threading.Thread(target=lambda: more.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any("trials:" in ln for ln in more) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        lines += [ln.rstrip() for ln in list(more)]
+        trials = [ln.split()[1] for ln in lines if ln.lstrip().startswith("trials:")]
+        assert trials, lines
+        assert trials[0].startswith(children["MLflow UI:"][0] + "/#/experiments/") and trials[0].endswith(
+            "/runs?workflowType=machine_learning&viewStateShareKey=kdtune-trials"), trials
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        rest, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=30)
+        rest = "".join(more)
         assert proc.returncode == 0, lines + rest.splitlines()
         assert "stopping the dashboards" in rest
         for url, pid in children.values():

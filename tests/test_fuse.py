@@ -243,6 +243,8 @@ def test_fused_sweep_members_are_trials(fused_sweep):
         t = next(x for x in rows if x["trial_id"] == r.data.tags["kdtune.trial_id"])
         assert r.info.status == "FINISHED" and r.data.tags["kdtune.outcome"] == t["outcome"]
         assert r.data.tags["kdtune.bundle"] == t["bundle"]
+        # a member's params carry the names a lone trial's do (kd.T, train.lr), not the raw keys
+        assert {"kd.T", "train.lr", "seed", "method"} <= set(r.data.params) and "T" not in r.data.params
         steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))
         assert steps == list(range(1, t["epochs_run"] + 1))
 

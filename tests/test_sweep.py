@@ -158,6 +158,14 @@ def test_mlflow_runs(main_sweep):
     # params named by method and training field; the seed once, as `seed`
     assert all({"kd.T", "kd.w_kd", "train.lr", "train.weight_decay", "seed"} <= set(r.data.params) for r in kd_runs)
     assert not any(k in ("T", "lr", "train.seed") for r in kd_runs for k in r.data.params)
+    # MLflow's runs table opens on saved views: all trials, and each group with the names it searches
+    from kdtune.tracking.views import views_of
+
+    views = views_of(client.get_experiment(parent.info.experiment_id).tags.items())
+    assert "kdtune-trials" in views and "metrics.`val_acc`" in views["kdtune-trials"]["state"]["selectedColumns"]
+    kd_view = [v for k, v in views.items() if k.endswith("-kd")]
+    assert kd_view and all(c.startswith(("metrics.", "params.`kd.", "params.`train.", "params.`method", "params.`student",
+                                         "tags.")) for c in kd_view[0]["state"]["selectedColumns"])  # fmt: skip
     # MLflow's own system metrics, on at least one trial (a trial shorter than one sample has none)
     assert any(k.startswith("system/cpu_utilization") for r in trial_runs for k in r.data.metrics)
     # a completed trial's student is named after its trial, with a signature

@@ -239,6 +239,9 @@ def test_stage_logged_once(sweep, tmp_path):
     run = st.client.get_run(rid)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
     assert run.data.metrics["test_acc"] == 91.5 and run.data.params["model"] == "resnet8x4"
+    # the names a trial run uses: what is trained as it is, training fields as train.<field>
+    assert run.data.params["method"] == "ce" and run.data.params["train.epochs"] == "3"
+    assert not {"epochs", "out", "overwrite", "hp"} & set(run.data.params)
     assert {f.path for f in st.client.list_artifacts(rid, "model")} == {"model/final.pt"}
 
 

@@ -211,7 +211,8 @@ def ensure_experiment(client, name: str, artifact_location: str | None = None) -
     exp = retry_locked(client.get_experiment_by_name, name)
     if exp is None:
         try:
-            # A training experiment: MLflow 3's UI then opens on its runs, not on the GenAI traces overview.
+            # A training experiment (MLflow's kind). The UI of 3.17 opens an experiment by its own GenAI /
+            # Model training switch whatever this says; `kdtune dashboard` prints an address in training mode.
             return retry_locked(client.create_experiment, name, artifact_location=artifact_location,
                                 tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})  # fmt: skip
         except MlflowException as e:

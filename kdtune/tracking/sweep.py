@@ -100,6 +100,22 @@ def _names(value: Any, key: str = "model") -> list[str]:
     return [] if value is None else [str(value)]
 
 
+def stage_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage run's params under the names a trial run uses (:func:`kdtune.tracking.trial.trial_params`):
+    ``model``, ``method``, ``data``, ``seed`` (and ``teacher`` where it has one) as they are, training fields
+    as ``train.<field>``, the method's hyperparameters as ``<method>.<name>``; where the stage keeps its files
+    is its ``kdtune.stage_dir`` tag, not a param."""
+    from kdtune.tracking.trial import trial_params
+
+    cfg = dict(cfg)
+    method = str(cfg.get("method") or "ce")
+    extra = {k: cfg[k] for k in ("model", "method", "data", "seed") if cfg.get(k) is not None}
+    teacher = cfg.get("teacher") or cfg.get("teacher_model")
+    if teacher:
+        extra["teacher"] = teacher
+    return trial_params(method, {}, cfg, extra)
+
+
 def parent_params(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The parent run's params: what a person scanning a list of sweeps wants to read, not the whole spec.
 
@@ -218,6 +234,18 @@ class SweepTracker:
             fname = method if Path(method).suffix else f"{method}.py"
             retry_locked(self.client.log_text, run_id, str(source), f"search_spaces/{slug(fname)}")
         return run_id
+
+    def save_views(self, views: Mapping[str, Mapping[str, Any]]) -> int:
+        """Save ``views`` (:func:`kdtune.tracking.views.sweep_views`) as the experiment's saved views of
+        MLflow's runs table; returns how many tags were written (0 when all were already there). Only the
+        driver calls this: it owns the experiment's tags."""
+        from kdtune.tracking.views import view_tags
+
+        exp = retry_locked(self.client.get_experiment, self.experiment_id)
+        tags = view_tags(views, exp.tags)
+        for key, value in tags.items():
+            retry_locked(self.client.set_experiment_tag, self.experiment_id, key, value)
+        return len(tags)
 
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -342,7 +370,7 @@ class SweepTracker:
 
         The stage is identified by ``key`` (default: a hash of ``name`` and ``cfg``), kept in tag
         ``kdtune.stage_key``; a stage already logged and finished in this experiment is not logged again, and
-        one left unfinished by an interrupted driver is completed. Params: ``cfg`` flattened; metrics: the
+        one left unfinished by an interrupted driver is completed. Params: :func:`stage_params`; metrics: the
         numeric values of ``result`` (at step ``result["epochs"]``); artifacts: ``result.json`` and the
         model file or folder under ``model/``.
         """
@@ -368,7 +396,7 @@ class SweepTracker:
                 self.client.create_run, self.experiment_id, tags=tags, run_name=f"stage-{slug(name)}"
             )
             run_id, existing = run.info.run_id, {}
-        log_params_once(self.client, run_id, cfg, existing)
+        log_params_once(self.client, run_id, stage_params(cfg), existing)
         step = result.get("epochs", 0)
         step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
         flat_result = {clean_key(k): v for k, v in flatten(dict(result)).items()}

@@ -118,6 +118,18 @@ def trial_params(
     return out
 
 
+def logged_names(method: str, names) -> list[str]:
+    """The names :func:`trial_params` logs searched keys under (``beta`` of DKD: ``dkd.beta``; ``lr``:
+    ``train.lr``), in the order given."""
+    from kdtune.tune.trainable import split_config
+
+    out = []
+    for name in names:
+        fields, hp = split_config({name: None}, method)
+        out += [f"{method}.{k}" for k in hp] + [k if k == "seed" else f"train.{k}" for k in fields]
+    return out
+
+
 def model_name(trial_name: str) -> str:
     """A LoggedModel name from a trial name (MLflow allows letters, digits, ``-``, ``_`` and ``.``)."""
     import re

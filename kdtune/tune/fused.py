@@ -381,7 +381,8 @@ class _BundleTrial:
             tr = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, mid,
                               f"{self.trial_name}-m{i}", background=True)  # fmt: skip
             seed = m["config"].get("train.seed", m["config"].get("seed", ctx.base.get("seed")))
-            tr.log_params({**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed, **m["config"]})
+            tr.log_trial_params(ctx.method, m["config"], ctx.base,  # the names a lone trial logs (dkd.beta, train.lr)
+                                {**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed})  # fmt: skip
             tr.set_tags({"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
                          "kdtune.trial_dir": str(self.mfolders[mid]), "kdtune.bundle": self.trial_id,
                          "kdtune.bundle_members": len(self.members), TAG_OUTCOME: "running"})  # fmt: skip

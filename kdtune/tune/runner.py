@@ -336,6 +336,15 @@ class _Sweep:
         state["stages"] = {n: {"dir": str(st.dir), "key": st.key, **st.summary()} for n, st in built.items()}
         return built
 
+    def _save_views(self, p: SweepPlan) -> int:
+        """MLflow's runs table opens with the columns to compare: all trials, and one view per group with
+        the hyperparameters it searches (:mod:`kdtune.tracking.views`)."""
+        from kdtune.tracking.trial import logged_names
+        from kdtune.tracking.views import sweep_views
+
+        groups = [(g.name, logged_names(g.method, g.parameters)) for g in p.groups]
+        return self.tracker.save_views(sweep_views(self.spec.metric, self.spec.mode, groups))
+
     def _run_locked(self, p: SweepPlan, state, data, t0, ray_started) -> SweepResult:
         from kdtune.tune.search import GroupSearch
         from kdtune.tune.trainable import SharedData, TrialContext
@@ -350,6 +359,7 @@ class _Sweep:
                 spec.to_dict(), spaces={m: text for m, (_, text) in p.sources.items()},
                 tags={"kdtune.experiment_dir": str(self.exp), "kdtune.version": __version__},
             )  # fmt: skip
+            self._record("the runs table's saved views", self._save_views, p)
 
         stages = self._build_stages(p, state)
         self.folder.write_state(state)

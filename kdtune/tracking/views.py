@@ -1,0 +1,132 @@
+"""Saved views of MLflow 3's runs table, so that a sweep opens in the UI with the columns a person compares.
+
+MLflow's UI (3.17) shows no parameter or metric column by default, and it keeps the column choice in the
+browser. What it does keep on the server is a *saved view*: an experiment tag
+``mlflow.sharedViewState.<id>`` whose value is ``{"name", "createdAt", "updatedAt", "state"}``, ``state``
+being the runs page's state as JSON (the UI itself writes it deflated, ``deflate;<base64>``, and reads plain
+JSON as well). The page opens one with ``#/experiments/<id>/runs?viewStateShareKey=<id>``, and lists them all
+under "Views". The format was read off the UI's own save (a view saved in the browser, its tag decoded); the
+browser test (``tests/test_ui_browser.py``) opens these views and checks the columns a person sees.
+
+A sweep writes, once its plan is known (the driver owns the experiment's tags):
+
+- ``kdtune-trials``: every trial of the sweep (no parent, no stage), best first by the sweep's metric, with
+  the metric, ``test_acc``, method, student, outcome and the epoch a pruned trial stopped at;
+- ``kdtune-<group>`` per group: that group's trials with the hyperparameters its space searches, under their
+  logged names (``dkd.beta``, ``train.lr``), so that no column mixes two methods' meanings.
+
+The UI's own mode switch (GenAI / Model training) decides what an experiment opens on, whatever the
+``mlflow.experimentKind`` tag says; :func:`runs_url` therefore carries ``workflowType=machine_learning``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote as urlquote
+
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_URL_KEY = "viewStateShareKey"
+ALL_TRIALS = "kdtune-trials"
+MAX_VIEWS = 40  # the UI refuses a 41st saved view of one experiment
+
+
+def _col(kind: str, name: str) -> str:
+    return f"{kind}.`{name}`"
+
+
+def _state(search: str, order_key: str, ascending: bool, columns: list[str]) -> dict[str, Any]:
+    """The runs page's state, every key the UI writes, with kdtune's filter, order and columns."""
+    return {
+        "searchFilter": search,
+        "orderByKey": order_key,
+        "orderByAsc": ascending,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
+
+
+def view_id(group: str | None = None) -> str:
+    """The id of a sweep's view: ``kdtune-trials``, or ``kdtune-<group>`` (letters, digits, ``-``, ``_``)."""
+    if group is None:
+        return ALL_TRIALS
+    import re
+
+    return "kdtune-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", group).strip("-") or "group")
+
+
+def sweep_views(metric: str, mode: str, groups: Sequence[tuple[str, Sequence[str]]]) -> dict[str, dict]:
+    """``{view id: view}`` for a sweep: all trials, then one per ``(group, searched param names)``; each view
+    ``{"name", "state"}``. Capped at the UI's 40 (the all-trials view and the first 39 groups)."""
+    from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
+
+    order, asc = _col("metrics", metric), mode == "min"
+    common = [_col("metrics", metric)] + ([_col("metrics", "test_acc")] if metric != "test_acc" else [])
+    common += [_col("params", "method"), _col("params", "student"), _col("tags", TAG_OUTCOME),
+               _col("tags", TAG_STOPPED_EPOCH)]  # fmt: skip
+    trials = "tags.`kdtune.role` = 'trial'"
+    views = {ALL_TRIALS: {"name": "kdtune: all trials", "state": _state(trials, order, asc, common)}}
+    for group, names in list(groups)[: MAX_VIEWS - 1]:
+        cols = common + [_col("params", n) for n in names]
+        search = f"{trials} AND tags.`kdtune.group` = '{group}'"
+        views[view_id(group)] = {"name": f"kdtune: {group}", "state": _state(search, order, asc, cols)}
+    return views
+
+
+def view_tags(views: Mapping[str, Mapping[str, Any]], existing: Mapping[str, str] | None = None,
+              now_ms: int | None = None) -> dict[str, str]:  # fmt: skip
+    """The experiment tags that hold ``views``; a view already saved keeps its ``createdAt``. A tag whose
+    view is unchanged is left out (nothing to write)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    existing = dict(existing or {})
+    out: dict[str, str] = {}
+    for vid, view in views.items():
+        key = VIEW_TAG_PREFIX + vid
+        state = json.dumps(view["state"], separators=(",", ":"))
+        created = now_ms
+        try:
+            old = json.loads(existing[key])
+            if old.get("state") == state and old.get("name") == view["name"]:
+                continue
+            created = int(old.get("createdAt", now_ms))
+        except (KeyError, ValueError, TypeError, AttributeError):
+            pass
+        out[key] = json.dumps({"name": view["name"], "createdAt": created, "updatedAt": now_ms, "state": state})
+    return out
+
+
+def runs_url(base: str, experiment_id: str, view: str | None = ALL_TRIALS) -> str:
+    """The address of an experiment's runs table in MLflow's UI, in its Model training mode, opened on
+    ``view`` (None: the UI's default)."""
+    url = f"{base.rstrip('/')}/#/experiments/{urlquote(str(experiment_id))}/runs?workflowType=machine_learning"
+    return url + (f"&{VIEW_URL_KEY}={urlquote(view)}" if view else "")
+
+
+def views_of(tags: Iterable[tuple[str, str]]) -> dict[str, dict]:
+    """``{view id: {"name", "state"}}`` of an experiment's tags (a damaged one left out)."""
+    out = {}
+    for key, value in tags:
+        if not key.startswith(VIEW_TAG_PREFIX):
+            continue
+        try:
+            env = json.loads(value)
+            out[key[len(VIEW_TAG_PREFIX) :]] = {"name": env["name"], "state": json.loads(env["state"])}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
