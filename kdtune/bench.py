@@ -425,6 +425,11 @@ LOOP_LABELS = {
 
 
 def format_table(results: list[dict]) -> str:
+    from kdtune.tables import table
+
+    def indent(text: str) -> list[str]:
+        return ["  " + ln for ln in text.splitlines()]
+
     lines = []
     for row in results:
         gf = row["flops_per_image"] / 1e9
@@ -433,34 +438,30 @@ def format_table(results: list[dict]) -> str:
             f"torch {row['torch']}; {gf:.3f} GFLOP/image (teacher fwd {row['teacher_flops'] / 1e9:.3f} + "
             f"student fwd+bwd {row['student_flops'] / 1e9:.3f}); median of {row['repeats']} x {row['steps']} steps"
         )
-        head = f"  {'loop':<40} {'img/s median':>12} {'min':>9} {'max':>9} {'vs ref':>7}"
-        if row.get("peak_flops"):
-            head += f" {'% bf16 peak':>12}"
-        lines.append(head)
+        peak = row.get("peak_flops")
+        head = ["loop", "img/s median", "min", "max", "vs ref"] + (["% bf16 peak"] if peak else [])
         ref = statistics.median(row["reference"]) if "reference" in row else None
+        body = []
         for key, label in LOOP_LABELS.items():
             if key not in row:
                 continue
             vals = row[key]
             med = statistics.median(vals)
-            ratio = f"{med / ref:6.2f}x" if ref else "     - "
-            line = f"  {label:<40} {med:>12,.0f} {min(vals):>9,.0f} {max(vals):>9,.0f} {ratio:>7}"
-            if row.get("peak_flops"):
-                line += f" {100 * med * row['flops_per_image'] / row['peak_flops']:>11.1f}%"
-            lines.append(line)
+            cells = [label, f"{med:,.0f}", f"{min(vals):,.0f}", f"{max(vals):,.0f}", f"{med / ref:.2f}x" if ref else "-"]
+            if peak:
+                cells.append(f"{100 * med * row['flops_per_image'] / peak:.1f}%")
+            body.append(cells)
+        lines += indent(table(head, body, align=["left"] + ["right"] * (len(head) - 1)))
         if row.get("fused"):
             lines.append(
                 "  fused bundles of K students, one teacher forward per batch (median / fastest repeat; "
                 "ratio: total member-images/s vs K = 1)"
             )
-            lines.append(
-                f"  {'K':>4} {'member img/s':>13} {'total img/s':>12} {'vs K=1':>7} {'best total':>11} {'vs K=1':>7}"
-            )
-            for f in row["fused"]:
-                lines.append(
-                    f"  {f['fuse']:>4} {f['member_images_per_s']:>13,.1f} {f['total_images_per_s']:>12,.1f} "
-                    f"{f['ratio_to_1']:>6.2f}x {f['best_total_images_per_s']:>11,.1f} {f['best_ratio_to_1']:>6.2f}x"
-                )
+            head = ["K", "member img/s", "total img/s", "vs K=1", "best total", "vs K=1"]
+            body = [[str(f["fuse"]), f"{f['member_images_per_s']:,.1f}", f"{f['total_images_per_s']:,.1f}",
+                     f"{f['ratio_to_1']:.2f}x", f"{f['best_total_images_per_s']:,.1f}", f"{f['best_ratio_to_1']:.2f}x"]
+                    for f in row["fused"]]  # fmt: skip
+            lines += indent(table(head, body, align=["right"] * len(head)))
         lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -247,7 +247,7 @@ def test_bundle_module_is_free_of_ray_and_mlflow():
     assert "import ray" not in src and "mlflow" not in src
 
 
-def test_bench_fuse_rows_structure(tmp_path):
+def test_bench_fuse_rows_structure(tmp_path, capsys):
     """`kdtune bench --fuse` adds one row per K (K = 1 added) with member and total images/s; no timing asserted."""
     from kdtune.cli import main
 
@@ -257,6 +257,10 @@ def test_bench_fuse_rows_structure(tmp_path):
     assert main(argv) == 0
     rows = json.loads(out.read_text())[0]["fused"]
     assert [r["fuse"] for r in rows] == [1, 2]
+    printed = capsys.readouterr().out.splitlines()  # the printed table: a header, a rule, one line per K
+    head = next(i for i, ln in enumerate(printed) if "member img/s" in ln)
+    assert set(printed[head + 1].strip()) == {"-", " "}
+    assert [ln.split()[0] for ln in printed[head + 2 : head + 4]] == ["1", "2"]
     for r in rows:
         assert r["member_images_per_s"] > 0
         assert r["total_images_per_s"] == pytest.approx(r["fuse"] * r["member_images_per_s"])

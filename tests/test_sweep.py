@@ -417,4 +417,5 @@ def test_live_progress_table_on_a_terminal_lines_in_a_pipe(capsys):
         p.on_trial_complete(0, [], a)
         assert lines == ["  [1/2] resnet8-kd         aaa  done                 val_acc 70.00 (test 69.00)  T=4"]
         cleared = capsys.readouterr().out
-        assert cleared == ("\x1b[4F\x1b[J" if live else "")  # the table goes before the line is printed
+        # the table (count line, header, rule, two trials) goes before the line is printed
+        assert cleared == ("\x1b[5F\x1b[J" if live else "")

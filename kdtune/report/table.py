@@ -25,6 +25,7 @@ from typing import Any
 
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.report.published import published
+from kdtune.tables import table
 from kdtune.tracking.client import TAG_ROLE, TAG_STAGE, TAG_TRIAL_ID, TAG_TRIAL_NAME
 
 SEED_KEYS = ("seed",)
@@ -346,12 +347,8 @@ def format_text(
         lines.append(title)
     header = _header(metric)
     for data in sorted({r["data"] for r in rows}):
-        body = [_cells(r, sources) for r in rows if r["data"] == data]
-        widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
         lines.append(f"data: {data}")
-        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        lines.append("  ".join("-" * w for w in widths))
-        lines.extend("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in body)
+        lines.append(table(header, [_cells(r, sources) for r in rows if r["data"] == data]))
         lines.append("")
     lines.append(protocol_note(metric, mode))
     lines.extend(f"[{i}] {s}" for i, s in enumerate(sources, 1))
@@ -367,11 +364,7 @@ def format_markdown(
         out += [f"# {title}", ""]
     for data in sorted({r["data"] for r in rows}):
         out += [f"## {data}", ""]
-        out.append("| " + " | ".join(_header(metric)) + " |")
-        out.append("|" + "|".join("---" for _ in _header(metric)) + "|")
-        for r in rows:
-            if r["data"] == data:
-                out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r, sources)) + " |")
+        out.append(table(_header(metric), [_cells(r, sources) for r in rows if r["data"] == data], fmt="github"))
         out.append("")
     out.append(protocol_note(metric, mode) + ".")
     if sources:

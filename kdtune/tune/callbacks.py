@@ -99,14 +99,15 @@ class ProgressPrinter(Callback):
         if not self.live or time.time() - self._last_draw < self.refresh_s or not self._running:
             return
         self._last_draw = time.time()
-        rows = [("group", "trial", "epoch", self.metric, "best", "ETA")]
+        from kdtune.tables import table
+
+        rows = []
         for tid, r in sorted(self._running.items(), key=lambda kv: kv[1]["group"]):
             left = (self.epochs - int(r.get("epoch") or 0)) * r["per_epoch"] if r.get("per_epoch") else None
             v, b = r.get("value"), self._best.get(r["group"])
             rows.append((r["group"], tid, f"{r.get('epoch') or 0}/{self.epochs}", f"{v:.2f}" if _finite(v) else "-",
                          f"{b:.2f}" if b is not None else "-", _dur(left) if left is not None else "-"))  # fmt: skip
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+        lines = table(("group", "trial", "epoch", self.metric, "best", "ETA"), rows).splitlines()
         head = f"{self._done}/{self.total} trials done" if self.total else f"{self._done} trials done"
         out = sys.stdout
         if self._drawn:

@@ -102,7 +102,9 @@ class SweepResult:
 
     def table(self) -> str:
         """Best trial per (student, method), as a fixed-width text table."""
-        rows = [("student", "method", "trials", f"best {self.metric}", "test_acc", "hyperparameters")]
+        from kdtune.tables import table
+
+        rows = []
         for g in self.groups:
             b = g.get("best") or {}
             rep = g.get("repeats")
@@ -125,13 +127,7 @@ class SweepResult:
                 counts += f" ({', '.join(extra)})"
             hp = " ".join(f"{k}={_short(v)}" for k, v in (b.get("config") or {}).items()) or "-"
             rows.append((g["student"], g["method"], counts, val, test, hp))
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = []
-        for j, r in enumerate(rows):
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths)) + "  " + str(r[-1]))
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 15)
-        return "\n".join(lines)
+        return table(("student", "method", "trials", f"best {self.metric}", "test_acc", "hyperparameters"), rows)
 
 
 def _num(v: Any) -> str:
