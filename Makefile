@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo demo-train test test-fast test-all faults lint bench install clean
+.PHONY: demo demo-train test test-fast test-all faults lint bench screenshots install clean
 
 $(BIN)/kdtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ test: $(BIN)/kdtune
 
 # The quick loop while editing: no long integration test (slow, gpu, faults, cluster); a few minutes on 2 cores.
 test-fast: $(BIN)/kdtune
-	$(BIN)/python -m pytest -m "not slow and not gpu and not faults and not cluster"
+	$(BIN)/python -m pytest -m "not slow and not gpu and not faults and not cluster and not browser"
 
 # The fault-injection suite alone (killed drivers and workers, damaged files, two drivers, a CPU hog), with
 # its figures; KDTUNE_FAULT_SEED=<seed> replays the kill moments of a failed run.
@@ -44,6 +44,11 @@ lint: $(BIN)/kdtune
 
 bench: $(BIN)/kdtune
 	$(BIN)/kdtune bench --batch 64 512
+
+# The demo experiment as a person sees it: MLflow's runs table, a trial's charts, the parent run and
+# optuna-dashboard, opened by `kdtune dashboard` in headless Chromium (.ci/setup-chromium.sh), into docs/screenshots.
+screenshots: demo
+	$(BIN)/python -m tests.browser runs/sweeps/digits-demo docs/screenshots
 
 clean:
 	rm -rf $(VENV) runs kdtune-experiments

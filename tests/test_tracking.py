@@ -99,7 +99,8 @@ def test_trial_child_run_params_and_metrics(sweep):
     tt.log_params({"method": "kd", "T": 4.0, "nested": {"x": 1}, "none": None})
     for epoch in range(3):
         tt.log_metrics(
-            {"val_acc": 50.0 + epoch, "loss_kd": 0.5, "is_best": True, "note": "x", "skip": None}, step=epoch
+            {"val_acc": 50.0 + epoch, "loss_kd": 0.5, "is_best": True, "note": "x", "skip": None, "epoch": epoch,
+             "epochs": 3, "lr": 0.1, "host_rss_mb": 900.0, "orch_frac": 0.01}, step=epoch  # fmt: skip
         )
     tt.end("FINISHED")
     run = st.client.get_run(tt.run_id)
@@ -107,7 +108,8 @@ def test_trial_child_run_params_and_metrics(sweep):
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["kdtune.trial_id"] == "abc_00000" and run.data.tags["kdtune.role"] == "trial"
     assert run.data.params == {"method": "kd", "T": "4.0", "nested.x": "1", "none": "None"}
-    assert set(run.data.metrics) == {"val_acc", "loss_kd"}  # bool, str, None skipped
+    # bool, str, None skipped; the epoch is the step, not a metric; bookkeeping under system/
+    assert set(run.data.metrics) == {"val_acc", "loss_kd", "lr", "system/host_rss_mb", "system/orch_frac"}
     hist = st.client.get_metric_history(tt.run_id, "val_acc")
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [
         (0, 50.0),

@@ -310,15 +310,32 @@ def as_number(v: Any) -> float | None:
     return None
 
 
+# The engine's bookkeeping figures (timings, throughput, orchestration share, host memory) go to MLflow as
+# "system/<name>": its run page shows those in the System metrics tab beside its own system metrics, and the
+# Model metrics tab keeps the accuracy, loss and learning-rate curves alone. The epoch is each value's step and
+# the number of epochs the param train.epochs: neither is a metric. Only the names MLflow shows change: the
+# engine, Tune and the results files keep the engine's names.
+METRIC_SECTIONS = {k: f"system/{k}" for k in ("train_s", "eval_s", "train_images_per_s", "orch_s", "orch_frac",
+                                              "host_rss_mb")}  # fmt: skip
+NOT_METRICS = frozenset({"epoch", "epochs"})
+
+
+def metric_name(key: str) -> str | None:
+    """The name MLflow shows for the engine's metric ``key`` (``None``: not logged as a metric)."""
+    if key in NOT_METRICS:
+        return None
+    return clean_key(METRIC_SECTIONS.get(key, key))
+
+
 def metric_entities(metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> list:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     out = []
     for k, v in metrics.items():
-        x = as_number(v)
-        if x is not None:
-            out.append(Metric(clean_key(k), x, ts, int(step)))
+        x, name = as_number(v), metric_name(k)
+        if x is not None and name is not None:
+            out.append(Metric(name, x, ts, int(step)))
     return out
 
 
