@@ -177,7 +177,7 @@ def shoot(exp: Path, out: Path) -> dict:
         seen["shots"].append(_shot(page, out, "mlflow-parent"))
 
         page.goto(dash.optuna_url + "/dashboard")
-        group = spec["groups"][0]["group"]
+        group = max(spec["groups"], key=lambda g: g.get("trials", 0))["group"]  # the group with most trials
         _settle(page, group)
         seen["studies"] = {"text": page.inner_text("body")}
         seen["shots"].append(_shot(page, out, "optuna-studies"))
