@@ -112,31 +112,36 @@ def _shot(page, out: Path, name: str) -> str:
 def study_id(exp: Path, group: str) -> int:
     import optuna
 
-    return optuna.load_study(study_name=group, storage=f"sqlite:///{exp / 'optuna.db'}")._study_id
+    return optuna.storages.RDBStorage(f"sqlite:///{exp / 'optuna.db'}").get_study_id_from_name(group)
 
 
 def shoot(exp: Path, out: Path) -> dict:
     """Open the experiment's pages, screenshot each into ``out`` and return what they showed:
 
     - ``runs``: the trials view of the runs table: its column headers and the run names it lists;
-    - ``trial``: one trial's metric charts (the best trial): the chart titles;
+    - ``trial``: the best trial's Model metrics tab: its text, and for each of :data:`CHART_KEYS` whether the
+      tab has that chart;
     - ``parent``: the sweep's parent run: its description, metrics and artifacts as the page shows them;
-    - ``studies``: optuna-dashboard's study list; ``study``: the first study's page (objective name, states).
+    - ``studies``: optuna-dashboard's study list; ``study`` and ``study_trials``: the page and the trial list
+      of the study of the group with the most trials (objective name, states).
     """
     from mlflow import MlflowClient
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
+
+    from kdtune.tracking.client import search_all_runs
 
     exe, why = chromium()
     if why:
         raise RuntimeError(why)
     out.mkdir(parents=True, exist_ok=True)
-    spec = json.loads((exp / "results.json").read_text())
+    results = json.loads((exp / "results.json").read_text())
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
-    eid = client.get_experiment_by_name(spec["name"]).experiment_id
-    runs = client.search_runs([eid], max_results=1000)
+    eid = client.get_experiment_by_name(results["name"]).experiment_id
+    runs = search_all_runs(client, [eid])
     trials = [r for r in runs if r.data.tags.get("kdtune.role") == "trial"]
     parent = next(r for r in runs if r.data.tags.get("kdtune.role") == "parent")
-    best = max(trials, key=lambda r: r.data.metrics.get(spec["metric"], float("-inf")))
+    best = max(trials, key=lambda r: r.data.metrics.get(results["metric"], float("-inf")))
     seen: dict = {"shots": []}
     with Dashboard(exp) as dash, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, args=ARGS)
@@ -155,7 +160,7 @@ def shoot(exp: Path, out: Path) -> dict:
         page.get_by_role("link", name=best.info.run_name, exact=True).first.click()
         _settle(page, "Model metrics")
         page.get_by_role("tab", name="Model metrics").first.click()
-        _settle(page, spec["metric"])
+        _settle(page, results["metric"])
         page.wait_for_timeout(3000)  # the charts draw after their data arrives
         seen["trial"] = {"text": page.inner_text("body"), "name": best.info.run_name, "charts": {}}
         seen["shots"].append(_shot(page, out, "mlflow-trial-charts"))
@@ -167,7 +172,7 @@ def shoot(exp: Path, out: Path) -> dict:
             try:
                 legend.first.wait_for(timeout=5000)
                 seen["trial"]["charts"][key] = True
-            except Exception:  # noqa: BLE001 - no such chart on this tab
+            except PlaywrightTimeout:  # no such chart on this tab
                 seen["trial"]["charts"][key] = False
         search.fill("")
 
@@ -177,7 +182,7 @@ def shoot(exp: Path, out: Path) -> dict:
         seen["shots"].append(_shot(page, out, "mlflow-parent"))
 
         page.goto(dash.optuna_url + "/dashboard")
-        group = max(spec["groups"], key=lambda g: g.get("trials", 0))["group"]  # the group with most trials
+        group = max(results["groups"], key=lambda g: g.get("trials", 0))["group"]  # the group with most trials
         _settle(page, group)
         seen["studies"] = {"text": page.inner_text("body")}
         seen["shots"].append(_shot(page, out, "optuna-studies"))

@@ -315,8 +315,7 @@ def as_number(v: Any) -> float | None:
 # Model metrics tab keeps the accuracy, loss and learning-rate curves alone. The epoch is each value's step and
 # the number of epochs the param train.epochs: neither is a metric. Only the names MLflow shows change: the
 # engine, Tune and the results files keep the engine's names.
-METRIC_SECTIONS = {k: f"system/{k}" for k in ("train_s", "eval_s", "train_images_per_s", "orch_s", "orch_frac",
-                                              "host_rss_mb")}  # fmt: skip
+SYSTEM_METRICS = frozenset({"train_s", "eval_s", "train_images_per_s", "orch_s", "orch_frac", "host_rss_mb"})
 NOT_METRICS = frozenset({"epoch", "epochs"})
 
 
@@ -324,7 +323,7 @@ def metric_name(key: str) -> str | None:
     """The name MLflow shows for the engine's metric ``key`` (``None``: not logged as a metric)."""
     if key in NOT_METRICS:
         return None
-    return clean_key(METRIC_SECTIONS.get(key, key))
+    return clean_key(f"system/{key}" if key in SYSTEM_METRICS else key)
 
 
 def metric_entities(metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> list:
