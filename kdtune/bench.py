@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdtune.engine.bundle import DEFAULT_MODE, MODES
+
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
 BF16_PEAK_TFLOPS = {
     "H200": 989.0,
@@ -70,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="K",
         help="also measure fused bundles of K students sharing one teacher forward (K = 1 is always added)",
+    )
+    p.add_argument(
+        "--fuse-mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help="how a bundle runs its stacked student (default auto: the faster of grouped and loop, timed)",
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not in the table")
@@ -214,9 +222,10 @@ def kdtune_loop(
     return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
 
 
-def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, k: int):
-    """``run_steps(n)`` of a :class:`~kdtune.engine.bundle.Bundle` of ``k`` KD students (lr and seed differ per
-    member): one teacher forward and one backward per step for all ``k``."""
+def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, k: int, mode: str = DEFAULT_MODE):
+    """``(run_steps(n), mode)`` of a :class:`~kdtune.engine.bundle.Bundle` of ``k`` KD students (lr and seed
+    differ per member): one teacher forward and one backward per step for all ``k``; ``mode`` is the one the
+    bundle runs (``"auto"`` resolved)."""
     from kdtune.config import TrainConfig
     from kdtune.engine.bundle import Bundle
 
@@ -237,7 +246,7 @@ def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device
         )
         for i in range(k)
     ]
-    fused = Bundle(cfgs, data=bundle)
+    fused = Bundle(cfgs, data=bundle, mode=mode)
     state = {"epoch": 0}
 
     def run_steps(n: int) -> None:
@@ -248,7 +257,7 @@ def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device
             if left > 0:
                 state["epoch"] += 1
 
-    return run_steps
+    return run_steps, fused.mode
 
 
 def time_interleaved(runners: dict, warmup: int, steps: int, repeats: int, sync) -> dict[int, list[float]]:
@@ -268,7 +277,7 @@ def time_interleaved(runners: dict, warmup: int, steps: int, repeats: int, sync)
     return out
 
 
-def fused_rows(secs_by_k: dict[int, list[float]], batch: int, steps: int) -> list[dict]:
+def fused_rows(secs_by_k: dict[int, list[float]], batch: int, steps: int, modes: dict[int, str] | None = None) -> list[dict]:
     """One row per K. ``member_images_per_s``: the images/s each member trains at (median over the repeats);
     ``total_images_per_s``: K times that, the member-images the bundle trains per second; ``ratio_to_1``: the
     total over K = 1's, the bundle's speed-up for a sweep; ``best_*``: the same from the fastest repeat (a
@@ -281,6 +290,7 @@ def fused_rows(secs_by_k: dict[int, list[float]], batch: int, steps: int) -> lis
         rows.append(
             {
                 "fuse": k,
+                "mode": (modes or {}).get(k),
                 "member_images_per_s": med,
                 "total_images_per_s": k * med,
                 "ratio_to_1": k * med / one,
@@ -400,12 +410,12 @@ def run(args) -> list[dict]:
                     )
                     row["kdtune+compile"] = [batch * steps / s for s in secs]
             if fuse is not None and args.only != "reference":
-                runners = {
-                    k: fused_steps(bundle, ckpt, args.student, batch, device, k) for k in sorted({1, *fuse})
-                }
+                mode = getattr(args, "fuse_mode", DEFAULT_MODE)
+                built = {k: fused_steps(bundle, ckpt, args.student, batch, device, k, mode) for k in sorted({1, *fuse})}
+                runners = {k: run_steps for k, (run_steps, _) in built.items()}
                 secs_by_k = time_interleaved(runners, warmup, steps, args.repeats, lambda: _sync(device))
-                del runners
-                row["fused"] = fused_rows(secs_by_k, batch, steps)
+                row["fused"] = fused_rows(secs_by_k, batch, steps, {k: m for k, (_, m) in built.items()})
+                del runners, built
             row["peak_flops"] = peak
             results.append(row)
     return results
@@ -457,8 +467,8 @@ def format_table(results: list[dict]) -> str:
                 "  fused bundles of K students, one teacher forward per batch (median / fastest repeat; "
                 "ratio: total member-images/s vs K = 1)"
             )
-            head = ["K", "member img/s", "total img/s", "vs K=1", "best total", "vs K=1"]
-            body = [[str(f["fuse"]), f"{f['member_images_per_s']:,.1f}", f"{f['total_images_per_s']:,.1f}",
+            head = ["K", "mode", "member img/s", "total img/s", "vs K=1", "best total", "vs K=1"]
+            body = [[str(f["fuse"]), f.get("mode") or "-", f"{f['member_images_per_s']:,.1f}", f"{f['total_images_per_s']:,.1f}",
                      f"{f['ratio_to_1']:.2f}x", f"{f['best_total_images_per_s']:,.1f}", f"{f['best_ratio_to_1']:.2f}x"]
                     for f in row["fused"]]  # fmt: skip
             lines += indent(table(head, body, align=["right"] * len(head)))

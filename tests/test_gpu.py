@@ -69,3 +69,30 @@ def test_bench_reports_the_peak_fraction_on_gpu(tmp_path):
     if any(k in row["device"] for k in BF16_PEAK_TFLOPS):  # a device of the peak table: the share is printed
         assert row["peak_flops"] > 1e14
     assert min(row["kdtune"]) > 0 and min(row["reference"]) > 0
+
+
+def test_grouped_bundle_on_cuda_stays_grouped_and_trains(tmp_path):
+    """The grouped student passes its probe on the GPU (TF32 and bf16 rounding are not a mixed channel), its
+    members train, and member 1's logits are those of its own weights run alone (bf16 autocast tolerance)."""
+    from torch.func import functional_call
+
+    from kdtune.engine import Bundle
+    from kdtune.models import create_model
+    from kdtune.models.checkpoint import save_model
+
+    teacher = tmp_path / "t.pt"
+    save_model(teacher, create_model("resnet32x4", 100, 3), "resnet32x4", 100, 3, {})
+    base = dict(data="cifar100", model="resnet8x4", method="kd", teacher=str(teacher), epochs=1, batch_size=64,
+                device="cuda", val_fraction=0.0)  # fmt: skip
+    cfgs = [TrainConfig.from_dict(dict(base, seed=s, lr=0.05 / (s + 1))) for s in range(4)]
+    bundle = Bundle(cfgs, data=_bundle(512))
+    assert bundle.mode == "grouped" and bundle.device.type == "cuda"
+    (epoch,) = list(bundle.run())
+    assert [m["member"] for m in epoch] == [0, 1, 2, 3] and all(math.isfinite(m["train_loss"]) for m in epoch)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    bundle._train_mode(False)
+    with torch.no_grad():
+        got = bundle._forward_eval(bundle.params, bundle.buffers, x).float()
+        student = bundle.sync_member(1).student.eval()
+        want = functional_call(student, dict(student.named_parameters()) | dict(student.named_buffers()), (x,))
+    assert (got[1] - want).abs().max().item() <= 2e-2 * want.abs().max().clamp_min(1.0).item()

@@ -15,24 +15,27 @@ What a bundle shares and what it keeps per member:
   history and best epoch.
 
 The student is stacked with ``torch.func.stack_module_state``: per-member parameters and BatchNorm statistics
-live in ``(K, ...)`` tensors, and one backward serves all K members. Two ways to run it (``mode``):
+live in ``(K, ...)`` tensors, and one backward serves all K members. Three ways to run it (``mode``):
 
-- ``"loop"`` (default): each member's slice (``unbind`` views of the stacked tensors) runs through
-  ``functional_call`` with the lone model's kernels, the K outputs are stacked, and the summed loss is
-  back-propagated once (``unbind``'s backward stacks the K gradients in one op). BatchNorm updates its
-  running statistics in place in the views. Bit for bit equal to lone runs on the CPU.
-- ``"vmap"``: ``vmap(functional_call)`` over the stacked tensors, one batched call for all K (vmap's
-  convolution rule issues the grouped convolutions HFTA writes by hand); BatchNorm's stacked buffers are
-  updated in place under vmap. Equal to lone runs up to the rounding of the batched kernels.
+- ``"grouped"`` (default, :data:`DEFAULT_MODE`): HFTA's fusion. :func:`widen` builds the student once more as
+  one wide module: each ``Conv2d`` with K times the channels in K times the groups, each ``BatchNorm2d`` over
+  K times the channels (member i's statistics are channels ``i*C .. i*C+C-1``: per member, as lone models keep
+  them), each ``Linear`` one ``bmm`` (:class:`GroupedLinear`). The stacked tensors are passed to it as views
+  (gradients and BatchNorm's in-place updates land in the stacks), the batch is repeated once per member
+  along the channels, in channels-last layout. One kernel per layer for K members instead of K. A model with
+  another kind of parametrised module, or a dropout, or whose grouped forward disagrees with the lone one on a
+  probe batch (a forward that mixes channels would mix members), runs as ``"loop"``, said in one log line.
+- ``"loop"``: each member's slice (``unbind`` views of the stacked tensors) runs through ``functional_call``
+  with the lone model's kernels, the K outputs are stacked, and the summed loss is back-propagated once
+  (``unbind``'s backward stacks the K gradients in one op). Bit for bit equal to lone runs on the CPU.
+- ``"vmap"``: ``vmap(functional_call)`` over the stacked tensors, one batched call for all K; BatchNorm's
+  stacked buffers are updated in place under vmap.
 
-Chosen by measurement on this CPU (2 cores shared with other jobs; resnet8x4, batch 64, 100 classes,
-forward + backward, min of 3 interleaved repeats): 4 separate models 1.41 s, ``loop`` with K = 4 1.53 s,
-``vmap`` with K = 4 2.73 s (a resnet32x4 teacher forward: 0.50 s). On the CPU the batched kernels are ~1.9x
-slower than K plain ones, so the default is ``loop``; the bundle's gain there is the teacher forward run once
-per batch instead of K times (the teacher's forward costs about twice the student's forward and backward) plus
-one loader pass for K members. ``vmap`` (one kernel launch for K students) is kept for GPUs, where it has not
-been measured yet; both modes are tested for exactness. Hand-written grouped convolutions would need a second
-implementation of every model; vmap already generates them.
+Chosen by measurement on this CPU (2 cores, resnet8 on digits, batch 64, forward + backward of the student,
+one thread): ``grouped`` 28.4 ms against ``loop`` 41.5 ms at K = 4, 51.5 against 82.9 ms at K = 8; ``vmap``
+is slower than ``loop`` (resnet8x4, K = 4: 2.73 s against 1.53 s for the same steps), as its batched
+convolutions are on this CPU. On a GPU none of the three has been measured yet; grouped convolutions are the
+form HFTA measured there.
 
 Optimisers (:class:`StackedOptimizer`): SGD (momentum, Nesterov, weight decay; dampening 0) and AdamW
 (betas 0.9/0.999, eps 1e-8) with torch.optim's single-tensor arithmetic applied to each member's slices, with
@@ -40,8 +43,10 @@ per-member lr, momentum, Nesterov flag and weight decay; the step and cosine sch
 (:func:`~kdtune.engine.schedule.lr_factor`) are evaluated per member. Members must share the optimiser kind.
 
 Exactness: on the CPU in fp32 member ``i`` ends with the weights of the same config trained alone by
-:class:`~kdtune.engine.trainer.Trainer` on the same data seed: bit for bit with ``mode="loop"``, within
-``atol 1e-5`` with ``mode="vmap"`` (``tests/test_bundle.py``: two epochs, every fusable method, SGD and AdamW).
+:class:`~kdtune.engine.trainer.Trainer` on the same data seed: bit for bit with ``mode="loop"``; with
+``"vmap"`` and ``"grouped"`` up to the rounding of their kernels (``grouped``: 2e-6 relative on one forward),
+which training at initialisation amplifies: ``tests/test_bundle.py`` checks every fusable method, SGD and
+AdamW, within ``atol 1e-5`` after two epochs (``grouped``: one batch an epoch; AdamW ``5e-5``).
 For methods with trainable modules (IPWD's extra head) a member reads the teacher (and init) checkpoint again
 after creating its student, so the global RNG that initialises the module is where a lone run has it.
 
@@ -105,10 +110,10 @@ FUSABLE_FIELDS = (
     "resume",
 )
 BUNDLE_FORMAT = 1
-MODES = (
-    "loop",
-    "vmap",
-)  # how the stacked student runs (module docstring: measured, loop is faster on the CPU)
+MODES = ("auto", "grouped", "loop", "vmap")  # how the stacked student runs (the module docstring)
+DEFAULT_MODE = "auto"
+AUTO_CANDIDATES = ("grouped", "loop")  # what "auto" times; vmap is slower than loop on the CPU (measured)
+AUTO_CLEAR = 1.2  # "auto": a ratio of step times that one timed step each decides
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
 
@@ -133,7 +138,7 @@ def check_bundle(cfgs: Sequence[TrainConfig]) -> None:
         )
     if cfgs[0].compile:
         raise ConfigError(
-            "compile=true cannot be fused into a bundle (vmap over the stacked student); drop it"
+            "compile=true cannot be fused into a bundle (the stacked student is not compiled); drop it"
         )
     seen: dict[str, int] = {}
     for i, cfg in enumerate(cfgs):
@@ -156,6 +161,76 @@ def _per_member(fwd, params: dict[str, Tensor], buffers: dict[str, Tensor], x: T
     if feats:
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
     return torch.stack(outs)
+
+
+class GroupedLinear(nn.Module):
+    """K linear layers side by side, one ``bmm``: ``(B, K*F)`` (member-major channels) or ``(K, B, F)`` in,
+    ``(K, B, O)`` out; ``weight`` ``(K, O, F)`` and ``bias`` ``(K, O)`` are the stacked members' own."""
+
+    def __init__(self, k: int, lin: nn.Linear):
+        super().__init__()
+        self.k = k
+        self.weight = nn.Parameter(torch.empty(k, lin.out_features, lin.in_features, device="meta"))
+        self.bias = nn.Parameter(torch.empty(k, lin.out_features, device="meta")) if lin.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            x = x.view(x.shape[0], self.k, -1).transpose(0, 1)
+        out = torch.bmm(x, self.weight.transpose(1, 2))
+        return out if self.bias is None else out + self.bias.unsqueeze(1)
+
+
+def widen(model: nn.Module, k: int) -> nn.Module | str:
+    """``model``'s K members as one module on the meta device (HFTA's fusion): each ``Conv2d`` with K times
+    the channels in K times the groups, each ``BatchNorm2d`` over K times the channels (the statistics of
+    channel c of member i are those of channel i*C + c: per member, as K lone models keep them), each
+    ``Linear`` a :class:`GroupedLinear`. Returns why not (a string) when ``model`` holds another module with
+    parameters or buffers, or a dropout (its masks would not be the lone runs' draws)."""
+    wide = copy.deepcopy(model).to("meta")
+    for mod in list(wide.modules()):
+        for cn, c in list(mod.named_children()):
+            if isinstance(c, nn.Conv2d):
+                setattr(mod, cn, nn.Conv2d(k * c.in_channels, k * c.out_channels, c.kernel_size, c.stride, c.padding,
+                                           c.dilation, k * c.groups, c.bias is not None, c.padding_mode,
+                                           device="meta"))  # fmt: skip
+            elif isinstance(c, nn.BatchNorm2d):
+                setattr(mod, cn, nn.BatchNorm2d(k * c.num_features, c.eps, c.momentum, c.affine,
+                                                c.track_running_stats, device="meta"))  # fmt: skip
+            elif isinstance(c, nn.Linear):
+                setattr(mod, cn, GroupedLinear(k, c))
+    for name, mod in wide.named_modules():
+        if isinstance(mod, nn.Dropout | nn.Dropout2d) and mod.p > 0:
+            return f"its {name} is a dropout"
+        if not isinstance(mod, nn.Conv2d | nn.BatchNorm2d | GroupedLinear) and (
+            any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
+        ):
+            return f"its {name} ({type(mod).__name__}) has no grouped form"
+    return wide
+
+
+def grouped_forward(wide: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+                    feats: bool):  # fmt: skip
+    """The K members' forward in one call of :func:`widen`'s module: their stacked tensors seen as the wide
+    module's (views: gradients and BatchNorm's in-place updates reach the stacks), the batch repeated once per
+    member along the channels, channels-last (mkldnn's grouped convolutions are fastest so). Returns
+    ``(K, B, classes)`` logits (and ``(K, B, F)`` features), as vmap does."""
+    k = next(iter(params.values())).shape[0]
+    mods = dict(wide.named_modules())
+    p = {n: v if isinstance(mods[n.rpartition(".")[0]], GroupedLinear) else v.view(-1, *v.shape[2:])
+         for n, v in params.items()}  # fmt: skip
+    b = {n: v[0] if v.dim() == 1 else v.view(-1, *v.shape[2:]) for n, v in buffers.items()}
+    xs = x.repeat(1, k, 1, 1)
+    if xs.dim() == 4:
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    out = functional_call(wide, (p, b), (xs,), {"return_features": True} if feats else {})
+    with torch.no_grad():  # num_batches_tracked: member 0's counter was the one passed; every member's moves
+        for v in buffers.values():
+            if v.dim() == 1 and v.shape[0] > 1:
+                v[1:].copy_(v[0])
+    if feats:
+        logits, f = out
+        return logits, f.view(f.shape[0], k, -1).transpose(0, 1)
+    return out
 
 
 class Member:
@@ -302,7 +377,7 @@ class Bundle:
         data: DataBundle | None = None,
         *,
         keys: Sequence[Hashable] | None = None,
-        mode: str = "loop",
+        mode: str = DEFAULT_MODE,
         log: Callable[[str], None] | None = None,
         progress: bool = False,
         teacher_info: dict[str, Any] | None = None,
@@ -312,7 +387,9 @@ class Bundle:
         check_bundle(cfgs)
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not valid; choose one of {', '.join(MODES)}")
-        self.mode = mode
+        self.requested_mode = mode
+        self.mode = mode  # the mode in use ("auto" resolved by _stack)
+        self.mode_timings: dict[str, float] = {}  # "auto": seconds of one student step per candidate
         keys = list(range(len(cfgs))) if keys is None else list(keys)
         if len(keys) != len(cfgs) or len(set(keys)) != len(keys):
             raise ConfigError(f"keys={keys} must be {len(cfgs)} distinct names, one per config")
@@ -376,7 +453,73 @@ class Bundle:
             nesterov=[c.nesterov for c in cfgs],
             weight_decay=[c.weight_decay for c in cfgs],
         )
+        if self.requested_mode == "auto":
+            self._choose_mode()
+        else:
+            self._build_forward(self.requested_mode)
+
+    def _choose_mode(self) -> None:
+        """``mode="auto"``: the candidate whose student forward and backward (a batch of the training shape,
+        on copies of the stacks: nothing is trained) is the fastest here, timed interleaved after one warm-up
+        each, best of 2 unless the first timed step of each already differs by :data:`AUTO_CLEAR`. A resumed
+        bundle decides again: the two modes differ by rounding only. Grouped kernels win where the layers are small (launch and per-op overhead), the
+        loop of lone kernels where they are large enough to run near the device's peak already."""
+        timings: dict[str, float] = {}
+        forwards = {}
+        for mode in AUTO_CANDIDATES:
+            self._build_forward(mode)
+            if self.mode == mode:  # grouped may have fallen back to the loop
+                forwards[mode] = self._forward
+        if len(forwards) > 1:
+            for rep in range(3):  # rep 0 warms up (first-call allocations, kernel selection)
+                for mode, fwd in forwards.items():
+                    t = self._step_seconds(fwd)
+                    if rep:
+                        timings[mode] = min(timings.get(mode, t), t)
+                if rep == 1 and max(timings.values()) > AUTO_CLEAR * min(timings.values()):
+                    break  # clear after one timed step each: a second is not worth its time
+        best = min(timings, key=timings.get) if timings else "loop"
+        self._build_forward(best)
+        self.mode_timings = timings
+        if timings:
+            ms = ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in timings.items())
+            self.log(f"bundle: {self.size} x {self.members[0].cfg.model} run {best} (one student step: {ms})")
+
+    def _step_seconds(self, fwd) -> float:
+        """Seconds of one forward and backward of the stacked student through ``fwd``, on a random batch of
+        the training batch's shape and copies of the stacked tensors (the bundle's own are not touched)."""
+        lead, d = self.shared, self.shared.data
+        n = max(1, min(lead.cfg.batch_size, len(d.train.y)))
+        x = torch.randn(n, d.in_channels, d.image_size, d.image_size, device=self.device,
+                        generator=torch.Generator(self.device).manual_seed(0))  # not the global RNG: runs' own
+        if lead.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        buffers = {k: v.clone() for k, v in self.buffers.items()}
+        self._train_mode(True)
+        lead._sync()
+        t0 = time.perf_counter()
+        with lead.autocast():
+            out = fwd(params, buffers, x)
+        logits = out[0] if isinstance(out, tuple) else out
+        logits.float().logsumexp(-1).sum().backward()
+        lead._sync()
+        return time.perf_counter() - t0
+
+    def _build_forward(self, mode: str) -> None:
+        """The stacked student's forward in ``mode`` for the current members (again after :meth:`drop`: K
+        changed); sets :attr:`mode` (``"grouped"`` falls back to ``"loop"`` when it cannot run)."""
         feats = self.method_cls.needs_student_features
+        self.wide = None
+        if mode == "grouped":
+            self.wide = widen(self.base, self.size)
+            why = self.wide if isinstance(self.wide, str) else None
+            if why is None and not self._grouped_agrees():
+                why = "its grouped forward differs from the lone model's on a probe batch"
+            if why is not None:
+                self.log(f"bundle: {self.members[0].cfg.model} runs its members one after another (mode loop): {why}")
+                mode, self.wide = "loop", None
+        self.mode = mode
 
         def fwd(p, b, x):
             return functional_call(self.base, (p, b), (x,), {"return_features": True} if feats else {})
@@ -384,12 +527,46 @@ class Bundle:
         def fwd_eval(p, b, x):
             return functional_call(self.base, (p, b), (x,))
 
-        if self.mode == "vmap":
+        if mode == "grouped":
+            wide = self.wide
+            self._forward = lambda p, b, x: grouped_forward(wide, p, b, x, feats)
+            self._forward_eval = lambda p, b, x: grouped_forward(wide, p, b, x, False)
+        elif mode == "vmap":
             self._forward = vmap(fwd, in_dims=(0, 0, None), randomness="different")
             self._forward_eval = vmap(fwd_eval, in_dims=(0, 0, None), randomness="different")
         else:
             self._forward = lambda p, b, x: _per_member(fwd, p, b, x, feats)
             self._forward_eval = lambda p, b, x: _per_member(fwd_eval, p, b, x, False)
+
+    def _train_mode(self, on: bool) -> None:
+        for module in (self.base, self.wide):
+            if module is not None:
+                module.train(on)
+
+    @torch.no_grad()
+    def _grouped_agrees(self) -> bool:
+        """Whether the grouped student computes what K lone students compute, on one random batch in eval mode
+        (no statistic changes): a model whose forward mixes channels (a concatenation, a channel shuffle) would
+        mix the members' channels, and is run in the loop instead."""
+        d = self.shared.data
+        x = torch.randn(2, d.in_channels, d.image_size, d.image_size, device=self.device,
+                        generator=torch.Generator(self.device).manual_seed(0))  # fmt: skip
+        self.wide.eval(), self.base.eval()
+
+        def lone(p, b, x):
+            return functional_call(self.base, (p, b), (x,))
+
+        try:
+            want = _per_member(lone, self.params, self.buffers, x, False)
+            got = grouped_forward(self.wide, self.params, self.buffers, x, False)
+        except (RuntimeError, ValueError):
+            return False
+        finally:
+            self.wide.train(), self.base.train()
+        # A mixed channel changes the logits by their own size; rounding (TF32 convolutions on a GPU: ~1e-3
+        # relative) stays far below this bound.
+        scale = want.abs().max().clamp_min(1.0)
+        return got.shape == want.shape and bool(((got - want).abs().max() <= 1e-2 * scale).item())
 
     # ------------------------------------------------------------------ members
     @property
@@ -426,6 +603,8 @@ class Bundle:
             self.buffers = {n: v.index_select(0, sel) for n, v in self.buffers.items()}
             self.optimizer.stacked = [self.params[n] for n in self.param_names]
             self.optimizer.keep(keep)
+            if self.mode == "grouped":
+                self._build_forward("grouped")  # K changed: a narrower wide module
         return member
 
     @torch.no_grad()
@@ -463,7 +642,7 @@ class Bundle:
         Returns (per member: summed loss terms as device tensors, steps, images per member, seconds).
         """
         lead, mcls = self.shared, self.method_cls
-        self.base.train()
+        self._train_mode(True)
         for m in self.members:
             m.method_modules.train()
         sums: list[dict[str, Tensor]] = [{} for _ in self.members]
@@ -526,7 +705,7 @@ class Bundle:
     @torch.no_grad()
     def evaluate(self, loader) -> list[dict[str, float]]:
         """Accuracy (%) and mean cross-entropy of every member on ``loader``, one vmapped forward per batch."""
-        self.base.eval()
+        self._train_mode(False)
         k = self.size
         correct = torch.zeros(k, device=self.device)
         loss_sum = torch.zeros(k, device=self.device)
@@ -539,7 +718,7 @@ class Bundle:
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, b).sum(1)
             correct += (logits.argmax(-1) == y).sum(1)
             n += b
-        self.base.train()
+        self._train_mode(True)
         n = max(n, 1)
         return [{"acc": 100.0 * c / n, "loss": s / n} for c, s in zip(correct.tolist(), loss_sum.tolist())]
 
@@ -598,6 +777,7 @@ class Bundle:
         m = self.sync_member(key)
         res = run_result(m, data_resident_bytes=self.shared.data_resident_bytes(), device=self.device)
         res["bundle_size"] = self.size
+        res["bundle_mode"] = self.mode
         return res
 
     def save_model(self, key: Hashable, path: str | Path) -> None:

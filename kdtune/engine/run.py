@@ -140,6 +140,7 @@ def iter_train_bundle(
     log: Callable[[str], None] | None = None,
     progress: bool = False,
     data=None,
+    mode: str | None = None,
 ) -> Generator[list[dict[str, Any]], None, list[dict[str, Any]]]:
     """Train ``cfgs`` as one fused :class:`~kdtune.engine.bundle.Bundle`, yielding per epoch the list of the
     members' metrics dicts; the return value is the list of their result dicts, in the order of ``cfgs``.
@@ -148,9 +149,11 @@ def iter_train_bundle(
     state.pt, best.pt, final.pt, result.json); ``resume=true`` continues from the members' state.pt files
     (a finished member's result.json is read back and it does not train again). A member whose loss
     diverges is dropped: its entry is ``{"status": "diverged", "error": ..., "epochs": ..., "config": ...}``
-    and its directory gets no result.json, as a lone diverged run's does not.
+    and its directory gets no result.json, as a lone diverged run's does not. ``mode`` is how the stacked
+    student runs (:data:`~kdtune.engine.bundle.MODES`; default :data:`~kdtune.engine.bundle.DEFAULT_MODE`):
+    ``"loop"`` is bit for bit a lone run's arithmetic, ``"grouped"`` the fastest.
     """
-    from kdtune.engine.bundle import Bundle
+    from kdtune.engine.bundle import DEFAULT_MODE, Bundle
 
     cfgs = [as_config(c) for c in cfgs]
     log = log or (lambda s: None)
@@ -166,7 +169,8 @@ def iter_train_bundle(
     if not todo:
         return results
     t_start = time.perf_counter()
-    bundle = Bundle([cfgs[i] for i in todo], data=data, keys=todo, log=log, progress=progress)
+    bundle = Bundle([cfgs[i] for i in todo], data=data, keys=todo, log=log, progress=progress,
+                    mode=mode or DEFAULT_MODE)
     states = [i for i in todo if outs[i] is not None and cfgs[i].resume and (outs[i] / "state.pt").exists()]
     if states and len(states) != len(todo):
         fresh = sorted(set(todo) - set(states))
