@@ -23,11 +23,11 @@ from kdtune.models.checkpoint import save_model
 # runs batched kernels that round differently; training at initialisation is chaotic (a 1e-7 change of the
 # weights grows to 1e-3 within an epoch at lr 0.05), so the comparison uses few steps and modest learning
 # rates, where that rounding stays below 1e-5.
-ATOL = {"loop": 0.0, "vmap": 1e-5, "grouped": 1e-5}
+ATOL = {"loop": 0.0, "vmap": 1e-5, "grouped": 1e-5, "loop_cl": 1e-5}
 # AdamW's first steps are about lr * sign(g) / (1 + eps / |g|): where a gradient is a few eps, a relative
 # rounding of 1e-6 moves the step by a larger share. grouped's two AdamW steps at lr 1e-3 end within 1.6e-5 of the
 # lone run's (1 % of one step); a swapped member (another seed, half the lr) differs by more than 1e-2.
-ADAMW_ATOL = {"grouped": 5e-5}
+ADAMW_ATOL = {"grouped": 5e-5, "loop_cl": 5e-5}
 FAST = dict(data="digits", model="resnet8", batch_size=64, eval_batch_size=512, epochs=2)
 FUSABLE = sorted(n for n in METHODS.names() if not METHODS.get(n).unfusable)
 MEMBER_HP = {
@@ -51,12 +51,12 @@ def data():
 
 
 def data_for(mode: str, data):
-    """mode="grouped" rounds differently again (mkldnn's grouped channels-last kernels; 1e-6 relative on a
+    """mode="grouped" (and "loop_cl") rounds differently again (mkldnn's channels-last kernels; 1e-6 relative on a
     step's gradients): over 6 steps DIST's and TTM's members drift 1e-2 from their lone runs, a drift of
     rounding, not of arithmetic (one step agrees to 2e-6). Its comparison uses one batch an epoch, two
     steps in all, the schedule still stepping per epoch; swapping two members' hyperparameters moves the
     weights by ~1e-3 there."""
-    if mode != "grouped":
+    if mode not in ("grouped", "loop_cl"):
         return data
     return dataclasses.replace(data, train=Split(data.train.x[:64].clone(), data.train.y[:64].clone()))
 
@@ -108,7 +108,7 @@ def assert_member_equals_lone(bundle: Bundle, key, cfg: TrainConfig, data, atol:
     return lone
 
 
-@pytest.mark.parametrize("mode", ["grouped", "loop", "vmap"])
+@pytest.mark.parametrize("mode", ["grouped", "loop", "loop_cl", "vmap"])
 @pytest.mark.parametrize("method", FUSABLE)
 def test_member_ends_with_the_weights_of_a_lone_run(method, mode, data, teacher):
     cfgs = member_configs(method, teacher)
@@ -121,7 +121,7 @@ def test_member_ends_with_the_weights_of_a_lone_run(method, mode, data, teacher)
         assert_member_equals_lone(bundle, k, cfg, data)
 
 
-@pytest.mark.parametrize("mode", ["grouped", "loop", "vmap"])
+@pytest.mark.parametrize("mode", ["grouped", "loop", "loop_cl", "vmap"])
 def test_adamw_members_equal_lone_runs(mode, data, teacher):
     cfgs = member_configs("kd", teacher, optimizer="adamw")
     data = data_for(mode, data)
@@ -191,18 +191,18 @@ def test_auto_keeps_the_faster_mode_and_touches_nothing(data, teacher, monkeypat
     rng = torch.get_rng_state()
     auto = Bundle(cfgs, data=data, log=lines.append)
     assert torch.equal(torch.get_rng_state(), rng)  # the timing batch comes from a generator of its own
-    assert auto.requested_mode == "auto" and set(auto.mode_timings) == {"grouped", "loop"}
+    assert auto.requested_mode == "auto" and set(auto.mode_timings) == {"grouped", "loop", "loop_cl"}
     assert auto.mode == min(auto.mode_timings, key=auto.mode_timings.get)
     assert max_diff(auto.params, plain.params) == 0.0 and max_diff(auto.buffers, plain.buffers) == 0.0
     said = [line for line in lines if line.startswith("bundle:")]
-    assert said == [f"bundle: 2 x resnet8 run {auto.mode} (one student step: grouped "
-                    f"{1e3 * auto.mode_timings['grouped']:.1f} ms, loop {1e3 * auto.mode_timings['loop']:.1f} ms)"]
+    steps = ", ".join(f"{m} {1e3 * auto.mode_timings[m]:.1f} ms" for m in ("grouped", "loop", "loop_cl"))
+    assert said == [f"bundle: 2 x resnet8 run {auto.mode} (one student step: {steps})"]
     list(auto.run())
     for k, cfg in enumerate(cfgs):
         assert_member_equals_lone(auto, k, cfg, data)
     # the decision follows the clock: each candidate made the faster in turn
     real_build = Bundle._build_forward
-    for fast in ("grouped", "loop"):
+    for fast in ("grouped", "loop", "loop_cl"):
         forwards: dict = {}
 
         def build(self, mode, forwards=forwards):
@@ -218,14 +218,16 @@ def test_auto_keeps_the_faster_mode_and_touches_nothing(data, teacher, monkeypat
         monkeypatch.undo()
 
 
-def test_auto_without_a_grouped_form_runs_the_loop_untimed(data, teacher, monkeypatch):
+def test_auto_without_a_grouped_form_times_the_loops_only(data, teacher, monkeypatch):
     import kdtune.engine.bundle as b
 
     monkeypatch.setattr(b, "widen", lambda model, k: "its head (Foo) has no grouped form")
     lines: list[str] = []
     bundle = Bundle(member_configs("kd", teacher), data=data, log=lines.append)
-    assert bundle.mode == "loop" and bundle.mode_timings == {}
-    assert [line for line in lines if line.startswith("bundle:")] == ["bundle: resnet8 runs its members one after another (mode loop): its head (Foo) has no grouped form"]
+    assert set(bundle.mode_timings) == {"loop", "loop_cl"} and bundle.mode in bundle.mode_timings
+    said = [line for line in lines if line.startswith("bundle:")]
+    assert said[0] == "bundle: resnet8 runs its members one after another (mode loop): its head (Foo) has no grouped form"
+    assert said[1].startswith(f"bundle: 2 x resnet8 run {bundle.mode} (one student step: loop ") and len(said) == 2
 
 
 @pytest.mark.parametrize("mode", ["grouped", "loop"])
@@ -326,7 +328,7 @@ def test_bench_fuse_rows_structure(tmp_path, capsys):
             "--repeats", "1", "--only", "kdtune", "--fuse", "2", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads(out.read_text())[0]["fused"]
-    assert [r["fuse"] for r in rows] == [1, 2] and {r["mode"] for r in rows} <= {"grouped", "loop"}
+    assert [r["fuse"] for r in rows] == [1, 2] and {r["mode"] for r in rows} <= {"grouped", "loop", "loop_cl"}
     printed = capsys.readouterr().out.splitlines()  # the printed table: a header, a rule, one line per K
     head = next(i for i, ln in enumerate(printed) if "member img/s" in ln)
     assert set(printed[head + 1].strip()) == {"-", " "}
