@@ -201,6 +201,10 @@ def fused_sweep(tmp_path_factory):
     return tmp / "runs" / "fz", out.stdout
 
 
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def test_fused_sweep_members_are_trials(fused_sweep):
     exp, stdout = fused_sweep
     state = json.loads((exp / "state.json").read_text())
@@ -217,6 +221,9 @@ def test_fused_sweep_members_are_trials(fused_sweep):
         assert (exp / "trials" / t / "done.json").is_file() and (exp / "trials" / t / "ckpt" / "state.pt").is_file()
     for b in bundles:
         assert json.loads((exp / "trials" / b / "commit.json").read_text())["epoch"] >= 1
+        # mode="auto" picked how the stacked student runs, by timing the candidates, and said so
+        start = next(e for e in read_jsonl(exp / "trials" / b / "events.jsonl") if e["event"] == "start")
+        assert start["mode"] in start["mode_ms"] and set(start["mode_ms"]) == {"grouped", "loop", "loop_cl"}
     assert "4 trials x 3 epochs" in stdout and "fused, 2 trials per Tune trial (2 bundles" in stdout
     assert stdout.count("resnet8-kd ") >= 4  # one progress line per member
 
@@ -243,6 +250,7 @@ def test_fused_sweep_members_are_trials(fused_sweep):
         t = next(x for x in rows if x["trial_id"] == r.data.tags["kdtune.trial_id"])
         assert r.info.status == "FINISHED" and r.data.tags["kdtune.outcome"] == t["outcome"]
         assert r.data.tags["kdtune.bundle"] == t["bundle"]
+        assert r.data.tags["kdtune.bundle_mode"] in ("grouped", "loop", "loop_cl")
         # a member's params carry the names a lone trial's do (kd.T, train.lr), not the raw keys
         assert {"kd.T", "train.lr", "seed", "method"} <= set(r.data.params) and "T" not in r.data.params
         steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))

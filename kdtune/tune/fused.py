@@ -439,7 +439,11 @@ class _BundleTrial:
         for m in live:
             mid = m["id"]
             self._event(mid, event="start", epoch=start, epochs=self.epochs, bundle_size=bundle.size)
-        self._event_bundle("start", epoch=start, members=bundle.keys)
+        self._event_bundle("start", epoch=start, members=bundle.keys, mode=bundle.mode,
+                           mode_ms={m: round(1e3 * t, 2) for m, t in bundle.mode_timings.items()})  # fmt: skip
+        for mid in bundle.keys:  # how the stacked student ran (mode="auto" picks by timing; a resume picks again)
+            if mid in self.trackers:
+                self.trackers[mid].set_tags({"kdtune.bundle_mode": bundle.mode})
         if start > 0:
             # A committed epoch whose bookkeeping a kill cut short: its events, MLflow metrics, rung decision.
             for mid in list(bundle.keys):
