@@ -15,9 +15,10 @@ What a bundle shares and what it keeps per member:
   history and best epoch.
 
 The student is stacked with ``torch.func.stack_module_state``: per-member parameters and BatchNorm statistics
-live in ``(K, ...)`` tensors, and one backward serves all K members. Three ways to run it (``mode``):
+live in ``(K, ...)`` tensors, and one backward serves all K members. Four ways to run it (``mode``), and ``"auto"`` (the default,
+:data:`DEFAULT_MODE`), which times the candidates when the bundle is built and keeps the fastest:
 
-- ``"grouped"`` (default, :data:`DEFAULT_MODE`): HFTA's fusion. :func:`widen` builds the student once more as
+- ``"grouped"``: HFTA's fusion. :func:`widen` builds the student once more as
   one wide module: each ``Conv2d`` with K times the channels in K times the groups, each ``BatchNorm2d`` over
   K times the channels (member i's statistics are channels ``i*C .. i*C+C-1``: per member, as lone models keep
   them), each ``Linear`` one ``bmm`` (:class:`GroupedLinear`). The stacked tensors are passed to it as views
@@ -474,11 +475,12 @@ class Bundle:
             self._build_forward(self.requested_mode)
 
     def _choose_mode(self) -> None:
-        """``mode="auto"``: the candidate (:data:`AUTO_CANDIDATES`) whose student forward and backward (a batch of the training shape,
-        on copies of the stacks: nothing is trained) is the fastest here, timed interleaved after one warm-up
-        each, best of 2 unless the first timed step of each already differs by :data:`AUTO_CLEAR`. A resumed
-        bundle decides again: the two modes differ by rounding only. Grouped kernels win where the layers are small (launch and per-op overhead), the
-        loop of lone kernels where they are large enough to run near the device's peak already."""
+        """``mode="auto"``: the candidate (:data:`AUTO_CANDIDATES`) whose student forward and backward (a
+        batch of the training shape, on copies of the stacks: nothing is trained) is the fastest here, timed
+        interleaved after one warm-up each, best of 2 unless the first timed step of each already differs by
+        :data:`AUTO_CLEAR`. A resumed bundle decides again: the modes differ by rounding only. Grouped kernels
+        win where the layers are small (launch and per-op overhead), the loop of lone kernels where they are
+        large enough to run near the device's peak already."""
         timings: dict[str, float] = {}
         forwards = {}
         for mode in AUTO_CANDIDATES:
@@ -505,10 +507,8 @@ class Bundle:
     def _step_seconds(self, fwd) -> float:
         """Seconds of one forward and backward of the stacked student through ``fwd``, on a random batch of
         the training batch's shape and copies of the stacked tensors (the bundle's own are not touched)."""
-        lead, d = self.shared, self.shared.data
-        n = max(1, min(lead.cfg.batch_size, len(d.train.y)))
-        x = torch.randn(n, d.in_channels, d.image_size, d.image_size, device=self.device,
-                        generator=torch.Generator(self.device).manual_seed(0))  # not the global RNG: runs' own
+        lead = self.shared
+        x = self._probe_batch(max(1, min(lead.cfg.batch_size, len(lead.data.train.y))))
         if lead.use_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
@@ -522,6 +522,13 @@ class Bundle:
         logits.float().logsumexp(-1).sum().backward()
         lead._sync()
         return time.perf_counter() - t0
+
+    def _probe_batch(self, n: int) -> Tensor:
+        """``n`` random images of the data's shape from a generator of their own (the global RNG is the
+        runs')."""
+        d = self.shared.data
+        return torch.randn(n, d.in_channels, d.image_size, d.image_size, device=self.device,
+                           generator=torch.Generator(self.device).manual_seed(0))  # fmt: skip
 
     def _build_forward(self, mode: str) -> None:
         """The stacked student's forward in ``mode`` for the current members (again after :meth:`drop`: K
@@ -567,9 +574,7 @@ class Bundle:
         """Whether the grouped student computes what K lone students compute, on one random batch in eval mode
         (no statistic changes): a model whose forward mixes channels (a concatenation, a channel shuffle) would
         mix the members' channels, and is run in the loop instead."""
-        d = self.shared.data
-        x = torch.randn(2, d.in_channels, d.image_size, d.image_size, device=self.device,
-                        generator=torch.Generator(self.device).manual_seed(0))  # fmt: skip
+        x = self._probe_batch(2)
         self.wide.eval(), self.base.eval()
 
         def lone(p, b, x):
