@@ -422,3 +422,32 @@ def test_live_progress_table_on_a_terminal_lines_in_a_pipe(capsys):
         cleared = capsys.readouterr().out
         # the table (count line, header, rule, two trials) goes before the line is printed
         assert cleared == ("\x1b[5F\x1b[J" if live else "")
+
+
+def test_tracking_store_opens_beside_ray_and_its_failure_fails_the_sweep(tmp_path, capsys, monkeypatch):
+    """The driver opens the MLflow store in a thread of its own while Ray starts; an error there still stops the
+    sweep in one line, before any trial, with the state ``failed``."""
+    import threading
+
+    from kdtune.cli import main
+    from kdtune.errors import KdtuneError
+    from kdtune.tracking import SweepTracker
+
+    opened_on: list[str] = []
+
+    def refuse(self, uri, name):
+        opened_on.append(threading.current_thread().name)
+        raise KdtuneError(f"tracking store {uri} cannot be opened (test); fix it")
+
+    monkeypatch.setattr(SweepTracker, "__init__", refuse)
+    raw = make_spec(tmp_path, name="notrack", methods={"ce": {}}, teacher=None,
+                    budget={"trials": 1, "epochs": 1, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
+    path = tmp_path / "notrack.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "cannot be opened (test); fix it" in err and "Traceback" not in err
+    assert opened_on == ["kdtune-open-tracker"]
+    exp = tmp_path / "runs" / "notrack"
+    assert json.loads((exp / "state.json").read_text())["status"] == "failed"
+    assert not (exp / "trials").exists() or not any((exp / "trials").iterdir())

@@ -28,7 +28,9 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -197,6 +199,7 @@ class _Sweep:
         self.parent_run_id = None
         self.tracking_uri = None
         self.unrecorded: list[str] = []
+        self._tracker_ready: Future | None = None
         if spec.tracking.enabled:
             from kdtune.tracking import default_tracking_uri
 
@@ -248,6 +251,9 @@ class _Sweep:
             state["status"] = "running"
             state.pop("damaged", None)
             folder.write_state(state)
+            # The tracking store is opened (SQLite schema migrations: seconds on a fresh store) in a thread while
+            # Ray starts: both are mostly waiting, on files and on Ray's processes.
+            self._tracker_ready = _in_thread(self._open_tracker) if self.tracking_uri else None
             ray_started = _init_ray()
             try:
                 result = self._run_locked(the_plan, state, data, t0, ray_started)
@@ -269,6 +275,11 @@ class _Sweep:
                     if ray.is_initialized():
                         ray.shutdown()
         return result
+
+    def _open_tracker(self):
+        from kdtune.tracking import SweepTracker
+
+        return SweepTracker(self.tracking_uri, self.spec.name)
 
     def _write_end_state(self, state: dict, status: str) -> None:
         """The state's status as the driver stops; never in place of the error that stopped it (a full disk
@@ -348,9 +359,8 @@ class _Sweep:
         spec, log = self.spec, self.log
         if self.tracking_uri:
             from kdtune import __version__
-            from kdtune.tracking import SweepTracker
 
-            self.tracker = SweepTracker(self.tracking_uri, spec.name)
+            self.tracker = self._tracker_ready.result() if self._tracker_ready else self._open_tracker()
             self.parent_run_id = self.tracker.start_parent(
                 spec.to_dict(), spaces={m: text for m, (_, text) in p.sources.items()},
                 tags={"kdtune.experiment_dir": str(self.exp), "kdtune.version": __version__},
@@ -720,6 +730,20 @@ def make_scheduler(spec: SweepSpec):
         return HyperBandScheduler(time_attr="training_iteration", metric=spec.metric, mode=spec.mode,
                                   max_t=spec.budget.epochs, reduction_factor=s.reduction_factor)  # fmt: skip
     return FIFOScheduler()
+
+
+def _in_thread(fn) -> Future:
+    """``fn()`` running in a thread of its own; ``.result()`` waits for it and raises what it raised."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's .result()
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="kdtune-open-tracker", daemon=True).start()
+    return fut
 
 
 def _init_ray() -> bool:
