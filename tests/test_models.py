@@ -7,6 +7,8 @@ Toy models (``toy_*``: vector inputs, DiSK's toy problems) have their own tests;
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,3 +257,38 @@ def test_torchvision_features_survive_deepcopy():
     torch.testing.assert_close(logits, ref_logits)
     torch.testing.assert_close(feats, ref_feats)
     assert not any("_kdtune_head_input" in vars(m) for m in [*model.modules(), *twin.modules()])
+
+
+def test_lazy_registration_runs_only_for_names_it_may_hold():
+    """``Registry.register_lazy``: the loader runs once, and only for a name or pattern that may match its
+    prefix; an unknown name's error lists the lazily registered names too."""
+    from kdtune.registry import Registry
+
+    reg: Registry = Registry("thing")
+    reg.register("alpha")(object())
+    calls = []
+
+    def load():
+        calls.append(1)
+        reg.register("zz_one")(object())
+
+    reg.register_lazy("zz_", load)
+    assert reg.names("al*") == ["alpha"] and "alpha" in reg and reg.get("alpha") and calls == []
+    assert "zz_two" not in reg and calls == [1]  # a zz_ name may be the loader's: it ran, once
+    assert reg.names("z?_*") == ["zz_one"] and len(reg) == 2 and calls == [1]
+    other: Registry = Registry("thing")
+    other.register_lazy("zz_", lambda: other.register("zz_one")(object()))
+    with pytest.raises(ConfigError, match="valid things: zz_one"):
+        other.get("nope")
+
+
+def test_torchvision_is_imported_only_when_a_tv_model_is_asked_for():
+    """Importing the engine and building kdtune's own models leaves torchvision (about a second to import)
+    unloaded; a tv_ name loads it."""
+    code = (
+        "import sys, kdtune.engine, kdtune.models as m\n"
+        "m.create_model('resnet8', 10, 1); assert 'resnet8' in m.MODELS\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision imported eagerly'\n"
+        "assert type(m.create_model('tv_resnet18', 10)).__name__ == 'KDResNet' and 'torchvision' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
