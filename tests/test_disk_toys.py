@@ -244,8 +244,11 @@ def test_runs_do_not_depend_on_how_many_seeds_run():
 @pytest.mark.parametrize("key", ["intervals", "gaussians"])
 def test_disk_guide_selects_the_ce_students_mistakes(key):
     """With the default DiSK settings the guide helps (censors) the examples the CE student gets wrong, and
-    about as many examples as the budget allows; eq. 4's unnormalised help, by contrast, helps everything."""
-    cfg = disk_toys.ToyConfig(seeds=6, epochs=60, lambda_period=20, teacher_restarts=4)
+    about as many examples as the budget allows; eq. 4's unnormalised help, by contrast, helps everything.
+    The paper's 200 epochs (A.5): after 60 the Gaussians' guide separated mistakes from right answers by more
+    than 0.15 on the machine this test was written on, by 0.06 on an AMD EPYC (training this small is chaotic:
+    other rounding, other runs); after 200 by 0.33 there (0.43 against 0.10, as in the README's 100-run table)."""
+    cfg = disk_toys.ToyConfig(seeds=6, epochs=200, lambda_period=50, teacher_restarts=4)
     r = disk_toys.run_problem(disk_toys.make_problem(key, cfg), cfg)
     g = r.guide
     assert g["g_wrong"] > g["g_right"] + 0.15, g
