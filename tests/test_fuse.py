@@ -211,6 +211,8 @@ def test_fused_sweep_members_are_trials(fused_sweep):
     g = state["groups"]["resnet8-kd"]
     rows = g["all"]
     assert g["trials"] == 4 and len(rows) == 4 and g["errored"] == 0
+    # the person waiting is told what the seconds before the first stage line are for
+    assert stdout.splitlines()[0] == "starting Ray on this machine (MLflow opens beside it) ...", stdout[:500]
     ids = [t["trial_id"] for t in rows]
     bundles = sorted({t["bundle"] for t in rows})
     assert len(bundles) == 2 and all(t["trial_id"].startswith(t["bundle"] + "-m") for t in rows)

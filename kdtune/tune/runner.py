@@ -254,6 +254,9 @@ class _Sweep:
             # The tracking store is opened (SQLite schema migrations: seconds on a fresh store) in a thread while
             # Ray starts: both are mostly waiting, on files and on Ray's processes.
             self._tracker_ready = _in_thread(self._open_tracker) if self.tracking_uri else None
+            starting = _ray_starting()
+            if starting:
+                log(f"{starting}{' (MLflow opens beside it)' if self.tracking_uri else ''} ...")
             ray_started = _init_ray()
             try:
                 result = self._run_locked(the_plan, state, data, t0, ray_started)
@@ -744,6 +747,17 @@ def _in_thread(fn) -> Future:
 
     threading.Thread(target=run, name="kdtune-open-tracker", daemon=True).start()
     return fut
+
+
+def _ray_starting() -> str | None:
+    """What :func:`_init_ray` is about to do, for the person waiting (seconds on a small machine); ``None``
+    when this process has Ray running already."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    address = os.environ.get("RAY_ADDRESS")
+    return f"joining the Ray cluster at {address}" if address else "starting Ray on this machine"
 
 
 def _init_ray() -> bool:
