@@ -451,3 +451,36 @@ def test_tracking_store_opens_beside_ray_and_its_failure_fails_the_sweep(tmp_pat
     exp = tmp_path / "runs" / "notrack"
     assert json.loads((exp / "state.json").read_text())["status"] == "failed"
     assert not (exp / "trials").exists() or not any((exp / "trials").iterdir())
+
+
+def test_ray_failing_to_start_waits_for_the_tracking_store(tmp_path, capsys, monkeypatch):
+    """Ray failing to start ends the sweep in one line, but only after the thread opening the MLflow store has
+    finished (a process ending mid-migration would leave a half-built mlflow.db)."""
+    import time as _time
+
+    from kdtune.cli import main
+    from kdtune.errors import KdtuneError
+    from kdtune.tracking import SweepTracker
+    from kdtune.tune import runner
+
+    finished: list[bool] = []
+    real_init = SweepTracker.__init__
+
+    def slow_open(self, uri, name):
+        _time.sleep(1.5)
+        real_init(self, uri, name)
+        finished.append(True)
+
+    def no_ray():
+        raise KdtuneError("Ray could not start (test); free its ports and run the command again")
+
+    monkeypatch.setattr(SweepTracker, "__init__", slow_open)
+    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    raw = make_spec(tmp_path, name="noray", methods={"ce": {}}, teacher=None,
+                    budget={"trials": 1, "epochs": 1, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
+    path = tmp_path / "noray.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) != 0
+    assert finished == [True], "the sweep ended before the tracking store was open"
+    err = capsys.readouterr().err
+    assert "Ray could not start (test)" in err and "Traceback" not in err

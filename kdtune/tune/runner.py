@@ -257,7 +257,12 @@ class _Sweep:
             starting = _ray_starting()
             if starting:
                 log(f"{starting}{' (MLflow opens beside it)' if self.tracking_uri else ''} ...")
-            ray_started = _init_ray()
+            try:
+                ray_started = _init_ray()
+            except BaseException:
+                if self._tracker_ready is not None:  # let the store's migrations end before this process does
+                    self._tracker_ready.exception()
+                raise
             try:
                 result = self._run_locked(the_plan, state, data, t0, ray_started)
             except KeyboardInterrupt:
