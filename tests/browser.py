@@ -56,7 +56,9 @@ class Dashboard:
         self.proc = subprocess.Popen([sys.executable, "-m", "kdtune", "dashboard", str(exp)], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
         self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(ln.rstrip() for ln in self.proc.stdout), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.lines.extend(ln.rstrip() for ln in self.proc.stdout),
+                                       daemon=True)  # fmt: skip
+        self.reader.start()
         deadline = time.monotonic() + timeout_s  # a busy 2-core machine: MLflow's server takes its time
         while time.monotonic() < deadline and self.proc.poll() is None:
             if self._get("trials:") and any(ln.startswith("Optuna dashboard is answering") for ln in self.lines):
@@ -75,7 +77,15 @@ class Dashboard:
                 return ln.strip()[len(prefix) :].split()[0]
         return None
 
+    def pid(self, prefix: str) -> int | None:
+        """The process (group) id a server's line names: ``MLflow UI: http://... (pid 123)``."""
+        for ln in list(self.lines):
+            if ln.strip().startswith(prefix) and "(pid " in ln:
+                return int(ln.split("(pid ")[1].split(")")[0])
+        return None
+
     def close(self) -> int | None:
+        """Ctrl-C, as a person stops it; then every line it printed is in :attr:`lines`."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -83,6 +93,7 @@ class Dashboard:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.reader.join(timeout=30)
         return self.proc.returncode
 
     def __enter__(self):

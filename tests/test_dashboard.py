@@ -6,10 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +15,6 @@ pytest.importorskip("optuna")
 
 from kdtune.dashboard import answering, script  # noqa: E402
 from kdtune.errors import KdtuneError  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -48,60 +43,33 @@ def _alive(pgid: int) -> bool:
 
 def test_dashboard_serves_both_and_ctrl_c_stops_both(experiment):
     pytest.importorskip("optuna_dashboard")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "kdtune", "dashboard", str(experiment)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
-    lines: list[str] = []
-    children: dict[str, tuple[str, int]] = {}
+    from tests.browser import Dashboard
+
+    dash = Dashboard(experiment)  # waits for both addresses and for the optuna-dashboard to answer
+    children: dict[str, tuple[str, int | None]] = {}
     try:
-        deadline = time.monotonic() + 60
-        while len(children) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip())
-            for name in ("MLflow UI:", "Optuna dashboard:"):
-                if line.startswith(name) and "(pid " in line:
-                    url, pid = line[len(name) :].split()[0], int(line.split("(pid ")[1].rstrip(")\n"))
-                    children[name] = (url, pid)
-        assert set(children) == {"MLflow UI:", "Optuna dashboard:"}, lines
+        children = {name: (dash._get(name), dash.pid(name)) for name in ("MLflow UI:", "Optuna dashboard:")}
+        assert all(url and pid for url, pid in children.values()), dash.lines
         for url, _ in children.values():
             assert url.startswith("http://127.0.0.1:")
         pending = [url for url, _ in children.values()]
         deadline = time.monotonic() + 180  # a busy 2-core machine: MLflow's server takes its time
-        while pending and time.monotonic() < deadline and proc.poll() is None:
+        while pending and time.monotonic() < deadline and dash.proc.poll() is None:
             pending = [u for u in pending if not answering(u)]
             time.sleep(0.5)
-        assert not pending, (pending, lines)
+        assert not pending, (pending, dash.lines)
         # then the address to open: the experiment's runs table in Model training mode, on kdtune's view
-        import threading
-
-        more: list[str] = []
-        reader = threading.Thread(target=lambda: more.extend(iter(proc.stdout.readline, "")), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 120
-        while not any("trials:" in ln for ln in more) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        lines += [ln.rstrip() for ln in list(more)]
-        trials = [ln.split()[1] for ln in lines if ln.lstrip().startswith("trials:")]
-        assert trials, lines
-        assert trials[0].startswith(children["MLflow UI:"][0] + "/#/experiments/") and trials[0].endswith(
-            "/runs?workflowType=machine_learning&viewStateShareKey=kdtune-trials"), trials
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.wait(timeout=60)
-        reader.join(timeout=30)
-        rest = "".join(more)
-        assert proc.returncode == 0, lines + rest.splitlines()
-        assert "stopping the dashboards" in rest
+        assert dash.trials_url.startswith(children["MLflow UI:"][0] + "/#/experiments/") and dash.trials_url.endswith(
+            "/runs?workflowType=machine_learning&viewStateShareKey=kdtune-trials"), dash.trials_url
+        assert dash.close() == 0, dash.lines  # Ctrl-C
+        assert any("stopping the dashboards" in ln for ln in dash.lines), dash.lines
         for url, pid in children.values():
             assert not _alive(pid), f"{url}'s process group {pid} is still running"
             assert not answering(url, timeout_s=1)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        dash.close()
         for _, pid in children.values():
-            if _alive(pid):
+            if pid and _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
 
 
