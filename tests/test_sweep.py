@@ -484,3 +484,46 @@ def test_ray_failing_to_start_waits_for_the_tracking_store(tmp_path, capsys, mon
     assert finished == [True], "the sweep ended before the tracking store was open"
     err = capsys.readouterr().err
     assert "Ray could not start (test)" in err and "Traceback" not in err
+
+
+def test_optuna_mirror_drops_orphans_and_catches_up_after_a_restore(tmp_path):
+    """A driver killed after the mirror wrote a trial but before Tune's snapshot named it leaves an orphan in the
+    group's study (the restored Tune run asks anew in its place): the next driver's mirror rebuilds the study
+    without it, keeping the others' values and curves; a study lost in such a rebuild is refilled from Tune's
+    finished trials."""
+    import pickle
+    from types import SimpleNamespace
+
+    import optuna
+
+    from kdtune.tune.callbacks import OptunaMirror
+    from kdtune.tune.search import GROUP_KEY
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def trial(tid, acc, status="TERMINATED"):
+        return SimpleNamespace(trial_id=tid, config={GROUP_KEY: "g", "lr": 0.1}, status=status,
+                               last_result={"val_acc": acc, "epoch": 2, "training_iteration": 2})  # fmt: skip
+
+    def ids():
+        study = optuna.load_study(study_name="g", storage=url)
+        return sorted(t.user_attrs["tune_trial_id"] for t in study.get_trials(deepcopy=False))
+
+    a, b, c, d = trial("a", 50.0), trial("b", 60.0), trial("c", 70.0), trial("d", 80.0)
+    first = OptunaMirror(url, "val_acc", "max", epochs=2)
+    for t in (a, b):
+        for ep in (1, 2):
+            first.on_trial_result(0, [a, b], t, {"val_acc": t.last_result["val_acc"] - 2 + ep, "training_iteration": ep})
+        first.on_trial_complete(0, [a, b], t)
+    assert ids() == ["a", "b"]
+    # killed before the snapshot named b: the restored run knows a (finished) and asks c in b's place
+    second = pickle.loads(pickle.dumps(first))
+    second.on_trial_complete(0, [a, c], c)
+    assert ids() == ["a", "c"]
+    kept = {t.user_attrs["tune_trial_id"]: t for t in optuna.load_study(study_name="g", storage=url).get_trials()}
+    assert kept["a"].value == 50.0 and kept["a"].intermediate_values == {1: 49.0, 2: 50.0}
+    # a driver killed in the middle of a rebuild: the study is gone; the next one refills it from Tune's trials
+    optuna.delete_study(study_name="g", storage=url)
+    third = pickle.loads(pickle.dumps(first))
+    third.on_trial_complete(0, [a, c, d], d)
+    assert ids() == ["a", "c", "d"]

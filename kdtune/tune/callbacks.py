@@ -216,10 +216,12 @@ class OptunaMirror(Callback):
         self._studies: dict = {}
         self._curves: dict[str, dict[int, float]] = {}
         self._started: dict[str, float] = {}
+        self._reconciled: set[str] = set()  # groups checked against Tune's trial list in this driver process
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_studies"] = {}
+        d["_reconciled"] = set()
         return d
 
     def study(self, group: str):
@@ -254,10 +256,46 @@ class OptunaMirror(Callback):
             self._curves.setdefault(trial.trial_id, {})[int(step)] = float(v)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._reconcile(group_of(trial.config), trials, trial)
         self._mirror(trial, failed=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._reconcile(group_of(trial.config), trials, trial)
         self._mirror(trial, failed=True)
+
+    def _reconcile(self, group: str | None, trials, current) -> None:
+        """Once per group and driver process, before its first mirror: make the group's study hold exactly the
+        Tune trials. A trial mirrored by a driver killed before Tune's next snapshot named it is unknown to the
+        restored Tune run (the searcher asked anew in its place: an orphan, as its MLflow run is tagged): the
+        study is rebuilt without it. A finished trial the study lacks (a driver killed in the middle of such a
+        rebuild) is mirrored from Tune's record of it."""
+        if group is None or group in self._reconciled or not self.storage_url.startswith("sqlite:///"):
+            return
+        self._reconciled.add(group)
+        try:
+            known = {t.trial_id for t in trials}
+            study = self.study(group)
+            kept = [t for t in study.get_trials(deepcopy=False)
+                    if (t.user_attrs.get("bundle") or t.user_attrs.get("tune_trial_id")) in known]  # fmt: skip
+            if len(kept) < len(study.get_trials(deepcopy=False)):
+                self._rebuild(group, study, kept)
+            for t in trials:
+                if t is not current and group_of(t.config) == group and t.status in ("TERMINATED", "ERROR"):
+                    self._mirror(t, failed=t.status == "ERROR")
+        except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
+            print(f"kdtune: warning: could not check study {group} in {self.storage_url} against Tune's trials: {e}")
+
+    def _rebuild(self, group: str, study, kept: list) -> None:
+        """The group's study again, holding only ``kept`` (with their values, curves and attributes)."""
+        import optuna
+
+        attrs = dict(study.user_attrs)
+        optuna.delete_study(study_name=group, storage=self.storage_url)
+        self._studies.pop(group, None)
+        new = self.study(group)  # created anew: direction, metric name and the group's attributes
+        for k, v in attrs.items():
+            new.set_user_attr(k, v)
+        new.add_trials(kept)
 
     def _mirror_members(self, trial, group: str, failed: bool) -> None:
         """A fused bundle ended: one Optuna trial per member (``tune_trial_id`` = the member id, ``bundle`` = the
