@@ -23,7 +23,10 @@ pytest.importorskip("mlflow")
 pytestmark = pytest.mark.faults  # minutes of real processes: `make test` runs it, `make test-fast` does not
 
 TRIALS = 4
-EPOCHS = 7  # a running trial stays killable (1..EPOCHS-2 epochs behind it) across several 2 s snapshots, even loaded
+# A running trial stays killable (1..EPOCHS-2 epochs behind it) across several 2 s snapshots, even loaded. 7 was
+# too few on 2026-12-04: one quiet run's four trials, two at a time, all finished within 12 s, before a snapshot
+# came after the last trial's start while a trial was still killable.
+EPOCHS = 12
 
 
 def _events(exp: Path) -> dict[str, list[dict]]:
