@@ -424,12 +424,22 @@ def test_live_progress_table_on_a_terminal_lines_in_a_pipe(capsys):
         assert cleared == ("\x1b[5F\x1b[J" if live else "")
 
 
+def _sweep_one_ce_trial(tmp_path, name: str) -> int:
+    """``kdtune sweep`` (in this process) of a one-trial, one-epoch CE spec named ``name``; its exit status."""
+    from kdtune.cli import main
+
+    raw = make_spec(tmp_path, name=name, methods={"ce": {}}, teacher=None,
+                    budget={"trials": 1, "epochs": 1, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return main(["sweep", str(path)])
+
+
 def test_tracking_store_opens_beside_ray_and_its_failure_fails_the_sweep(tmp_path, capsys, monkeypatch):
     """The driver opens the MLflow store in a thread of its own while Ray starts; an error there still stops the
     sweep in one line, before any trial, with the state ``failed``."""
     import threading
 
-    from kdtune.cli import main
     from kdtune.errors import KdtuneError
     from kdtune.tracking import SweepTracker
 
@@ -440,11 +450,7 @@ def test_tracking_store_opens_beside_ray_and_its_failure_fails_the_sweep(tmp_pat
         raise KdtuneError(f"tracking store {uri} cannot be opened (test); fix it")
 
     monkeypatch.setattr(SweepTracker, "__init__", refuse)
-    raw = make_spec(tmp_path, name="notrack", methods={"ce": {}}, teacher=None,
-                    budget={"trials": 1, "epochs": 1, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
-    path = tmp_path / "notrack.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["sweep", str(path)]) != 0
+    assert _sweep_one_ce_trial(tmp_path, "notrack") != 0
     err = capsys.readouterr().err
     assert "cannot be opened (test); fix it" in err and "Traceback" not in err
     assert opened_on == ["kdtune-open-tracker"]
@@ -458,7 +464,6 @@ def test_ray_failing_to_start_waits_for_the_tracking_store(tmp_path, capsys, mon
     finished (a process ending mid-migration would leave a half-built mlflow.db)."""
     import time as _time
 
-    from kdtune.cli import main
     from kdtune.errors import KdtuneError
     from kdtune.tracking import SweepTracker
     from kdtune.tune import runner
@@ -476,11 +481,7 @@ def test_ray_failing_to_start_waits_for_the_tracking_store(tmp_path, capsys, mon
 
     monkeypatch.setattr(SweepTracker, "__init__", slow_open)
     monkeypatch.setattr(runner, "_init_ray", no_ray)
-    raw = make_spec(tmp_path, name="noray", methods={"ce": {}}, teacher=None,
-                    budget={"trials": 1, "epochs": 1, "concurrency": 1, "cpus_per_trial": 1})  # fmt: skip
-    path = tmp_path / "noray.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["sweep", str(path)]) != 0
+    assert _sweep_one_ce_trial(tmp_path, "noray") != 0
     assert finished == [True], "the sweep ended before the tracking store was open"
     err = capsys.readouterr().err
     assert "Ray could not start (test)" in err and "Traceback" not in err

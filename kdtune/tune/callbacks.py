@@ -275,9 +275,9 @@ class OptunaMirror(Callback):
         try:
             known = {t.trial_id for t in trials}
             study = self.study(group)
-            kept = [t for t in study.get_trials(deepcopy=False)
-                    if (t.user_attrs.get("bundle") or t.user_attrs.get("tune_trial_id")) in known]  # fmt: skip
-            if len(kept) < len(study.get_trials(deepcopy=False)):
+            mirrored = study.get_trials(deepcopy=False)
+            kept = [t for t in mirrored if (t.user_attrs.get("bundle") or t.user_attrs.get("tune_trial_id")) in known]
+            if len(kept) < len(mirrored):
                 self._rebuild(group, study, kept)
             for t in trials:
                 if t is not current and group_of(t.config) == group and t.status in ("TERMINATED", "ERROR"):
