@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kdtune.engine.bundle import DEFAULT_MODE, MODES
+from kdtune.errors import ConfigError
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
 BF16_PEAK_TFLOPS = {
@@ -77,7 +78,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fuse-mode",
         choices=MODES,
         default=DEFAULT_MODE,
-        help="how a bundle runs its stacked student (default auto: the faster of grouped and loop, timed)",
+        help="how a bundle runs its stacked student (default auto: the fastest exact mode, timed)",
+    )
+    p.add_argument(
+        "--exactness",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="instead of speed: how far a fused member ends from its lone run, per mode (digits, resnet8)",
+    )
+    p.add_argument(
+        "--exact-epochs", type=int, nargs="+", default=[1, 2, 3], metavar="N", help="with --exactness (default 1 2 3)"
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not in the table")
@@ -257,7 +268,7 @@ def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device
             if left > 0:
                 state["epoch"] += 1
 
-    return run_steps, fused.mode
+    return run_steps, fused.mode if fused.exact else f"{fused.mode} (not exact)"
 
 
 def time_interleaved(runners: dict, warmup: int, steps: int, repeats: int, sync) -> dict[int, list[float]]:
@@ -342,7 +353,6 @@ def bf16_peak(device, override: float | None) -> float | None:
 def run(args) -> list[dict]:
     from kdtune.data import load_data
     from kdtune.engine.trainer import resolve_device
-    from kdtune.errors import ConfigError
     from kdtune.models import create_model
     from kdtune.models.checkpoint import save_model
 
@@ -477,8 +487,31 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(args) -> int:
+    if args.exactness:
+        return exactness_main(args)
     results = run(args)
     print(format_table(results), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def exactness_main(args) -> int:
+    """``kdtune bench --exactness``: the table of :mod:`kdtune.engine.exactness`, a line per run as it ends."""
+    from kdtune.engine.exactness import measure, table
+
+    if any(n < 1 for n in args.exact_epochs):
+        raise ConfigError(f"--exact-epochs {args.exact_epochs}: each must be at least 1")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+
+    def say(row):
+        ran = f" ran {row['ran']}" if row["ran"] and row["ran"] != row["mode"] else ""
+        exact = "" if row["exact"] is None else (" exact" if row["exact"] else " not exact")
+        print(f"  {row['method']} {row['epochs']} epochs {row['mode']}{ran}{exact}: {row['max_rel']:.1e}", flush=True)
+
+    rows = measure(args.exactness, args.exact_epochs, device=device, progress=say)
+    print(table(rows), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

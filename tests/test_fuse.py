@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from kdtune.errors import ConfigError
@@ -223,9 +224,26 @@ def test_fused_sweep_members_are_trials(fused_sweep):
         assert (exp / "trials" / t / "done.json").is_file() and (exp / "trials" / t / "ckpt" / "state.pt").is_file()
     for b in bundles:
         assert json.loads((exp / "trials" / b / "commit.json").read_text())["epoch"] >= 1
-        # mode="auto" picked how the stacked student runs, by timing the candidates, and said so
+        # mode="auto" picked how the stacked student runs, the fastest of the exact candidates, and said so
         start = next(e for e in read_jsonl(exp / "trials" / b / "events.jsonl") if e["event"] == "start")
-        assert start["mode"] in start["mode_ms"] and set(start["mode_ms"]) == {"grouped", "loop", "loop_cl"}
+        assert set(start["mode_exact"]) == {"grouped", "loop", "loop_cl"} and start["exact"] is True
+        assert start["mode_exact"][start["mode"]] is True and start["mode_exact"]["loop"] is True
+        exact = {m for m, e in start["mode_exact"].items() if e}
+        assert set(start["mode_ms"]) == (exact if len(exact) > 1 else set())
+    # through the real path, a member that trained all its epochs ends with the weights of its lone run
+    from kdtune.engine import Trainer
+    from kdtune.tune.plan import plan
+    from kdtune.tune.trainable import TrialContext, trial_config
+
+    done = next(t for t in rows if t["outcome"] == "completed")
+    group = next(g for g in plan(load_spec(exp / "spec.yaml")).groups if g.name == "resnet8-kd")
+    ctx = TrialContext(group=group.name, method="kd", base=group.base, experiment_dir=str(exp))
+    lone = Trainer(trial_config(ctx, done["config"]))
+    list(lone.run())
+    final = torch.load(exp / "trials" / done["trial_id"] / "ckpt" / "final.pt", weights_only=True)["state_dict"]
+    want = lone.student.state_dict()
+    assert max(((final[k].float() - want[k].float()).abs().max() / want[k].float().abs().max().clamp_min(1e-12)).item()
+               for k in want if want[k].is_floating_point()) <= 1e-4  # fmt: skip
     assert "4 trials x 3 epochs" in stdout and "fused, 2 trials per Tune trial (2 bundles" in stdout
     assert stdout.count("resnet8-kd ") >= 4  # one progress line per member
 

@@ -16,7 +16,7 @@ What a bundle shares and what it keeps per member:
 
 The student is stacked with ``torch.func.stack_module_state``: per-member parameters and BatchNorm statistics
 live in ``(K, ...)`` tensors, and one backward serves all K members. Four ways to run it (``mode``), and ``"auto"`` (the default,
-:data:`DEFAULT_MODE`), which times the candidates when the bundle is built and keeps the fastest:
+:data:`DEFAULT_MODE`), which keeps the fastest of the exact ones when the bundle is built:
 
 - ``"grouped"``: HFTA's fusion. :func:`widen` builds the student once more as
   one wide module: each ``Conv2d`` with K times the channels in K times the groups, each ``BatchNorm2d`` over
@@ -26,32 +26,35 @@ live in ``(K, ...)`` tensors, and one backward serves all K members. Four ways t
   along the channels, in channels-last layout. One kernel per layer for K members instead of K. A model with
   another kind of parametrised module, or a dropout, or whose grouped forward disagrees with the lone one on a
   probe batch (a forward that mixes channels would mix members), runs as ``"loop"``, said in one log line.
+  Its kernels sum in another order than the lone ones: not exact (below).
 - ``"loop"``: each member's slice (``unbind`` views of the stacked tensors) runs through ``functional_call``
   with the lone model's kernels, the K outputs are stacked, and the summed loss is back-propagated once
-  (``unbind``'s backward stacks the K gradients in one op). Bit for bit equal to lone runs on the CPU.
+  (``unbind``'s backward stacks the K gradients in one op). Bit for bit equal to lone runs.
 - ``"loop_cl"``: the loop with the batch in channels-last layout, as grouped runs its wide module (on a GPU
-  the lone run is channels-last already and loop_cl is loop). On this CPU mkldnn's channels-last kernels are
-  faster for large layers (resnet8x4 on 32x32, K = 8: 2.53 s against 2.96 s per student step), and round
-  differently from a lone NCHW run.
+  the lone run is channels-last already and loop_cl is loop). mkldnn's channels-last kernels are faster for
+  large layers on the CPU (resnet8x4 on 32x32, K = 8: 2.53 s against 2.96 s per student step); on some CPUs
+  they round like the NCHW ones (exact), on others not: the probe says which.
 - ``"vmap"``: ``vmap(functional_call)`` over the stacked tensors, one batched call for all K; BatchNorm's
-  stacked buffers are updated in place under vmap.
+  stacked buffers are updated in place under vmap. Its batched convolutions are grouped ones: not exact.
 
-Chosen by measurement on this CPU (2 cores, resnet8 on digits, batch 64, forward + backward of the student,
-one thread): ``grouped`` 28.4 ms against ``loop`` 41.5 ms at K = 4, 51.5 against 82.9 ms at K = 8; ``vmap``
-is slower than ``loop`` (resnet8x4, K = 4: 2.73 s against 1.53 s for the same steps), as its batched
-convolutions are on this CPU. On a GPU none of the three has been measured yet; grouped convolutions are the
-form HFTA measured there.
+**Exactness.** A member must end with the weights of the same config trained alone by
+:class:`~kdtune.engine.trainer.Trainer` on the same data seed. Nothing short of bit for bit holds that over
+epochs: training amplifies one rounding difference into a different model (a ReLU input within 1e-7 of zero
+changes sign, and that step's gradient differs by 6e-3; grouped and vmap end 1e-2 to 0.9 away after 1 to 10
+epochs of digits, a lone run with mkldnn's kernels switched off 8e-2 after 3: docs/exactness.md). So
+:meth:`Bundle.probe_exact` trains copies of the stacks two steps, with an evaluation between, in a mode and
+in ``loop``, and calls the mode exact only where every output, gradient and statistic is equal to the bit.
+``"auto"`` (the default, what sweeps use) times only exact candidates (:data:`AUTO_CANDIDATES`; ``loop``
+always is) and keeps the fastest; a mode asked for by name runs even when inexact, saying so in one log
+line, with ``bundle_exact: false`` in its members' results (``kdtune bench`` uses that for speed).
+``tests/test_bundle.py`` holds every fusable method's exact modes within 1e-4 relative of the lone run over
+3 epochs of 5 batches; ``kdtune bench --exactness`` prints the table per mode.
 
 Optimisers (:class:`StackedOptimizer`): SGD (momentum, Nesterov, weight decay; dampening 0) and AdamW
 (betas 0.9/0.999, eps 1e-8) with torch.optim's single-tensor arithmetic applied to each member's slices, with
 per-member lr, momentum, Nesterov flag and weight decay; the step and cosine schedules
 (:func:`~kdtune.engine.schedule.lr_factor`) are evaluated per member. Members must share the optimiser kind.
 
-Exactness: on the CPU in fp32 member ``i`` ends with the weights of the same config trained alone by
-:class:`~kdtune.engine.trainer.Trainer` on the same data seed: bit for bit with ``mode="loop"``; with
-``"vmap"`` and ``"grouped"`` up to the rounding of their kernels (``grouped``: 2e-6 relative on one forward),
-which training at initialisation amplifies: ``tests/test_bundle.py`` checks every fusable method, SGD and
-AdamW, within ``atol 1e-5`` after two epochs (``grouped``: one batch an epoch; AdamW ``5e-5``).
 For methods with trainable modules (IPWD's extra head) a member reads the teacher (and init) checkpoint again
 after creating its student, so the global RNG that initialises the module is where a lone run has it.
 
@@ -64,8 +67,10 @@ an early-stopping scheduler pruned) and repacks the stacks. Methods that cannot 
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -168,6 +173,18 @@ def _per_member(fwd, params: dict[str, Tensor], buffers: dict[str, Tensor], x: T
     if feats:
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
     return torch.stack(outs)
+
+
+def _quiet(fwd):
+    """``fwd`` without torch.func's "performance drop ... batching rule" warning (a known fallback of vmap for
+    some ops, measured: vmap is the slowest mode on the CPU), which would print on every bundle built."""
+
+    def run(*args):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            return fwd(*args)
+
+    return run
 
 
 def _channels_last(fwd):
@@ -405,7 +422,10 @@ class Bundle:
             raise ConfigError(f"mode={mode!r} is not valid; choose one of {', '.join(MODES)}")
         self.requested_mode = mode
         self.mode = mode  # the mode in use ("auto" resolved by _stack)
-        self.mode_timings: dict[str, float] = {}  # "auto": seconds of one student step per candidate
+        self.mode_timings: dict[str, float] = {}  # "auto": seconds of one student step per exact candidate
+        self.mode_exact: dict[str, bool] = {}  # "auto": each candidate's probe verdict (probe_exact)
+        self.exact = True  # whether the mode in use is bit for bit the lone kernels' (probe_exact)
+        self._reference_probe: list[Tensor] | None = None
         keys = list(range(len(cfgs))) if keys is None else list(keys)
         if len(keys) != len(cfgs) or len(set(keys)) != len(keys):
             raise ConfigError(f"keys={keys} must be {len(cfgs)} distinct names, one per config")
@@ -473,38 +493,104 @@ class Bundle:
             self._choose_mode()
         else:
             self._build_forward(self.requested_mode)
+            self.exact, worst = self.probe_exact()
+            self.mode_exact = {self.mode: self.exact}
+            if not self.exact:
+                self.log(f"bundle: mode={self.mode} is not exact here ({worst:.1e} relative after its probe): "
+                         "its members will not end with their lone runs' weights; mode=auto picks an exact mode")
+        self._reference_probe = None  # only the decision needed it
 
     def _choose_mode(self) -> None:
-        """``mode="auto"``: the candidate (:data:`AUTO_CANDIDATES`) whose student forward and backward (a
-        batch of the training shape, on copies of the stacks: nothing is trained) is the fastest here, timed
-        interleaved after one warm-up each, best of 2 unless the first timed step of each already differs by
-        :data:`AUTO_CLEAR`. A resumed bundle decides again: the modes differ by rounding only. Grouped kernels
-        win where the layers are small (launch and per-op overhead), the loop of lone kernels where they are
-        large enough to run near the device's peak already."""
+        """``mode="auto"``: of the candidates (:data:`AUTO_CANDIDATES`) that are exact here (:meth:`_probe`:
+        bit for bit the lone kernels' results over two training steps with an evaluation between), the one
+        whose student forward and backward (a batch of the training shape, on copies of the stacks: nothing is
+        trained) is the fastest, timed interleaved after the probe's warm-up, best of 2 unless the first timed
+        step of each already differs by :data:`AUTO_CLEAR`. ``loop`` is exact by construction, so there is
+        always a candidate. A resumed bundle decides again, among exact modes only."""
         timings: dict[str, float] = {}
         forwards = {}
+        exact = {}
         for mode in AUTO_CANDIDATES:
             if mode == "loop_cl" and self.shared.use_channels_last:
                 continue  # the lone model runs channels-last already: loop_cl is loop
             self._build_forward(mode)
-            if self.mode == mode:  # grouped may have fallen back to the loop
-                forwards[mode] = self._forward
+            if self.mode != mode:  # grouped may have fallen back to the loop
+                continue
+            exact[mode] = self.probe_exact()
+            if exact[mode][0]:
+                forwards[mode] = (self._forward, self.wide)
         if len(forwards) > 1:
-            for rep in range(3):  # rep 0 warms up (first-call allocations, kernel selection)
-                for mode, fwd in forwards.items():
-                    t = self._step_seconds(fwd)
-                    if rep:
-                        timings[mode] = min(timings.get(mode, t), t)
-                if rep == 1 and max(timings.values()) > AUTO_CLEAR * min(timings.values()):
+            for _ in range(2):  # the probe warmed each candidate up
+                for mode, (fwd, wide) in forwards.items():
+                    timings[mode] = min(timings.get(mode, math.inf), self._step_seconds(fwd, wide))
+                if max(timings.values()) > AUTO_CLEAR * min(timings.values()):
                     break  # clear after one timed step each: a second is not worth its time
         best = min(timings, key=timings.get) if timings else "loop"
         self._build_forward(best)
         self.mode_timings = timings
-        if timings:
-            ms = ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in timings.items())
-            self.log(f"bundle: {self.size} x {self.members[0].cfg.model} run {best} (one student step: {ms})")
+        self.mode_exact = {m: e for m, (e, _) in exact.items()}
+        self.exact = True
+        notes = [f"{m} {1e3 * t:.1f} ms" for m, t in timings.items()]
+        notes += [f"{m} not exact here ({d:.1e} relative after its probe)" for m, (e, d) in exact.items() if not e]
+        if notes:
+            self.log(f"bundle: {self.size} x {self.members[0].cfg.model} run {best} (one student step: "
+                     f"{', '.join(notes)})")  # fmt: skip
 
-    def _step_seconds(self, fwd) -> float:
+    def probe_exact(self) -> tuple[bool, float]:
+        """Whether the current mode computes bit for bit what the lone kernels (``loop``) compute, on this
+        device and the training batch's shape: (exact, largest relative difference). The probe
+        (:meth:`_probe`) trains copies of the stacks two steps with an evaluation pass between, as an epoch
+        boundary does; a mode that rounds differently anywhere differs there. Any difference counts: training
+        amplifies one rounding difference into a different model (a ReLU input within 1e-7 of zero flips its
+        sign; measured, docs/exactness.md)."""
+        if self.mode == "loop":
+            return True, 0.0
+        mode, fwd, fwd_eval, wide = self.mode, self._forward, self._forward_eval, self.wide
+        if self._reference_probe is None:
+            self._build_forward("loop")
+            self._reference_probe = self._probe(self._forward, self._forward_eval, None)
+            self._forward, self._forward_eval, self.wide, self.mode = fwd, fwd_eval, wide, mode
+        got = self._probe(fwd, fwd_eval, wide)
+        want = self._reference_probe
+        if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+            return False, math.inf
+        worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                    for a, b in zip(got, want))  # fmt: skip
+        return all(torch.equal(a, b) for a, b in zip(got, want)), worst
+
+    def _probe(self, fwd, fwd_eval, wide) -> list[Tensor]:
+        """Two training steps (forward, backward, an SGD update) of copies of the stacks through ``fwd``, with
+        an evaluation forward through ``fwd_eval`` between, on a random batch of the training shape: the
+        outputs, gradients and BatchNorm statistics along the way. The global RNG is left as it was."""
+        lead = self.shared
+        x = self._probe_batch(max(1, min(lead.cfg.batch_size, len(lead.data.train.y))))
+        if lead.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        buffers = {k: v.clone() for k, v in self.buffers.items()}
+        seen: list[Tensor] = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for step in range(2):
+                self._train_mode(True, wide)
+                with lead.autocast():
+                    out = fwd(params, buffers, x)
+                outs = list(out) if isinstance(out, tuple) else [out]
+                sum(o.float().logsumexp(-1).sum() for o in outs).backward()
+                seen += [o.detach() for o in outs] + [p.grad for p in params.values()]
+                seen += [b.clone() for b in buffers.values()]
+                with torch.no_grad():
+                    for p in params.values():
+                        p.sub_(0.01 * p.grad)
+                        p.grad = None
+                if step == 0:
+                    self._train_mode(False, wide)
+                    with torch.no_grad(), lead.autocast():
+                        seen.append(fwd_eval(params, buffers, x))
+        self._train_mode(True, wide)
+        return seen
+
+    def _step_seconds(self, fwd, wide=None) -> float:
         """Seconds of one forward and backward of the stacked student through ``fwd``, on a random batch of
         the training batch's shape and copies of the stacked tensors (the bundle's own are not touched)."""
         lead = self.shared
@@ -513,14 +599,16 @@ class Bundle:
             x = x.contiguous(memory_format=torch.channels_last)
         params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
         buffers = {k: v.clone() for k, v in self.buffers.items()}
-        self._train_mode(True)
-        lead._sync()
-        t0 = time.perf_counter()
-        with lead.autocast():
-            out = fwd(params, buffers, x)
-        logits = out[0] if isinstance(out, tuple) else out
-        logits.float().logsumexp(-1).sum().backward()
-        lead._sync()
+        self._train_mode(True, wide)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            lead._sync()
+            t0 = time.perf_counter()
+            with lead.autocast():
+                out = fwd(params, buffers, x)
+            logits = out[0] if isinstance(out, tuple) else out
+            logits.float().logsumexp(-1).sum().backward()
+            lead._sync()
         return time.perf_counter() - t0
 
     def _probe_batch(self, n: int) -> Tensor:
@@ -558,14 +646,14 @@ class Bundle:
             self._forward = lambda p, b, x: grouped_forward(wide, p, b, x, feats)
             self._forward_eval = lambda p, b, x: grouped_forward(wide, p, b, x, False)
         elif mode == "vmap":
-            self._forward = vmap(fwd, in_dims=(0, 0, None), randomness="different")
-            self._forward_eval = vmap(fwd_eval, in_dims=(0, 0, None), randomness="different")
+            self._forward = _quiet(vmap(fwd, in_dims=(0, 0, None), randomness="different"))
+            self._forward_eval = _quiet(vmap(fwd_eval, in_dims=(0, 0, None), randomness="different"))
         else:
             self._forward = lambda p, b, x: _per_member(fwd, p, b, x, feats)
             self._forward_eval = lambda p, b, x: _per_member(fwd_eval, p, b, x, False)
 
-    def _train_mode(self, on: bool) -> None:
-        for module in (self.base, self.wide):
+    def _train_mode(self, on: bool, wide: nn.Module | None = None) -> None:
+        for module in (self.base, wide if wide is not None else self.wide):
             if module is not None:
                 module.train(on)
 
@@ -802,6 +890,7 @@ class Bundle:
         res = run_result(m, data_resident_bytes=self.shared.data_resident_bytes(), device=self.device)
         res["bundle_size"] = self.size
         res["bundle_mode"] = self.mode
+        res["bundle_exact"] = self.exact
         return res
 
     def save_model(self, key: Hashable, path: str | Path) -> None:

@@ -439,9 +439,10 @@ class _BundleTrial:
         for m in live:
             mid = m["id"]
             self._event(mid, event="start", epoch=start, epochs=self.epochs, bundle_size=bundle.size)
-        self._event_bundle("start", epoch=start, members=bundle.keys, mode=bundle.mode,
+        self._event_bundle("start", epoch=start, members=bundle.keys, mode=bundle.mode, exact=bundle.exact,
+                           mode_exact=bundle.mode_exact,
                            mode_ms={m: round(1e3 * t, 2) for m, t in bundle.mode_timings.items()})  # fmt: skip
-        for mid in bundle.keys:  # how the stacked student ran (mode="auto" picks by timing; a resume picks again)
+        for mid in bundle.keys:  # how the stacked student ran (auto: the fastest exact mode; a resume picks again)
             if mid in self.trackers:
                 self.trackers[mid].set_tags({"kdtune.bundle_mode": bundle.mode})
         if start > 0:
