@@ -15,6 +15,7 @@ from kdtune.errors import KdtuneError
 
 TRAIN_EPILOG = """\
 settings are key=value words (YAML values); method hyperparameters bare (T=4) or prefixed (kd.T=4).
+a switch's words need no quotes: amp=off (YAML's no and false read as off too).
 examples:
   kdtune train data=digits model=resnet8x4 method=ce epochs=30 out=runs/teacher
   kdtune train data=digits model=resnet8 teacher=runs/teacher method=kd epochs=30 out=runs/kd
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # argparse leaves over the key=value words after an option (a=1 --quiet b=2)
+        args.settings += [w for w in extra if not w.startswith("-")]
+        extra = [w for w in extra if w.startswith("-")]
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "bench":

@@ -46,7 +46,13 @@ RANGES = {
     "data_seed": (lambda v, c: v >= 0, "an integer >= 0"),
 }
 CHECKPOINT_FIELDS = ("teacher", "init")
+# Fields whose value is one of a few words. A field whose words include "off" or "on" (amp today) is a word
+# switch: see read_word.
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "preset": PRESETS}
+# The word each YAML boolean stands for in a word switch. YAML 1.1 (PyYAML: `key=value` words on the command
+# line, --config files and sweep specs alike) reads an unquoted off/no/false (any case) as False and
+# on/yes/true as True, so `amp=off` arrives as False and `amp=no`, `amp=false` arrive the same way.
+BOOL_WORDS = {False: "off", True: "on"}
 
 
 @dataclass
@@ -231,6 +237,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
             try:
+                if f.name in CHOICES:
+                    v = read_word(v, CHOICES[f.name])  # amp=off: YAML's False back to "off"
                 if f.name == "milestones":
                     if isinstance(v, str):
                         v = [x for x in re.split(r"[,\s]+", v.strip("[]() ")) if x]
@@ -245,6 +253,8 @@ class TrainConfig:
                     v = int(v)
                 elif isinstance(default, float):
                     v = float(v)
+                elif isinstance(v, bool) and f.name in CHOICES:
+                    pass  # a boolean with no word here (amp=on): _choice refuses it as written
                 elif isinstance(v, (int, float)) and f.type in ("str | None", "str"):
                     v = str(v)
             except (TypeError, ValueError):
@@ -363,15 +373,36 @@ def _to_bool(v: Any) -> bool:
     raise ValueError
 
 
+def read_word(value: Any, choices: tuple[str, ...]) -> Any:
+    """``value`` of a field whose valid values are the words ``choices``, with a YAML boolean read back as the
+    word it was written as: False as "off" where "off" is a choice, True as "on" where "on" is one.
+
+    YAML cannot tell ``off`` from ``no`` or ``false``, so each of them means "off" (and on/yes/true "on").
+    Any other value, a boolean with no word among the choices included, is returned as it is, for
+    :func:`_choice` to refuse. Keyed on the choices alone: any field listed in :data:`CHOICES` with an
+    on/off word (e.g. a future ``teacher_store: auto | on | off``) reads its words from YAML the same way.
+    """
+    if isinstance(value, bool) and BOOL_WORDS[value] in choices:
+        return BOOL_WORDS[value]
+    return value
+
+
+def word_booleans(choices: tuple[str, ...]) -> tuple[bool, ...]:
+    """The YAML booleans a field with these word choices accepts in place of a word (for a schema)."""
+    return tuple(b for b, word in BOOL_WORDS.items() if word in choices)
+
+
 def _require(ok: bool, name: str, value: Any, valid: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value} is out of range; it must be {valid}")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
+    if isinstance(value, bool) or value not in choices:
+        # a boolean is a YAML word (amp=on): name the words it may have been written as
+        shown = ("on/yes/true" if value else "off/no/false") if isinstance(value, bool) else repr(value)
         raise ConfigError(
-            f"{name}={value!r} is not valid{did_you_mean(value, choices)}; choose one of {', '.join(choices)}"
+            f"{name}={shown} is not valid{did_you_mean(value, choices)}; choose one of {', '.join(choices)}"
         )
 
 

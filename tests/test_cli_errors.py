@@ -108,6 +108,8 @@ CASES = [
     ("train-lr-out-of-range", lambda t, c: ["train", "lr=0"], "lr=0.0 is out of range"),
     ("train-hp-out-of-range", lambda t, c: ["train", "method=kd", "teacher=t.pt", "T=-1"], "kd.T=-1.0 is out of range"),
     ("train-not-key-value", lambda t, c: ["train", "epochs"], "key=value"),
+    ("train-amp-on", lambda t, c: ["train", "amp=on"], "amp=on/yes/true is not valid; choose one of auto, bf16, off"),
+    ("train-amp-typo", lambda t, c: ["train", "amp=of"], "amp='of' is not valid (did you mean 'off'?)"),
     ("spec-missing", lambda t, c: ["validate", str(t / "none.yaml")], "does not exist"),
     ("spec-directory", lambda t, c: ["validate", str(t)], "is a directory"),
     ("spec-not-utf8", lambda t, c: ["validate", str(_write(t / "s.yaml", NON_UTF8))], "is not UTF-8 text"),
@@ -210,13 +212,24 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, teac
     assert not (tmp_path / "runs").exists()
 
 
+def test_print_config_reads_switch_words_and_settings_after_options(capsys):
+    """amp=off is the documented word, not YAML's False; key=value words may follow an option."""
+    assert main(["train", "--print-config", "amp=off", "--quiet", "epochs=3", "compile=true"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["amp"], cfg["epochs"], cfg["compile"]) == ("off", 3, True)
+    assert main(["train", "--print-config", "amp=no"]) == 0 and "amp: 'off'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "epochs=3", "--quiet", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_train_help_shows_type_default_and_range(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ") and ln.split()}
     assert lines["epochs"].split()[1:4] == ["int", "default", "30"] and lines["epochs"].endswith("an integer >= 1")
     assert "float" in lines["lr"] and "a number > 0" in lines["lr"]
-    assert "one of sgd, adamw" in lines["optimizer"]
+    assert "one of sgd, adamw" in lines["optimizer"] and "one of auto, bf16, off" in lines["amp"]
 
 
 def _run(*args, cwd=None):
@@ -226,7 +239,8 @@ def _run(*args, cwd=None):
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["train", "epochs=-1"], "epochs=-1"), (["train", "model=nosuch"], "unknown model 'nosuch'")],
+    [(["train", "epochs=-1"], "epochs=-1"), (["train", "model=nosuch"], "unknown model 'nosuch'"),
+     (["train", "amp=yes"], "amp=on/yes/true is not valid; choose one of auto, bf16, off")],
 )
 def test_console_refusals(args, needle):
     p = _run(*args)
