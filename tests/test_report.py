@@ -254,3 +254,102 @@ def test_report_refuses_a_missing_experiment(tmp_path):
     with pytest.raises(KdtuneError, match="no MLflow store"):
         best_per_method(f"sqlite:///{tmp_path}/ghost/mlflow.db", "ghost")
     assert not (tmp_path / "ghost").exists()
+
+
+# --------------------------------------------------------------------------- the hyperparameter cell
+HPS = "hps"
+# (group's method, the searched values of two trials); DiSK's alpha and budget_relax are fixed by the spec
+HP_TRIALS = [
+    ("kd", {"T": 4.0, "w_ce": 0.1, "w_kd": 0.9, "logit_std": False}, 80.0),
+    ("kd", {"T": 2.0, "w_ce": 0.1, "w_kd": 9.0, "logit_std": True}, 81.0),
+    ("disk", {"tau_t": 4.0, "K": 5, "lambda_min": 0.1, "lambda_max": 50.0, "delta_offset": 0.05,
+              "lambda_period": 50, "budget_relax": "ce", "alpha": 0.1}, 83.0),
+    ("disk", {"tau_t": 2.0, "K": 3, "lambda_min": 1.0, "lambda_max": 20.0, "delta_offset": -0.1,
+              "lambda_period": 20, "budget_relax": "ce", "alpha": 0.1}, 82.0),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hp_sweep(tmp_path_factory):
+    """A sweep as ``kdtune sweep`` records it: its plan's groups (a DiSK group with 26 hyperparameters, two of
+    them fixed by the spec, and a KD group), the views and chosen names the driver saves, and trial runs
+    logged with every hyperparameter (:func:`kdtune.tracking.trial.trial_params`)."""
+    from kdtune.spec import load_spec
+    from kdtune.tracking.views import sweep_views
+    from kdtune.tune.plan import plan
+    from kdtune.tune.runner import chosen_hparams
+
+    storage = tmp_path_factory.mktemp("hp") / "runs"
+    spec = load_spec({"name": HPS, "data": "digits", "teacher": {"model": "resnet8x4"}, "students": ["resnet8"],
+                      "methods": {"kd": {}, "disk": {"space": {"budget_relax": "ce", "alpha": 0.1}}},
+                      "budget": {"trials": 2, "epochs": 3}, "storage": str(storage)})  # fmt: skip
+    groups = {g.method: g for g in plan(spec).groups}
+    chosen = [(g.name, chosen_hparams(spec, g)) for g in groups.values()]
+    uri = default_tracking_uri(storage / HPS)
+    st = SweepTracker(uri, HPS)
+    parent = st.start_parent(spec.to_dict(), {}, {})
+    st.save_views(sweep_views("val_acc", "max", chosen), hparams=dict(chosen))
+    for i, (method, config, val) in enumerate(HP_TRIALS):
+        g = groups[method]
+        tt = TrialTracker(uri, HPS, parent, trial_id=f"h_{i:05d}", trial_name=f"{g.name}_{i:03d}")
+        tt.log_trial_params(method, config, g.base, {"student": "resnet8", "teacher": "resnet8x4", "data": "digits",
+                                                     "group": g.name, "method": method, "seed": 0})  # fmt: skip
+        tt.set_tags({"kdtune.group": g.name, "kdtune.method": method})
+        tt.log_metrics({"val_acc": val, "test_acc": val - 1}, step=3)
+        tt.end("FINISHED")
+    st.end_parent("FINISHED")
+    return storage, uri, st, dict(chosen)
+
+
+def test_chosen_hparams_are_the_searched_then_the_fixed(hp_sweep):
+    from kdtune.tracking.views import group_hparams, view_id, views_of
+
+    _, _, st, chosen = hp_sweep
+    assert chosen["resnet8-kd"] == ["kd.T", "kd.w_ce", "kd.w_kd", "kd.logit_std"]
+    assert chosen["resnet8-disk"] == ["disk.tau_t", "disk.K", "disk.lambda_min", "disk.lambda_max",
+                                      "disk.delta_offset", "disk.lambda_period", "disk.budget_relax", "disk.alpha"]
+    tags = st.client.get_experiment(st.experiment_id).tags
+    view = views_of(tags.items())[view_id("resnet8-disk")]["state"]["selectedColumns"]
+    assert view[-8:] == [f"params.`{n}`" for n in chosen["resnet8-disk"]]  # the view's columns: the same names
+    assert group_hparams(tags, "resnet8-disk") == chosen["resnet8-disk"]
+    # a sweep of an older kdtune recorded only its views: their param columns (what the group searched)
+    old = {k: v for k, v in tags.items() if not k.startswith("kdtune.hparams.")}
+    assert group_hparams(old, "resnet8-kd") == chosen["resnet8-kd"]
+    assert group_hparams(old, "resnet8-nope") is None
+
+
+def test_report_cell_shows_the_chosen_hyperparameters_csv_keeps_all(hp_sweep, tmp_path, capsys):
+    from kdtune.losses import METHODS
+
+    storage, uri, _, _ = hp_sweep
+    args = _args(experiment=HPS, storage=str(storage), csv=str(tmp_path / "h.csv"), markdown=str(tmp_path / "h.md"))
+    assert main_report(args) == 0
+    out = capsys.readouterr().out
+    disk_cell = ("tau_t=4, K=5, lambda_min=0.1, lambda_max=50, delta_offset=0.05, lambda_period=50, "
+                 "budget_relax=ce, alpha=0.1")  # fmt: skip
+    kd_cell = "T=2, w_ce=0.1, w_kd=9, logit_std=True"
+    for text in (out, (tmp_path / "h.md").read_text()):
+        assert disk_cell in text and kd_cell in text, text
+        assert "guide_momentum" not in text and "budget_norm" not in text and "train.lr" not in text
+    assert "hyperparameters: those searched or fixed in the spec" in out
+    assert max(len(ln) for ln in out.splitlines() if "resnet8x4 -> resnet8" in ln) < 250
+
+    with open(tmp_path / "h.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    import json
+
+    disk_hp = json.loads(rows["disk"]["hparams"])
+    assert set(METHODS.get("disk").hparams) <= set(disk_hp)  # its 25 declared ones, the searched among them
+    assert disk_hp["guide_momentum"] == "0.9" and disk_hp["budget_relax"] == "ce"
+    assert set(METHODS.get("kd").hparams) <= set(json.loads(rows["kd"]["hparams"]))
+
+    (disk,) = [r for r in best_per_method(uri, HPS) if r["method"] == "disk"]
+    assert disk["shown_hparams"] == ["tau_t", "K", "lambda_min", "lambda_max", "delta_offset", "lambda_period",
+                                     "budget_relax", "alpha"] and len(disk["hparams"]) >= 25  # fmt: skip
+
+
+def test_report_without_a_record_shows_every_hyperparameter(experiment):
+    """Runs of another tool (no group, no record in the experiment): the cell shows all, as it always did."""
+    _, uri, _, _ = experiment
+    kd = _row(best_per_method(uri, EXP), "kd")
+    assert kd["shown_hparams"] is None and kd["hparams"] == {"T": "4", "w_kd": "0.9"}

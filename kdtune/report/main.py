@@ -88,7 +88,14 @@ def main_report(args) -> int:
     markdown (path or None), plots (bool); optional: metric, mode (default: the sweep's, from the parent
     run's tags, else val_acc/max), out (plots' directory, implies plots; default ``<experiment dir>/report``).
     """
-    from kdtune.report.table import check_metric, collect_trials, format_text, write_csv, write_markdown
+    from kdtune.report.table import (
+        check_metric,
+        collect_trials,
+        format_text,
+        recorded_hparams,
+        write_csv,
+        write_markdown,
+    )
     from kdtune.tracking.client import TAG_METRIC, TAG_MODE, TAG_ROLE, get_client, search_all_runs
 
     name, exp_dir, uri = resolve_experiment(
@@ -106,7 +113,7 @@ def main_report(args) -> int:
     trials = collect_trials(client, exp.experiment_id)
     from kdtune.report.table import best_rows
 
-    rows = best_rows(trials, metric, mode)
+    rows = best_rows(trials, metric, mode, recorded_hparams(exp.tags, trials))
     if not rows:
         logged = sorted({k for t in trials for k in t.metrics})
         raise KdtuneError(

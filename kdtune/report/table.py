@@ -7,9 +7,15 @@ best configuration's test accuracy is reported beside it (mean ± sample std ove
 choose. Each trial's value is the last one it logged (Tune's default "last" scope). FAILED trials are
 left out; runs still RUNNING (an interrupted sweep) count with what they logged.
 
-What a trial run must carry, as MLflow params (or tags ``kdtune.<name>``, which win): ``method``, ``model``
-(the student), ``teacher_model`` (the teacher's architecture; a ``teacher`` that is a registered model name
-works too), ``data`` and ``seed``. Its other params are its configuration.
+Which runs are trials is :func:`kdtune.tracking.client.is_trial_run`'s one rule (not the parent, a stage,
+nor an orphan: the run of a trial a killed driver started that Tune no longer knows). What a trial run must
+carry, as MLflow params (or tags ``kdtune.<name>``, which win): ``method``, ``model`` (the student),
+``teacher_model`` (the teacher's architecture; a ``teacher`` that is a registered model name works too),
+``data`` and ``seed``. Its other params are its configuration.
+
+The hyperparameter cell of the text and Markdown tables shows what a person chose: the hyperparameters the
+group searched or the spec fixed, as the sweep recorded them (:func:`kdtune.tracking.views.group_hparams`);
+every hyperparameter of the configuration where no record says (runs of other tools). The CSV keeps all.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,7 @@ from typing import Any
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.report.published import published
 from kdtune.tables import table
-from kdtune.tracking.client import TAG_ROLE, TAG_STAGE, TAG_TRIAL_ID, TAG_TRIAL_NAME
+from kdtune.tracking.client import TAG_TRIAL_NAME, is_trial_run
 
 SEED_KEYS = ("seed",)
 # Params that change from trial to trial without changing the computation.
@@ -68,6 +74,7 @@ class Trial:
     seed: str | None
     params: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
+    group: str | None = None  # the sweep's group (tag kdtune.group), where the run names one
 
     @property
     def pair(self) -> tuple[str, str, str]:
@@ -107,13 +114,13 @@ def _teacher(run) -> str | None:
 
 
 def trial_from_run(run) -> Trial | None:
-    """A :class:`Trial` from an MLflow run, or ``None`` for the parent, stages and runs without a method."""
+    """A :class:`Trial` from an MLflow run, or ``None`` for what is no trial (the parent, stages, orphans:
+    :func:`kdtune.tracking.client.is_trial_run`) and runs without a method."""
     tags = run.data.tags
-    role = tags.get(TAG_ROLE)
-    if role in ("parent", "stage") or TAG_STAGE in tags:
+    if not is_trial_run(run):
         return None
     method = _get(run, "method")
-    if method is None or (role is None and TAG_TRIAL_ID not in tags and "mlflow.parentRunId" not in tags):
+    if method is None:
         return None
     return Trial(
         run_id=run.info.run_id,
@@ -126,6 +133,7 @@ def trial_from_run(run) -> Trial | None:
         seed=_get(run, *SEED_KEYS),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
+        group=tags.get("kdtune.group"),
     )
 
 
@@ -134,6 +142,20 @@ def collect_trials(client, experiment_id: str) -> list[Trial]:
 
     runs = search_all_runs(client, [experiment_id], order_by=["attributes.start_time ASC"])
     return [t for t in (trial_from_run(r) for r in runs) if t is not None]
+
+
+def recorded_hparams(experiment_tags: Mapping[str, str], trials: Iterable[Trial]) -> dict[str, list[str]]:
+    """Per group of ``trials``: the logged names of its chosen hyperparameters (searched, or fixed by the
+    spec) as its sweep recorded them in the experiment's tags (:func:`kdtune.tracking.views.group_hparams`);
+    a group without a record is left out."""
+    from kdtune.tracking.views import group_hparams
+
+    out = {}
+    for g in dict.fromkeys(t.group for t in trials if t.group):
+        names = group_hparams(experiment_tags, g)
+        if names is not None:
+            out[g] = names
+    return out
 
 
 def check_metric(metric: str, mode: str) -> None:
@@ -196,9 +218,18 @@ def hparam_keys(method: str, trials: list[Trial]) -> list[str]:
     return keys
 
 
-def best_rows(trials: Iterable[Trial], metric: str = "val_acc", mode: str = "max") -> list[dict[str, Any]]:
-    """The best configuration of each (data, teacher, student, method), as dicts (see module docstring)."""
+def best_rows(
+    trials: Iterable[Trial], metric: str = "val_acc", mode: str = "max", chosen: Mapping[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
+    """The best configuration of each (data, teacher, student, method), as dicts (see module docstring).
+
+    ``chosen``: group -> the logged names of its chosen hyperparameters (:func:`recorded_hparams`). A row's
+    ``hparams`` holds every hyperparameter of its best configuration; ``shown_hparams`` the names (as in
+    ``hparams``) of the chosen ones, which the text and Markdown tables show, or ``None`` where its trials'
+    groups have no record (all are shown).
+    """
     check_metric(metric, mode)
+    chosen = chosen or {}
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
         groups.setdefault((*t.pair, t.method), []).append(t)
@@ -224,7 +255,11 @@ def best_rows(trials: Iterable[Trial], metric: str = "val_acc", mode: str = "max
         value, value_std = _mean_std([t.metrics[metric] for t in best])
         test, test_std = _mean_std([t.metrics.get("test_acc") for t in best])
         keys = hparam_keys(method, members)
+        recorded = [t.group for t in members if t.group in chosen]
+        names = list(dict.fromkeys(n for g in dict.fromkeys(recorded) for n in chosen[g] if n not in SEED_KEYS))
+        keys += [n for n in names if n not in keys]
         hp = {_strip(k, method): pretty(best[0].params[k]) for k in keys if k in best[0].params}
+        shown = [_strip(n, method) for n in names if _strip(n, method) in hp] if recorded else None
         pub = published(None if data == "-" else data, None if teacher == "-" else teacher, student, method)
         rows.append(
             {
@@ -244,6 +279,7 @@ def best_rows(trials: Iterable[Trial], metric: str = "val_acc", mode: str = "max
                 "published_std": pub.std if pub else None,
                 "published_source": pub.source if pub else None,
                 "hparams": hp,
+                "shown_hparams": shown,
                 "run_ids": [t.run_id for t in best],
                 "trials": [t.name for t in best],
                 "n_trials": len(members),
@@ -279,7 +315,8 @@ def best_per_method(
         raise KdtuneError(
             f"no MLflow experiment {experiment_name!r} at {uri}; experiments there: {', '.join(names) or 'none'}"
         )
-    return best_rows(collect_trials(client, exp.experiment_id), metric, mode)
+    trials = collect_trials(client, exp.experiment_id)
+    return best_rows(trials, metric, mode, recorded_hparams(exp.tags, trials))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -303,7 +340,9 @@ def _cells(row: dict, sources: list[str]) -> list[str]:
     if row["published"] is not None:
         pub = _pm(row["published"], row["published_std"]) + f" [{sources.index(row['published_source']) + 1}]"
     teacher = row["teacher"] if row["teacher"] != "-" else "(none)"
-    hp = ", ".join(f"{k}={v}" for k, v in row["hparams"].items()) or "-"
+    shown = row.get("shown_hparams")
+    items = row["hparams"].items() if shown is None else [(k, row["hparams"][k]) for k in shown]
+    hp = ", ".join(f"{k}={v}" for k, v in items) or "-"
     trials = f"{row['n_trials']}" + (f" ({row['n_failed']} failed)" if row["n_failed"] else "")
     return [
         f"{teacher} -> {row['student']}",
@@ -337,6 +376,16 @@ def protocol_note(metric: str, mode: str) -> str:
     )
 
 
+HPARAMS_NOTE = "hyperparameters: those searched or fixed in the spec (all of them: --csv, MLflow)"
+
+
+def _notes(rows: list[dict], metric: str, mode: str) -> list[str]:
+    notes = [protocol_note(metric, mode)]
+    if any(r.get("shown_hparams") is not None for r in rows):
+        notes.append(HPARAMS_NOTE)
+    return notes
+
+
 def format_text(
     rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None
 ) -> str:
@@ -350,7 +399,7 @@ def format_text(
         lines.append(f"data: {data}")
         lines.append(table(header, [_cells(r, sources) for r in rows if r["data"] == data]))
         lines.append("")
-    lines.append(protocol_note(metric, mode))
+    lines.extend(_notes(rows, metric, mode))
     lines.extend(f"[{i}] {s}" for i, s in enumerate(sources, 1))
     return "\n".join(lines)
 
@@ -366,7 +415,7 @@ def format_markdown(
         out += [f"## {data}", ""]
         out.append(table(_header(metric), [_cells(r, sources) for r in rows if r["data"] == data], fmt="github"))
         out.append("")
-    out.append(protocol_note(metric, mode) + ".")
+    out.append("\n\n".join(n + "." for n in _notes(rows, metric, mode)))
     if sources:
         out += ["", "Published numbers (CIFAR-100 top-1 test accuracy, %):", ""]
         out += [f"{i}. {s}" for i, s in enumerate(sources, 1)]

@@ -11,6 +11,7 @@ from kdtune.tracking.client import (
     TAG_FAILURE,
     TAG_METRIC,
     TAG_MODE,
+    TAG_ORPHAN,
     TAG_OUTCOME,
     TAG_PARENT,
     TAG_ROLE,
@@ -20,6 +21,8 @@ from kdtune.tracking.client import (
     TAG_SWEEP_ID,
     TAG_TRIAL_ID,
     TAG_TRIAL_NAME,
+    TRIAL_FILTER,
+    is_trial_run,
 )
 from kdtune.tracking.sweep import SweepTracker
 from kdtune.tracking.trial import TrialTracker
@@ -37,6 +40,7 @@ __all__ = [
     "TAG_STOPPED_EPOCH",
     "TAG_METRIC",
     "TAG_MODE",
+    "TAG_ORPHAN",
     "TAG_PARENT",
     "TAG_ROLE",
     "TAG_STAGE",
@@ -44,4 +48,6 @@ __all__ = [
     "TAG_SWEEP_ID",
     "TAG_TRIAL_ID",
     "TAG_TRIAL_NAME",
+    "TRIAL_FILTER",
+    "is_trial_run",
 ]

@@ -31,7 +31,7 @@ from kdtune.tracking.uri import sqlite_path
 T = TypeVar("T")
 
 # Tags that kdtune writes; the report and resume find runs by them.
-TAG_ROLE = "kdtune.role"  # "parent" | "trial" | "stage"
+TAG_ROLE = "kdtune.role"  # "parent" | "trial" | "stage" | "orphan" (see is_trial_run)
 TAG_SWEEP_ID = "kdtune.sweep_id"  # on the parent run: the experiment name
 TAG_TRIAL_ID = "kdtune.trial_id"
 TAG_TRIAL_NAME = "kdtune.trial_name"
@@ -40,6 +40,7 @@ TAG_STAGE_KEY = "kdtune.stage_key"
 TAG_FAILURE = "kdtune.failure_reason"
 TAG_OUTCOME = "kdtune.outcome"  # completed | pruned | failed | diverged
 TAG_STOPPED_EPOCH = "kdtune.stopped_epoch"  # the last epoch of a trial that did not complete
+TAG_ORPHAN = "kdtune.orphan"  # "true" on a run that belongs to no trial (see mark_orphan)
 TAG_METRIC = "kdtune.metric"
 TAG_MODE = "kdtune.mode"
 TAG_PARENT = "mlflow.parentRunId"
@@ -243,6 +244,49 @@ def search_all_runs(client, experiment_ids: list[str], filter_string: str = "", 
         token = getattr(page, "token", None)
         if not token:
             return runs
+
+
+# --------------------------------------------------------------------------- what is a trial
+ROLE_TRIAL = "trial"
+ROLE_ORPHAN = "orphan"
+# The MLflow filter that selects a sweep's trial runs (the saved views, the driver's searches): the same runs
+# as is_trial_run for every run kdtune writes. MLflow compares a tag only on runs that have it, so a filter
+# such as ``tags.`kdtune.orphan` != 'true'`` would select no trial at all (none carries the tag): the rule
+# lives in the role tag, which every run of kdtune carries.
+TRIAL_FILTER = f"tags.`{TAG_ROLE}` = '{ROLE_TRIAL}'"
+
+
+def is_trial_run(run) -> bool:
+    """Whether an MLflow run is a trial of its sweep: the one rule of what kdtune counts and lists as trials
+    (report, views, summaries).
+
+    A trial run has ``kdtune.role=trial``. Not trials: the parent, the stages, and orphans, the runs of trials
+    that Tune no longer knows (a driver killed after a trial opened its run but before Tune's snapshot named
+    the trial), which the resumed driver re-tags ``kdtune.role=orphan`` (:func:`mark_orphan`); an orphan
+    closed by an older kdtune kept role trial and carries only ``kdtune.orphan=true``. A run without the role
+    tag (logged by other tools) counts when it names a trial id or a parent run and is no stage.
+    """
+    tags = run.data.tags
+    if tags.get(TAG_ORPHAN) == "true":
+        return False
+    role = tags.get(TAG_ROLE)
+    if role is not None:
+        return role == ROLE_TRIAL
+    return TAG_STAGE not in tags and (TAG_TRIAL_ID in tags or TAG_PARENT in tags)
+
+
+def mark_orphan(client, run, reason: str) -> None:
+    """Take ``run`` (an MLflow run) out of the sweep's trials (:func:`is_trial_run`): role ``orphan``, tag
+    ``kdtune.orphan=true`` and the reason; a run still RUNNING is ended KILLED with outcome failed, one that
+    its process ended keeps its status and outcome. Only the sweep driver calls this, once the run's process
+    is gone."""
+    tags = {TAG_ROLE: ROLE_ORPHAN, TAG_ORPHAN: "true", TAG_FAILURE: reason}
+    running = run.info.status == "RUNNING"
+    if running:
+        tags[TAG_OUTCOME] = "failed"
+    set_tags(client, run.info.run_id, tags)
+    if running:
+        retry_locked(client.set_terminated, run.info.run_id, "KILLED")
 
 
 def quote(value: str) -> str:

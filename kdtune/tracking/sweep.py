@@ -235,14 +235,17 @@ class SweepTracker:
             retry_locked(self.client.log_text, run_id, str(source), f"search_spaces/{slug(fname)}")
         return run_id
 
-    def save_views(self, views: Mapping[str, Mapping[str, Any]]) -> int:
+    def save_views(
+        self, views: Mapping[str, Mapping[str, Any]], hparams: Mapping[str, Any] | None = None
+    ) -> int:
         """Save ``views`` (:func:`kdtune.tracking.views.sweep_views`) as the experiment's saved views of
-        MLflow's runs table; returns how many tags were written (0 when all were already there). Only the
-        driver calls this: it owns the experiment's tags."""
-        from kdtune.tracking.views import view_tags
+        MLflow's runs table, and ``hparams`` (group -> its chosen hyperparameters' logged names) as the tags
+        ``kdtune report`` reads (:func:`kdtune.tracking.views.hparams_tags`); returns how many tags were
+        written (0 when all were already there). Only the driver calls this: it owns the experiment's tags."""
+        from kdtune.tracking.views import hparams_tags, view_tags
 
         exp = retry_locked(self.client.get_experiment, self.experiment_id)
-        tags = view_tags(views, exp.tags)
+        tags = {**view_tags(views, exp.tags), **hparams_tags((hparams or {}).items(), exp.tags)}
         for key, value in tags.items():
             retry_locked(self.client.set_experiment_tag, self.experiment_id, key, value)
         return len(tags)

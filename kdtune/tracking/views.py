@@ -10,10 +10,16 @@ browser test (``tests/test_ui_browser.py``) opens these views and checks the col
 
 A sweep writes, once its plan is known (the driver owns the experiment's tags):
 
-- ``kdtune-trials``: every trial of the sweep (no parent, no stage), best first by the sweep's metric, with
+- ``kdtune-trials``: every trial of the sweep (no parent, no stage, no orphan: the runs of trials a killed
+  driver started that Tune no longer knows), best first by the sweep's metric, with
   the metric, ``test_acc``, method, student, outcome and the epoch a pruned trial stopped at;
-- ``kdtune-<group>`` per group: that group's trials with the hyperparameters its space searches, under their
-  logged names (``dkd.beta``, ``train.lr``), so that no column mixes two methods' meanings.
+- ``kdtune-<group>`` per group: that group's trials with its chosen hyperparameters (those its space searches,
+  then those the spec fixes: :func:`kdtune.tune.runner.chosen_hparams`), under their logged names
+  (``dkd.beta``, ``train.lr``), so that no column mixes two methods' meanings.
+
+Beside them, the same names per group as tag ``kdtune.hparams.<group>`` (a JSON list, :func:`hparams_tags`):
+``kdtune report`` shows these in its text and Markdown tables (:func:`group_hparams`), every other value of a
+trial staying in its CSV, ``results.json`` and MLflow.
 
 The UI's own mode switch (GenAI / Model training) decides what an experiment opens on, whatever the
 ``mlflow.experimentKind`` tag says; :func:`runs_url` therefore carries ``workflowType=machine_learning``.
@@ -28,6 +34,8 @@ from typing import Any
 from urllib.parse import quote as urlquote
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+HPARAMS_TAG_PREFIX = "kdtune.hparams."  # + group: the group's chosen hyperparameters (logged names, JSON list)
+_COMMON_PARAMS = ("method", "student")  # the param columns of every view, before a group's own
 VIEW_URL_KEY = "viewStateShareKey"
 ALL_TRIALS = "kdtune-trials"
 MAX_VIEWS = 40  # the UI refuses a 41st saved view of one experiment
@@ -74,19 +82,56 @@ def view_id(group: str | None = None) -> str:
 def sweep_views(metric: str, mode: str, groups: Sequence[tuple[str, Sequence[str]]]) -> dict[str, dict]:
     """``{view id: view}`` for a sweep: all trials, then one per ``(group, searched param names)``; each view
     ``{"name", "state"}``. Capped at the UI's 40 (the all-trials view and the first 39 groups)."""
-    from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
+    from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH, TRIAL_FILTER
 
     order, asc = _col("metrics", metric), mode == "min"
     common = [_col("metrics", metric)] + ([_col("metrics", "test_acc")] if metric != "test_acc" else [])
-    common += [_col("params", "method"), _col("params", "student"), _col("tags", TAG_OUTCOME),
+    common += [*(_col("params", n) for n in _COMMON_PARAMS), _col("tags", TAG_OUTCOME),
                _col("tags", TAG_STOPPED_EPOCH)]  # fmt: skip
-    trials = "tags.`kdtune.role` = 'trial'"
+    trials = TRIAL_FILTER  # the trials, not the parent, stages or orphans (kdtune.tracking.client.is_trial_run)
     views = {ALL_TRIALS: {"name": "kdtune: all trials", "state": _state(trials, order, asc, common)}}
     for group, names in list(groups)[: MAX_VIEWS - 1]:
         cols = common + [_col("params", n) for n in names]
         search = f"{trials} AND tags.`kdtune.group` = '{group}'"
         views[view_id(group)] = {"name": f"kdtune: {group}", "state": _state(search, order, asc, cols)}
     return views
+
+
+def _hparams_key(group: str) -> str:
+    from kdtune.tracking.client import clean_key
+
+    return clean_key(HPARAMS_TAG_PREFIX + group)
+
+
+def hparams_tags(groups: Iterable[tuple[str, Sequence[str]]], existing: Mapping[str, str] | None = None
+                 ) -> dict[str, str]:  # fmt: skip
+    """The experiment tags that record each ``(group, chosen hyperparameters' logged names)``; one already
+    recorded with the same names is left out (nothing to write)."""
+    existing = dict(existing or {})
+    out = {}
+    for group, names in groups:
+        key, value = _hparams_key(group), json.dumps(list(names))
+        if existing.get(key) != value:
+            out[key] = value
+    return out
+
+
+def group_hparams(tags: Mapping[str, str], group: str) -> list[str] | None:
+    """The logged names of ``group``'s chosen hyperparameters, from an experiment's ``tags``: as the sweep
+    recorded them (:func:`hparams_tags`), else the param columns of the group's saved view (a sweep of an
+    older kdtune: its searched ones); ``None`` when the experiment says neither."""
+    try:
+        names = json.loads(tags[_hparams_key(group)])
+        if isinstance(names, list):
+            return [str(n) for n in names]
+    except (KeyError, ValueError, TypeError):
+        pass
+    view = views_of(tags.items()).get(view_id(group))
+    if view is None:
+        return None
+    cols = view["state"].get("selectedColumns") or []
+    common = {_col("params", n) for n in _COMMON_PARAMS}
+    return [c[len("params.`") : -1] for c in cols if c.startswith("params.`") and c.endswith("`") and c not in common]
 
 
 def view_tags(views: Mapping[str, Mapping[str, Any]], existing: Mapping[str, str] | None = None,

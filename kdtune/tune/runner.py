@@ -353,12 +353,11 @@ class _Sweep:
 
     def _save_views(self, p: SweepPlan) -> int:
         """MLflow's runs table opens with the columns to compare: all trials, and one view per group with
-        the hyperparameters it searches (:mod:`kdtune.tracking.views`)."""
-        from kdtune.tracking.trial import logged_names
+        its chosen hyperparameters (:mod:`kdtune.tracking.views`); the same names recorded for the report."""
         from kdtune.tracking.views import sweep_views
 
-        groups = [(g.name, logged_names(g.method, g.parameters)) for g in p.groups]
-        return self.tracker.save_views(sweep_views(self.spec.metric, self.spec.mode, groups))
+        groups = [(g.name, chosen_hparams(self.spec, g)) for g in p.groups]
+        return self.tracker.save_views(sweep_views(self.spec.metric, self.spec.mode, groups), hparams=dict(groups))
 
     def _run_locked(self, p: SweepPlan, state, data, t0, ray_started) -> SweepResult:
         from kdtune.tune.search import GroupSearch
@@ -422,7 +421,8 @@ class _Sweep:
 
         for s in summaries:
             state["groups"][s["group"]] = s
-        # a fused bundle is one scheduled unit: its own folder holds the process's open/closed events
+        # a fused bundle is one scheduled unit: its own folder holds the process's open/closed events. The
+        # counts here are Tune's trials: an orphan (a run Tune no longer knows, closed above) is none of them.
         ids = list(dict.fromkeys(t.get("bundle") or t["trial_id"] for s in summaries for t in s["all"]))
         util = slot_utilisation(self.exp, ids, spec.budget.concurrency, fit_wall, since=t_fit)
         state["timeline"] = timeline(self.exp, ids, t0=t0, stages_done=t_stages, tune_start=t_fit,
@@ -716,6 +716,18 @@ class _Sweep:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def chosen_hparams(spec: SweepSpec, group) -> list[str]:
+    """The hyperparameters a person chose for a group (a :class:`~kdtune.tune.plan.GroupPlan`), under the
+    names its trial runs log them (``dkd.beta``, ``train.lr``): those its space searches, then those the spec
+    fixes (``methods.<method>.space.<name>: <value>``). The rest (a method's other defaults, DiSK's guide
+    settings, the shared ``train:`` recipe) is every trial's alike: the group's view of MLflow's runs table
+    shows these as columns and ``kdtune report``'s table these in its hyperparameter cell."""
+    from kdtune.tracking.trial import logged_names
+
+    fixed = [k for k, o in spec.method(group.method).space.items() if o.kind == "fixed"]
+    return logged_names(group.method, list(dict.fromkeys([*group.parameters, *fixed])))
+
+
 def _trainable(fn, ctxs, data, b):
     """The one trainable of a Tune experiment: ``ctxs`` maps each group to its TrialContext."""
     from ray import tune
@@ -923,13 +935,15 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
 
     A trial's process may be ended by Tune before it closes its run (ASHA stopping the last trials). And a
     driver killed between two experiment snapshots forgets the trials it started meanwhile: Tune restores
-    without them and the searcher asks again, so their runs belong to no trial; they are ended KILLED with
-    tag ``kdtune.orphan=true`` and the reason.
+    without them and the searcher asks again, so their runs belong to no trial. Every trial run of the
+    groups whose trial id Tune's results do not hold is such an orphan, whether its process had ended it or
+    not: :func:`kdtune.tracking.client.mark_orphan` takes it out of the trials (role ``orphan``, tag
+    ``kdtune.orphan=true``, the reason) and ends one left RUNNING as KILLED (counted in the return value).
     """
     if not uri:
         return 0
-    from kdtune.tracking import TAG_FAILURE, TAG_OUTCOME, TAG_ROLE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID
-    from kdtune.tracking.client import get_client, quote, retry_locked, search_all_runs, set_tags
+    from kdtune.tracking import TAG_FAILURE, TAG_OUTCOME, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, TRIAL_FILTER
+    from kdtune.tracking.client import get_client, mark_orphan, quote, retry_locked, search_all_runs, set_tags
     from kdtune.tracking.trial import experiment_id_for
     from kdtune.tune.trainable import trial_folder, wait_trials_gone
 
@@ -967,14 +981,13 @@ def close_open_runs(uri: str | None, experiment: str, results, epochs: int, grou
             retry_locked(client.set_terminated, run.info.run_id, status)
             closed += 1
     for group in groups or []:
-        flt = f"tags.`kdtune.group` = {quote(group)} AND tags.`{TAG_ROLE}` = 'trial'"
+        flt = f"tags.`kdtune.group` = {quote(group)} AND {TRIAL_FILTER}"
         for run in search_all_runs(client, [exp_id], flt):
-            if run.data.tags.get(TAG_TRIAL_ID) in known or run.info.status != "RUNNING":
+            if run.data.tags.get(TAG_TRIAL_ID) in known:
                 continue
             reason = "orphan: the sweep driver died before Tune recorded this trial; the searcher asked anew"
-            set_tags(client, run.info.run_id, {TAG_FAILURE: reason, "kdtune.orphan": "true", TAG_OUTCOME: "failed"})
-            retry_locked(client.set_terminated, run.info.run_id, "KILLED")
-            closed += 1
+            closed += run.info.status == "RUNNING"
+            mark_orphan(client, run, reason)
     return closed
 
 

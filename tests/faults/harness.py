@@ -219,7 +219,8 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
     - the events: every trial trained each epoch exactly once (1..epochs), and no trial trained after the
       moment it was known ``done`` (``done_at``: trial id -> time of a kill after its done event);
     - MLflow: exactly one trial run per trial (tag kdtune.trial_id), FINISHED, per-epoch metrics with no
-      repeated step; runs of trials Tune forgot (a driver killed between snapshots) are closed orphans;
+      repeated step; runs of trials Tune forgot (a driver killed between snapshots) are closed orphans, no
+      trial (role orphan), and the report counts the trials alone;
     - optuna.db: one study per group, "<student>-<method>", holding each of the group's Tune trials once.
 
     Returns figures to print."""
@@ -256,7 +257,10 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
     by_id: dict[str, list] = {}
     for r in trial_runs:
         by_id.setdefault(r.data.tags.get("kdtune.trial_id"), []).append(r)
-    orphans = [r for r in trial_runs if r.data.tags.get("kdtune.trial_id") not in tune_ids]
+    orphans = [r for r in runs if r.data.tags.get("kdtune.orphan") == "true"]
+    stray = [r.data.tags.get("kdtune.trial_id") for r in trial_runs
+             if r.data.tags.get("kdtune.trial_id") not in tune_ids and r.data.tags.get("kdtune.phase") != "repeat"]  # fmt: skip
+    assert not stray, f"runs of trials Tune does not know are counted as trials, not closed as orphans: {stray}"
     for t in tune_ids:
         rs = by_id.get(t, [])
         assert len(rs) == 1, f"trial {t} has {len(rs)} MLflow runs"
@@ -265,6 +269,11 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
             steps = [m.step for m in client.get_metric_history(rs[0].info.run_id, key)]
             assert sorted(steps) == list(range(1, epochs + 1)), f"trial {t}: {key} steps {sorted(steps)}"
     assert all(r.info.status != "RUNNING" for r in orphans), "an orphan run was left RUNNING"
+    assert all(r.data.tags.get("kdtune.role") == "orphan" for r in orphans), "an orphan kept its trial role"
+    from kdtune.report.table import collect_trials
+
+    counted = [t for t in collect_trials(client, eid) if t.params.get("phase") != "repeat"]
+    assert len(counted) == len(tune_ids), f"the report counts {len(counted)} trials, the sweep ran {len(tune_ids)}"
 
     storage = f"sqlite:///{exp / 'optuna.db'}"
     studies = {s.study_name for s in optuna.get_all_study_summaries(storage)}
