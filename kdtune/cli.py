@@ -102,6 +102,40 @@ def _reproduce(args) -> int:
     raise KdtuneError(f"unknown reproduction {args.what!r}; available: disk-toys")
 
 
+def _store(args) -> int:
+    """``kdtune store list|delete``: the teacher stores under a folder, their sizes, and deleting them."""
+    from pathlib import Path
+
+    from kdtune.engine.teacher_store import default_root, list_stores
+    from kdtune.tables import table
+
+    root = Path(args.dir).expanduser() if args.dir else default_root()
+    stores = list_stores(root) if root.is_dir() else []
+    if args.action == "list":
+        if not stores:
+            print(f"no teacher store under {root}")
+            return 0
+        rows = [[Path(s["path"]).name, s["key"].get("teacher_arch", "?"), s["key"].get("data", "?"),
+                 str(s["key"].get("batch_size", "?")), str(len(s["epochs"])), f"{s['bytes'] / 1e6:.1f} MB"]
+                for s in stores]  # fmt: skip
+        print(table(["store", "teacher", "data", "batch", "epochs", "size"], rows))
+        print(f"{len(stores)} stores, {sum(s['bytes'] for s in stores) / 1e6:.1f} MB under {root}")
+        return 0
+    names = {Path(s["path"]).name: s for s in stores}
+    chosen = list(names) if args.all else args.names
+    if not chosen:
+        raise KdtuneError("kdtune store delete needs store names (from `kdtune store list`) or --all")
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise KdtuneError(f"no teacher store {unknown[0]!r} under {root}; `kdtune store list --dir {root}` shows them")
+    import shutil
+
+    for n in chosen:
+        shutil.rmtree(names[n]["path"])
+        print(f"deleted {n} ({names[n]['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
 BENCH_HELP = "images/s of kdtune's training step vs a reference-style loop"
 
 
@@ -141,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help=BENCH_HELP, add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (kdtune bench --help)")
     b.set_defaults(func=_bench)
+
+    st = sub.add_parser("store", help="list or delete teacher stores (teacher outputs kept per training view)")
+    st.add_argument("action", choices=["list", "delete"])
+    st.add_argument("names", nargs="*", help="with delete: the stores to delete (names from list)")
+    st.add_argument("--all", action="store_true", help="with delete: every store under the folder")
+    st.add_argument("--dir", default=None, help="the stores' folder (default ~/.cache/kdtune/teacher-store; a "
+                    "sweep's: <storage>/stages/teacher-store)")  # fmt: skip
+    st.set_defaults(func=_store)
 
     r = sub.add_parser("reproduce", help="reproduce a paper's result on the CPU (disk-toys)")
     r.add_argument("what", choices=["disk-toys"])

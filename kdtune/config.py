@@ -24,6 +24,7 @@ from kdtune.names import check_name
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "off")
+TEACHER_STORE_MODES = ("auto", "on", "off")  # kdtune.engine.teacher_store
 PRESETS = ("crd",)
 # Students that the CRD recipe trains at lr 0.01 instead of 0.05.
 _CRD_LOW_LR = ("mobilenetv2", "shufflev1", "shufflev2")
@@ -48,7 +49,8 @@ RANGES = {
 CHECKPOINT_FIELDS = ("teacher", "init")
 # Fields whose value is one of a few words. A field whose words include "off" or "on" (amp today) is a word
 # switch: see read_word.
-CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "preset": PRESETS}
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "preset": PRESETS,
+           "teacher_store": TEACHER_STORE_MODES}
 # The word each YAML boolean stands for in a word switch. YAML 1.1 (PyYAML: `key=value` words on the command
 # line, --config files and sweep specs alike) reads an unquoted off/no/false (any case) as False and
 # on/yes/true as True, so `amp=off` arrives as False and `amp=no`, `amp=false` arrive the same way.
@@ -95,6 +97,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     num_workers: int = 4  # folder data sets only
+    # the teacher's outputs per training view, computed once and read by every run that shares them
+    # (kdtune.engine.teacher_store): on, off, or auto (on where a store folder is given and the disk holds it)
+    teacher_store: str = "auto"
+    teacher_store_dir: str | None = None  # default for teacher_store=on: ~/.cache/kdtune/teacher-store
     # output
     out: str | None = None
     overwrite: bool = False
@@ -270,7 +276,8 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the computation (not where it is written or whether it resumes)."""
         d = self.to_dict()
-        for k in ("out", "overwrite", "resume", "save_every", "num_workers", "device", "eval_batch_size"):
+        for k in ("out", "overwrite", "resume", "save_every", "num_workers", "device", "eval_batch_size",
+                  "teacher_store", "teacher_store_dir"):  # the store changes no output bit
             d.pop(k)
         return d
 

@@ -89,7 +89,6 @@ from kdtune.engine.trainer import (
     apply_training_state,
     atomic_torch_save,
     diverged_message,
-    forward,
     load_init_model,
     load_teacher_model,
     model_meta,
@@ -97,6 +96,7 @@ from kdtune.engine.trainer import (
     record_epoch,
     run_result,
     seed_everything,
+    teacher_outputs,
     training_state,
 )
 from kdtune.errors import CheckpointError, ConfigError
@@ -767,6 +767,7 @@ class Bundle:
 
             bar = tqdm(total=total, desc=f"bundle of {self.size}, epoch {e + 1}/{self.epochs}", leave=False,
                        file=sys.stderr, dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+        stored, writer = lead.store_epoch(e, total)
         lead._sync()
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader.epoch(e)):
@@ -776,10 +777,7 @@ class Bundle:
             t_logits = t_feats = None
             with lead.autocast():
                 if lead.teacher is not None:
-                    with torch.inference_mode():
-                        t_out = forward(lead.teacher, x, mcls.needs_teacher_features)
-                    t_logits = t_out[0].float().clone()
-                    t_feats = t_out[1].float().clone() if t_out[1] is not None else None
+                    t_logits, t_feats = teacher_outputs(lead.teacher, x, mcls.needs_teacher_features, i, stored, writer)
                 s_out = self._forward(self.params, self.buffers, x)
             s_logits, s_feats = s_out if mcls.needs_student_features else (s_out, None)
             total_loss = None
@@ -812,6 +810,7 @@ class Bundle:
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        lead.store_publish(writer, steps)
         return sums, steps, n_img, seconds
 
     @torch.no_grad()
@@ -891,6 +890,7 @@ class Bundle:
         res["bundle_size"] = self.size
         res["bundle_mode"] = self.mode
         res["bundle_exact"] = self.exact
+        res["teacher_store"] = self.shared.store_report()
         return res
 
     def save_model(self, key: Hashable, path: str | Path) -> None:

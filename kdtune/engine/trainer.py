@@ -78,6 +78,20 @@ def forward(model: nn.Module, x: Tensor, features: bool) -> tuple[Tensor, Tensor
     return model(x), None
 
 
+def teacher_outputs(teacher: nn.Module, x: Tensor, features: bool, i: int, stored=None, writer=None
+                    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """The teacher's (logits, features) for batch ``i`` of an epoch, as fp32 copies: read from the teacher
+    store's epoch (``stored``) where it has one, else the teacher's forward (recorded by ``writer`` for the
+    store). The one teacher forward of the Trainer and the Bundle; call it under the run's autocast."""
+    if stored is not None:
+        return stored.batch(i, x.shape[0])
+    with torch.inference_mode():
+        t_logits, t_feats = forward(teacher, x, features)
+        if writer is not None:
+            writer.add(i, t_logits, t_feats)
+    return t_logits.float().clone(), t_feats.float().clone() if t_feats is not None else None
+
+
 class Trainer:
     def __init__(
         self,
@@ -130,6 +144,9 @@ class Trainer:
         self.init_info: dict[str, Any] = {}
         if cfg.init:
             self._load_init(init_info)
+
+        self.store = self._open_store()
+        self.store_stats = {"read": 0, "written": 0, "online": 0}
 
         self.method = self.method_cls(dict(cfg.hp), self.method_context(self.student))
         self.method_modules = nn.ModuleDict(self.method.trainable_modules()).to(self.device)
@@ -263,6 +280,72 @@ class Trainer:
             + (f", val acc {val['acc']:.2f}%" if val else "")
         )
 
+    # ------------------------------------------------------------------ teacher store
+    def _open_store(self):
+        """The teacher store this run reads and writes (kdtune.engine.teacher_store), or None: ``off``, no
+        teacher, ``auto`` without a store folder, or ``auto`` where it cannot serve or fit (said in one line);
+        ``on`` where it cannot is refused in one line."""
+        from kdtune.engine import teacher_store as ts
+
+        cfg, d = self.cfg, self.data
+        if self.teacher is None or cfg.teacher_store == "off" or (cfg.teacher_store == "auto" and not cfg.teacher_store_dir):
+            return None
+        loader = self.train_loader
+        root = Path(cfg.teacher_store_dir) if cfg.teacher_store_dir else ts.default_root()
+        why = None
+        if not isinstance(loader, DeviceLoader):
+            why = f"data set {d.name!r} is read from folders; the store serves in-memory data sets"
+        feat_dim = getattr(self.teacher, "feat_dim", None) if self.method_cls.needs_teacher_features else None
+        rows = len(loader) * loader.batch_size if loader.drop_last else loader.n
+        itemsize = 2 if self.amp_dtype is not None else 4
+        per_epoch = ts.TeacherStore.epoch_bytes(rows, d.num_classes, feat_dim, itemsize)
+        store = None
+        if why is None:
+            key = ts.store_key(
+                teacher=self.teacher, teacher_arch=self.teacher_info.get("arch") or "teacher", data=d.name,
+                data_sha=_data_sha(d), val_fraction=cfg.val_fraction, data_seed=cfg.data_seed,
+                augment=f"crop{loader.crop_padding}-flip{int(loader.flip)}", batch_size=loader.batch_size, rows=rows,
+                features=feat_dim is not None, device=self.device, amp=str(self.amp_dtype),
+                channels_last=self.use_channels_last,
+            )  # fmt: skip
+            try:
+                store = ts.TeacherStore(root, key, log=self.log)
+            except OSError as e:
+                why = f"cannot write under {root} ({e.strerror})"
+        if store is not None:
+            have = set(store.epochs())
+            need = per_epoch * sum(1 for e in range(cfg.epochs) if e not in have)
+            free = ts.free_bytes(root)
+            if need > free - ts.RESERVE_BYTES:
+                why = (f"it needs {_size(need)} more under {root} ({_size(per_epoch)} an epoch, {cfg.epochs - len(have)} "
+                       f"epochs to store) but {_size(free)} are free")  # fmt: skip
+            else:
+                self.log(f"teacher store {store.dir}: {len(have & set(range(cfg.epochs)))} of {cfg.epochs} epochs "
+                         f"stored, {_size(need)} to write ({_size(per_epoch)} an epoch)")  # fmt: skip
+        if why is not None:
+            if cfg.teacher_store == "on":
+                raise ConfigError(f"teacher_store=on cannot be used: {why}; free space, set teacher_store_dir, "
+                                  "or use teacher_store=off")  # fmt: skip
+            self.log(f"teacher store off: {why}")
+            return None
+        return store
+
+    def store_epoch(self, e: int, steps: int):
+        """(the store's published epoch ``e`` or None, a writer for it or None) for a pass of ``steps``
+        batches: only a whole epoch is written."""
+        if self.store is None:
+            return None, None
+        stored = self.store.read(e, self.device)
+        if stored is not None:
+            self.store_stats["read"] += 1
+            return stored, None
+        self.store_stats["online"] += 1
+        return None, self.store.writer(e) if steps == len(self.train_loader) else None
+
+    def store_publish(self, writer, steps: int) -> None:
+        if writer is not None and steps == len(self.train_loader) and writer.publish():
+            self.store_stats["written"] += 1
+
     def _load_init(self, known: dict[str, Any] | None = None) -> None:
         cfg = self.cfg
         model, info = load_init_model(cfg, self.data)
@@ -360,6 +443,7 @@ class Trainer:
                 dynamic_ncols=True,
                 mininterval=0.5,
             )
+        stored, writer = self.store_epoch(e, total)
         self._sync()
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader.epoch(e)):
@@ -369,10 +453,7 @@ class Trainer:
             t_logits = t_feats = None
             with self.autocast():
                 if self.teacher is not None:
-                    with torch.inference_mode():
-                        t_out = forward(self.teacher, x, m.needs_teacher_features)
-                    t_logits = t_out[0].float().clone()
-                    t_feats = t_out[1].float().clone() if t_out[1] is not None else None
+                    t_logits, t_feats = teacher_outputs(self.teacher, x, m.needs_teacher_features, i, stored, writer)
                 s_logits, s_feats = forward(self.student_fwd, x, m.needs_student_features)
             out = StepOutputs(
                 student_logits=s_logits.float(),
@@ -401,6 +482,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        self.store_publish(writer, steps)
         return sums, steps, n_img, seconds
 
     def train_epoch(self) -> dict[str, Any]:
@@ -444,6 +526,14 @@ class Trainer:
     def result(self) -> dict[str, Any]:
         return run_result(self, data_resident_bytes=self.data_resident_bytes(), device=self.device)
 
+    def store_report(self) -> dict[str, Any] | None:
+        """Where the teacher's outputs came from: the store's folder and the epochs read from it, written to
+        it, and run with the online teacher (None without a store)."""
+        if self.store is None:
+            return None
+        return {"path": str(self.store.dir), "epochs_read": self.store_stats["read"],
+                "epochs_written": self.store_stats["written"], "epochs_online": self.store_stats["online"]}  # fmt: skip
+
     def model_meta(self) -> dict[str, Any]:
         return model_meta(self, self.data.name)
 
@@ -469,6 +559,26 @@ class Trainer:
         d = self.data
         save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta(),
                    durable=durable)  # fmt: skip
+
+
+def _data_sha(d: DataBundle) -> str:
+    """A fingerprint of the training split's contents (images and labels): a store never serves another
+    data set that happens to share a name."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for t in (d.train.x, d.train.y):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def load_teacher_model(cfg: TrainConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
@@ -584,6 +694,7 @@ def run_result(run: Any, *, data_resident_bytes: int, device: torch.device) -> d
         "train_images_per_s": run.train_images / max(run.train_time, 1e-9),
         "train_s": run.train_time,
         "teacher": run.teacher_info or None,
+        "teacher_store": getattr(run, "store_report", lambda: None)(),
         "init": run.init_info or None,
         "num_params": sum(p.numel() for p in run.student.parameters()),
         "data_resident_mb": data_resident_bytes / 1e6,
