@@ -90,6 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--exact-epochs", type=int, nargs="+", default=[1, 2, 3], metavar="N", help="with --exactness (default 1 2 3)"
     )
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="also measure the lone trial (and --fuse bundles) reading the teacher store instead of the teacher",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not in the table")
 
@@ -199,9 +204,11 @@ def reference_loop(bundle, teacher, student, batch: int, device, workers: int, w
 
 
 def kdtune_loop(
-    bundle, teacher_ckpt: str, student_arch: str, batch: int, device, compile_: bool, warmup, steps, repeats
+    bundle, teacher_ckpt: str, student_arch: str, batch: int, device, compile_: bool, warmup, steps, repeats,
+    store_dir: str | None = None,
 ):
-    """The engine's own training pass (Trainer.train_pass) with method kd."""
+    """The engine's own training pass (Trainer.train_pass) with method kd; with ``store_dir``, reading the
+    teacher store there (epoch 0 is written first, untimed, and every timed step reads it)."""
     from kdtune.config import TrainConfig
     from kdtune.engine.trainer import Trainer
 
@@ -217,23 +224,43 @@ def kdtune_loop(
             compile=compile_,
             val_fraction=0.0,
             lr=0.05,
+            teacher_store="on" if store_dir else "off",
+            teacher_store_dir=store_dir,
         )
     )
     trainer = Trainer(cfg, data=bundle)
+    run_steps = _stepper(trainer.train_pass, store_dir is not None)
+    if store_dir is not None:
+        _fill_store(trainer)
+    return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
+
+
+def _stepper(train_pass, stored: bool):
+    """``run_steps(n)``: n optimiser steps through ``train_pass``, on from epoch to epoch; on epoch 0 again and
+    again where the teacher store serves it (the only epoch the benchmark stores)."""
     state = {"epoch": 0}
 
     def run_steps(n: int) -> None:
         left = n
         while left > 0:
-            _, done, _, _ = trainer.train_pass(state["epoch"], max_steps=left)
+            _, done, _, _ = train_pass(state["epoch"], max_steps=left)
             left -= done
-            if left > 0:
+            if left > 0 and not stored:
                 state["epoch"] += 1
 
-    return _time_passes(run_steps, warmup, steps, repeats, lambda: _sync(device))
+    return run_steps
 
 
-def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, k: int, mode: str = DEFAULT_MODE):
+def _fill_store(trainer) -> None:
+    """Write the teacher store's epoch 0 (a whole untimed training pass) unless it is there already."""
+    if 0 not in trainer.store.epochs():
+        trainer.train_pass(0)
+    if 0 not in trainer.store.epochs():
+        raise ConfigError(f"the teacher store under {trainer.store.dir} could not be written; see the log above")
+
+
+def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device, k: int, mode: str = DEFAULT_MODE,
+                store_dir: str | None = None):
     """``(run_steps(n), mode)`` of a :class:`~kdtune.engine.bundle.Bundle` of ``k`` KD students (lr and seed
     differ per member): one teacher forward and one backward per step for all ``k``; ``mode`` is the one the
     bundle runs (``"auto"`` resolved)."""
@@ -253,20 +280,16 @@ def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device
                 val_fraction=0.0,
                 lr=0.05 * (1 + 0.01 * i),
                 seed=i,
+                teacher_store="on" if store_dir else "off",
+                teacher_store_dir=store_dir,
             )
         )
         for i in range(k)
     ]
     fused = Bundle(cfgs, data=bundle, mode=mode)
-    state = {"epoch": 0}
-
-    def run_steps(n: int) -> None:
-        left = n
-        while left > 0:
-            _, done, _, _ = fused.train_pass(state["epoch"], max_steps=left)
-            left -= done
-            if left > 0:
-                state["epoch"] += 1
+    run_steps = _stepper(fused.train_pass, store_dir is not None)
+    if store_dir is not None:
+        _fill_store(fused.shared)
 
     return run_steps, fused.mode if fused.exact else f"{fused.mode} (not exact)"
 
@@ -419,12 +442,19 @@ def run(args) -> list[dict]:
                         bundle, ckpt, args.student, batch, device, True, warmup, steps, args.repeats
                     )
                     row["kdtune+compile"] = [batch * steps / s for s in secs]
+                if args.store:
+                    secs = kdtune_loop(bundle, ckpt, args.student, batch, device, False, warmup, steps, args.repeats,
+                                       store_dir=str(Path(tmp) / "store"))  # fmt: skip
+                    row["kdtune+store"] = [batch * steps / s for s in secs]
             if fuse is not None and args.only != "reference":
                 mode = getattr(args, "fuse_mode", DEFAULT_MODE)
-                built = {k: fused_steps(bundle, ckpt, args.student, batch, device, k, mode) for k in sorted({1, *fuse})}
+                store = str(Path(tmp) / "store") if args.store else None
+                built = {k: fused_steps(bundle, ckpt, args.student, batch, device, k, mode, store)
+                         for k in sorted({1, *fuse})}  # fmt: skip
                 runners = {k: run_steps for k, (run_steps, _) in built.items()}
                 secs_by_k = time_interleaved(runners, warmup, steps, args.repeats, lambda: _sync(device))
                 row["fused"] = fused_rows(secs_by_k, batch, steps, {k: m for k, (_, m) in built.items()})
+                row["fused_store"] = bool(args.store)
                 del runners, built
             row["peak_flops"] = peak
             results.append(row)
@@ -441,6 +471,7 @@ LOOP_LABELS = {
     "reference": "reference (DataLoader+PIL, fp32)",
     "kdtune": "kdtune (device-resident, bf16 on GPU)",
     "kdtune+compile": "kdtune + torch.compile",
+    "kdtune+store": "kdtune + teacher store",
 }
 
 
@@ -473,13 +504,16 @@ def format_table(results: list[dict]) -> str:
             body.append(cells)
         lines += indent(table(head, body, align=["left"] + ["right"] * (len(head) - 1)))
         if row.get("fused"):
+            how = "reading the teacher store" if row.get("fused_store") else "one teacher forward per batch"
             lines.append(
-                "  fused bundles of K students, one teacher forward per batch (median / fastest repeat; "
-                "ratio: total member-images/s vs K = 1)"
+                f"  fused bundles of K students, {how} (median / fastest repeat; ratio: total member-images/s vs "
+                "K = 1; vs lone: member img/s over the lone online kdtune loop's)"
             )
-            head = ["K", "mode", "member img/s", "total img/s", "vs K=1", "best total", "vs K=1"]
+            lone = statistics.median(row["kdtune"]) if row.get("kdtune") else None
+            head = ["K", "mode", "member img/s", "total img/s", "vs K=1", "best total", "vs K=1", "vs lone"]
             body = [[str(f["fuse"]), f.get("mode") or "-", f"{f['member_images_per_s']:,.1f}", f"{f['total_images_per_s']:,.1f}",
-                     f"{f['ratio_to_1']:.2f}x", f"{f['best_total_images_per_s']:,.1f}", f"{f['best_ratio_to_1']:.2f}x"]
+                     f"{f['ratio_to_1']:.2f}x", f"{f['best_total_images_per_s']:,.1f}", f"{f['best_ratio_to_1']:.2f}x",
+                     f"{f['member_images_per_s'] / lone:.2f}x" if lone else "-"]
                     for f in row["fused"]]  # fmt: skip
             lines += indent(table(head, body, align=["right"] * len(head)))
         lines.append("")

@@ -22,11 +22,12 @@ from kdtune.models.checkpoint import save_model
 # the evaluation between epochs and BatchNorm's statistics in play. A member of an exact mode (mode="loop", and
 # whatever Bundle.probe_exact finds bit for bit equal to the lone kernels here: loop_cl on most CPUs; mode="auto"
 # picks among those only) must end within EXACT_RTOL of its lone run: the largest relative difference of any
-# tensor of the state dict. How the tolerance was derived (measured, and kept so by
-# test_the_tolerance_separates_noise_from_rounding): a lone run with lr x (1 + 1e-7) moves by < 1e-6 over these
-# 15 steps, while a mode that rounds differently (grouped: ~2e-6 a step, its kernels' own summation order) ends
-# 1e-2 and more away, because training amplifies a rounding difference (a ReLU input within 1e-7 of zero flips
-# its sign: traced in docs/exactness.md). 1e-4 lies two decades from both.
+# tensor of the state dict. How the tolerance was derived (measured, docs/exactness.md): no perturbation is
+# harmless over epochs. A lone run with lr x (1 + 1e-7) moved by 4e-7 in one epoch of CE but by 0.13 in one of
+# DIST and 0.28 in ten of CE (`kdtune bench --exactness`); its weights x (1 + 2e-6 noise) by 3e-2 after one step:
+# once a ReLU input lies closer to zero than the difference, the runs part. So only bit for bit holds, and exact
+# modes measure 0.0 here; 1e-4 (the brief's figure) leaves room for nothing but a last-bit difference that no
+# step has amplified yet, and test_an_inexact_mode_fails_the_tolerance shows a mode that rounds differently fails it.
 EXACT_RTOL = 1e-4
 EXACT_MODES = ("loop", "loop_cl", "auto")  # loop_cl: where its probe finds it exact on this machine
 # grouped and vmap round differently from the lone kernels (their probes say so): over two steps they stay near the
@@ -158,20 +159,19 @@ def test_member_ends_with_the_weights_of_a_lone_run(method, mode, data, teacher)
         assert_member_equals_lone(bundle, k, cfg, data)
 
 
-def test_the_tolerance_separates_noise_from_rounding(data):
-    """The ruler of the exactness tests, measured on this machine: a lone run with lr x (1 + 1e-7) stays two
-    decades inside EXACT_RTOL after 3 epochs of 5 batches, while grouped (which rounds differently; its probe
-    says so) ends outside it: a mode that is not bit for bit the lone kernels cannot pass as exact."""
+def test_an_inexact_mode_fails_the_tolerance(data):
+    """The tolerance has teeth: grouped, which rounds differently from the lone kernels (its probe says so),
+    ends outside EXACT_RTOL after 3 epochs of 5 batches, where loop ends at 0.0."""
     cfg = TrainConfig.from_dict(dict(FAST, method="ce", seed=7, lr=0.05))
     state, _, _ = lone_run(cfg, data)
-    nudged = Trainer(cfg.replace(lr=0.05 * (1 + 1e-7)), data=data)
-    list(nudged.run())
-    assert max_rel(nudged.student.state_dict(), state) < EXACT_RTOL / 100
     grouped = Bundle([cfg, cfg.replace(seed=8, lr=0.02)], data=data, mode="grouped")
     assert grouped.mode == "grouped" and not grouped.exact and grouped.mode_exact == {"grouped": False}
     list(grouped.run())
     assert max_rel(grouped.sync_member(0).student.state_dict(), state) > EXACT_RTOL
     assert grouped.result(0)["bundle_exact"] is False
+    loop = Bundle([cfg, cfg.replace(seed=8, lr=0.02)], data=data, mode="loop")
+    list(loop.run())
+    assert max_rel(loop.sync_member(0).student.state_dict(), state) == 0.0
 
 
 @pytest.mark.parametrize("mode", ["grouped", "loop", "loop_cl", "vmap"])
@@ -441,7 +441,7 @@ def test_bench_exactness_prints_each_mode_against_the_lone_run(tmp_path, capsys)
     assert main(["bench", "--exactness", "ce", "--exact-epochs", "1", "--json", str(out)]) == 0
     rows = {r["mode"]: r for r in json.loads(out.read_text())}
     assert list(rows) == ["lr+1e-7", "loop", "loop_cl", "grouped", "vmap", "auto"]
-    assert rows["lr+1e-7"]["max_rel"] < EXACT_RTOL / 100
+    assert rows["lr+1e-7"]["exact"] is None and rows["lr+1e-7"]["max_rel"] > 0.0
     assert rows["loop"]["exact"] and rows["loop"]["max_rel"] == 0.0
     assert rows["auto"]["exact"] and rows["auto"]["ran"] in ("loop", "loop_cl") and rows["auto"]["max_rel"] <= EXACT_RTOL
     assert rows["grouped"]["exact"] is False and rows["grouped"]["max_rel"] > EXACT_RTOL

@@ -210,3 +210,17 @@ def test_kdtune_train_and_kdtune_store_through_the_cli(teacher, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "kdtune", "train", *words[:-1], "teacher_store_dir=/proc/nope"],
                              capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "teacher_store=on" in refused.stderr
+
+
+def test_bench_store_rows(tmp_path):
+    """`kdtune bench --store`: a lone row reading the store beside the online one, and fused rows that read it
+    with their ratio to the lone online loop; no timing asserted."""
+    from kdtune.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--teacher", "resnet8", "--student", "resnet8", "--batch", "4", "--steps", "1", "--warmup", "0",
+            "--repeats", "1", "--only", "kdtune", "--store", "--fuse", "2", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    row = json.loads(out.read_text())[0]
+    assert row["kdtune+store"][0] > 0 and row["kdtune"][0] > 0 and row["fused_store"] is True
+    assert [f["fuse"] for f in row["fused"]] == [1, 2]

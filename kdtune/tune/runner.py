@@ -387,7 +387,7 @@ class _Sweep:
             fn = p.space(g, ce.result.get("train_error") if ce is not None else None)
             teacher = stages.get("teacher") if "teacher" in g.stages else None
             ctxs[g.name] = TrialContext(
-                group=g.name, method=g.method, base=g.base, experiment_dir=str(self.exp),
+                group=g.name, method=g.method, base=with_teacher_store(g.base, spec), experiment_dir=str(self.exp),
                 threads=max(1, int(spec.budget.cpus_per_trial)), tracking_uri=self.tracking_uri,
                 experiment_name=spec.name, parent_run_id=self.parent_run_id,
                 params={"student": g.student, "teacher": p.teacher_arch or "none", "data": spec.data, "group": g.name},
@@ -714,6 +714,15 @@ class _Sweep:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def with_teacher_store(base: dict, spec: SweepSpec) -> dict:
+    """A group's trial config with the sweep's teacher store folder, ``<storage>/stages/teacher-store`` (shared
+    by every sweep on that storage), unless the spec's ``train:`` names another; ``teacher_store`` (auto by
+    default: on where the disk holds it) decides whether trials use it (kdtune.engine.teacher_store)."""
+    if base.get("teacher") and not base.get("teacher_store_dir"):
+        return {**base, "teacher_store_dir": str(spec.stages_dir / "teacher-store")}
+    return base
 
 
 def chosen_hparams(spec: SweepSpec, group) -> list[str]:
