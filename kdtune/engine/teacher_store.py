@@ -190,14 +190,11 @@ class TeacherStore:
         except FileNotFoundError:
             return None
         try:
-            raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-            head = self._header(raw, size)
-            payload = raw[HEADER_BYTES:]
-            if _sha(payload) != head["sha256"]:
-                raise ValueError("its checksum does not match its contents")
+            raw, head = _verified(path, size, self.key["rows"])
         except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
             self._set_aside(path, str(e))
             return None
+        payload = raw[HEADER_BYTES:]
         dtype = getattr(torch, head["dtype"])
         n_logits = _numel(head["logits"])
         values = payload.view(dtype)
@@ -207,19 +204,6 @@ class TeacherStore:
             logits = logits.to(device)
             feats = feats.to(device) if feats is not None else None
         return StoredEpoch(logits, feats, self.key["batch_size"])
-
-    def _header(self, raw: Tensor, size: int) -> dict[str, Any]:
-        if size < HEADER_BYTES or bytes(raw[: len(MAGIC)].tolist()) != MAGIC:
-            raise ValueError("it is not a teacher store file (or is truncated)")
-        n = int.from_bytes(bytes(raw[len(MAGIC) : len(MAGIC) + 4].tolist()), "little")
-        head = json.loads(bytes(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n].tolist()).decode())
-        itemsize = torch.empty((), dtype=getattr(torch, head["dtype"])).element_size()
-        want = HEADER_BYTES + (_numel(head["logits"]) + _numel(head["feats"])) * itemsize
-        if size != want:
-            raise ValueError(f"it holds {size} bytes, not {want} (truncated)")
-        if head.get("rows") != self.key["rows"]:
-            raise ValueError(f"it holds {head.get('rows')} rows, not {self.key['rows']}")
-        return head
 
     def _set_aside(self, path: Path, why: str) -> None:
         aside = path.with_name(f"{path.name}{CORRUPT_INFIX}{uuid.uuid4().hex[:8]}")
@@ -274,6 +258,33 @@ class TeacherStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _verified(path: Path, size: int, rows: int | None) -> tuple[Tensor, dict[str, Any]]:
+    """The file's bytes and header once its size and sha256 check out; ValueError (the reason) otherwise."""
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    if size < HEADER_BYTES or bytes(raw[: len(MAGIC)].tolist()) != MAGIC:
+        raise ValueError("it is not a teacher store file (or is truncated)")
+    n = int.from_bytes(bytes(raw[len(MAGIC) : len(MAGIC) + 4].tolist()), "little")
+    head = json.loads(bytes(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n].tolist()).decode())
+    itemsize = torch.empty((), dtype=getattr(torch, head["dtype"])).element_size()
+    want = HEADER_BYTES + (_numel(head["logits"]) + _numel(head["feats"])) * itemsize
+    if size != want:
+        raise ValueError(f"it holds {size} bytes, not {want} (truncated)")
+    if rows is not None and head.get("rows") != rows:
+        raise ValueError(f"it holds {head.get('rows')} rows, not {rows}")
+    if _sha(raw[HEADER_BYTES:]) != head["sha256"]:
+        raise ValueError("its checksum does not match its contents")
+    return raw, head
+
+
+def check_file(path: str | os.PathLike) -> str | None:
+    """Why a published epoch file may not be read (None: it is whole)."""
+    try:
+        _verified(Path(path), Path(path).stat().st_size, None)
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+        return str(e)
+    return None
 
 
 def _numel(shape: list[int] | None) -> int:

@@ -275,6 +275,17 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
     counted = [t for t in collect_trials(client, eid) if t.params.get("phase") != "repeat"]
     assert len(counted) == len(tune_ids), f"the report counts {len(counted)} trials, the sweep ran {len(tune_ids)}"
 
+    # the teacher store (every sweep with a teacher reads and writes it): whatever was killed while writing,
+    # every published epoch is whole, and no trial found a damaged one (it would have set it aside)
+    from kdtune.engine.teacher_store import CORRUPT_INFIX, SUFFIX, check_file
+
+    store = exp.parent / "stages" / "teacher-store"
+    published = sorted(store.glob(f"*/epoch-*{SUFFIX}"))
+    bad = {p.name: why for p in published if (why := check_file(p)) is not None}
+    assert not bad, f"teacher store epochs that are not whole: {bad}"
+    aside = sorted(p.name for p in store.glob(f"*/*{CORRUPT_INFIX}*"))
+    assert not aside, f"a trial found a damaged teacher store epoch: {aside}"
+
     storage = f"sqlite:///{exp / 'optuna.db'}"
     studies = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     assert studies == set(want), studies
@@ -282,7 +293,7 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
         mirrored = [t.user_attrs.get("tune_trial_id") for t in optuna.load_study(study_name=g, storage=storage).get_trials(deepcopy=False)]
         assert sorted(mirrored) == sorted(ids), (g, mirrored, ids)
     return {"trials": len(tune_ids), "mlflow_runs": len(trial_runs), "orphan_runs": len(orphans),
-            "studies": sorted(studies), "nice": sorted(nice)}  # fmt: skip
+            "studies": sorted(studies), "nice": sorted(nice), "store_epochs": len(published)}  # fmt: skip
 
 
 def draw_moments(seed: int, n: int) -> list[tuple[str, float]]:
