@@ -91,7 +91,9 @@ def _method_constraints(spec) -> None:
         fixed = {k: o.value for k, o in ms.space.items() if o.kind == "fixed"}
         s_model = create_model(student, num_classes=classes, in_channels=channels)
         t_model = create_model(teacher_arch, num_classes=classes, in_channels=channels) if cls.needs_teacher else None
-        for point in points or [{}]:
+        if not points:  # no starting point left: the configuration the space itself starts from
+            points = [{k: v for k, v in fn.record()[0].items() if k in cls.hparams}]
+        for point in points:
             hp = cls.resolve({k: v for k, v in {**point, **fixed}.items() if k in cls.hparams})
             mctx = MethodContext(
                 num_classes=classes, epochs=spec.budget.epochs, steps_per_epoch=1, device=torch.device("cpu"),

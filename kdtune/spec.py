@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from kdtune.config import CHOICES, read_word
 from kdtune.errors import ConfigError, did_you_mean
 
 SCHEDULERS = ("asha", "none", "hyperband")
@@ -538,8 +539,14 @@ def parse_override(where: str, name: str, v: Any, method_cls, TrainConfig) -> Ov
     def check(value):
         if hp is not None:
             return hp.check(name, value, method_cls.name)
+        # a value is taken as written or refused, never rounded or reinterpreted (2.5 is no batch size of 2,
+        # "false" no True): a trial runs no value the user did not write
+        if typ is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} is not true or false")
+        if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ConfigError(f"{where}={value!r} is not an integer")
         try:
-            return typ(value)
+            return typ(read_word(value, CHOICES.get(name, ())))  # amp: off (YAML's False) is the word
         except (TypeError, ValueError):
             raise ConfigError(f"{where}={value!r} is not a {typ.__name__}") from None
 
@@ -562,6 +569,8 @@ def parse_override(where: str, name: str, v: Any, method_cls, TrainConfig) -> Ov
         step = v.get("step")
         if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
             raise ConfigError(f"{where}.step must be a number > 0 and cannot be combined with log: true")
+        if step is not None and typ is int and not float(step).is_integer():
+            raise ConfigError(f"{where}.step={step} must be an integer: {name} is an integer")
         return Override("range", low=low, high=high, log=log, step=step, integer=typ is int)
     if isinstance(v, list):
         if not v:
@@ -595,7 +604,13 @@ def _train_fields(where: str, raw: Any, TrainConfig, allow_epochs: bool = False)
 
 
 def _check_trial_configs(spec: SweepSpec, TrainConfig) -> None:
-    """Build one TrainConfig per group (method defaults) so a bad `train:` value fails now, naming the field."""
+    """Build one TrainConfig per group (method defaults) so a bad `train:` value fails now, naming the field.
+
+    Fixed hyperparameters are checked one by one (:func:`parse_override`); their combination with the others is
+    not decided here, with the method's defaults standing in for searched values (``lambda_min: 60`` fails
+    beside the default ``lambda_max`` 50, while the space searches lambda_max up to 1000): it is decided with the
+    space, which knows what each parameter may be (:func:`kdtune.tune.spaces.build_space`, run by ``kdtune
+    validate`` and ``kdtune sweep``). A config that fails without the fixed hyperparameters fails here."""
     placeholder = "<teacher stage>"
     for student, method in spec.groups():
         base = spec.trial_base(student, method)
@@ -603,8 +618,11 @@ def _check_trial_configs(spec: SweepSpec, TrainConfig) -> None:
         base.update({"teacher": placeholder, "init": "<ce student stage>"})
         try:
             TrainConfig.from_dict({**base, **_split_fixed(fixed, method)})
-        except ConfigError as e:
-            raise ConfigError(f"sweep spec ({student}, {method}): {e}") from None
+        except ConfigError:
+            try:
+                TrainConfig.from_dict({**base, **_split_fixed(fixed, method), "hp": {}})
+            except ConfigError as e:
+                raise ConfigError(f"sweep spec ({student}, {method}): {e}") from None
     if spec.teacher is not None and spec.teacher.is_stage:
         try:
             TrainConfig.from_dict(spec.teacher_stage_config())

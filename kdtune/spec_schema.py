@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from kdtune.config import AMP_MODES, CHOICES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig
+from kdtune.config import AMP_MODES, CHOICES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, word_booleans
 from kdtune.names import DATASET_NAMES, METHOD_NAMES, MODEL_NAMES
 from kdtune.spec import (
     MAX_EPOCHS,
@@ -46,7 +46,8 @@ def _train_model(name: str, owned: tuple[str, ...], doc: str) -> type[BaseModel]
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         if f.name in literal:
-            typ: Any = Literal[tuple(literal[f.name])]  # type: ignore[valid-type]
+            words = tuple(literal[f.name])  # and YAML's booleans where a word is off/on (amp: off)
+            typ: Any = Literal[words + word_booleans(words)]  # type: ignore[valid-type]
         elif isinstance(default, bool):
             typ = bool
         elif isinstance(default, int):

@@ -4,9 +4,11 @@ Knowledge", ICLR 2023 submission; Algorithm 1, eqs. 3-5).
 The ranges of the paper's appendix A.5: tau_t in {1, 2, 4} (plus the default 7, so that the starting point
 lies in the space); K in {1, 3, 5, 10, 20, 50} (at most the number of
 classes); lambda_min in {0.01, 0.1, 1, 5, 10}; lambda_max in {1, 5, 10, 20, 50, 100, 1000} and above
-lambda_min (a categorical of exactly the paper's set; Optuna allows one fixed choice set per name, so a
-draw not above the sampled lambda_min is projected to the smallest listed value above it, returned as a
-constant: the trial trains with the projected value, while Optuna's own record keeps the draw);
+lambda_min (a categorical of exactly the paper's set; the constraint is declared in ``constraints`` and kept by
+kdtune: Optuna allows one fixed choice set per name, so a draw not above the sampled lambda_min is replaced by
+the nearest listed value above it, which the trial trains with, while Optuna's own record keeps the draw; a
+spec that narrows lambda_max to a range asks it above lambda_min directly, and one that leaves no lambda_max
+above any lambda_min is refused);
 the budget delta within 0.2 of the CE-trained student's error (searched as ``delta_offset`` around
 ``ctx.ce_error``, the train error the engine measures on the CE stage, clipped so delta stays in [0, 1]);
 Lambda_T in {20, 50}; alpha in {0, 0.1, 0.5, 0.9, 1}. Starting point: the defaults of A.5 (tau_t = 7 as the
@@ -27,15 +29,19 @@ def k_choices(ctx):
 def space(trial, ctx):
     trial.suggest_categorical("tau_t", [1.0, 2.0, 4.0, 7.0])
     trial.suggest_categorical("K", k_choices(ctx))
-    lam_min = trial.suggest_categorical("lambda_min", list(LAMBDA_MIN))
-    lam_max = trial.suggest_categorical("lambda_max", list(LAMBDA_MAX))
-    fixed = {} if lam_max > lam_min else {"lambda_max": min(v for v in LAMBDA_MAX if v > lam_min)}
+    trial.suggest_categorical("lambda_min", list(LAMBDA_MIN))
+    trial.suggest_categorical("lambda_max", list(LAMBDA_MAX))
     err = ctx.ce_error
     lo, hi = (-0.2, 0.2) if err is None else (max(-0.2, -err), min(0.2, 1.0 - err))
     trial.suggest_float("delta_offset", lo, hi)
     trial.suggest_categorical("lambda_period", [20, 50])
     trial.suggest_categorical("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
-    return fixed
+
+
+def constraints(ctx):
+    """What every trial meets (kdtune.tune.spaces): DiSK's schedule rises from lambda_min to lambda_max, and the
+    guide helps the teacher's top K classes, at most all of them (unknown count: no bound)."""
+    return [("lambda_max", ">", "lambda_min"), ("K", "<=", ctx.num_classes, "the number of classes")]
 
 
 def starts(ctx):

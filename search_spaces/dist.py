@@ -7,6 +7,9 @@ setting tau = 4, beta = gamma = 1, weight 2 (CE weight 1); ImageNet: tau = 1, we
 """
 
 
+CONSTRAINTS = [("beta", "or", "gamma")]  # DIST adds nothing when beta and gamma are both 0 (kdtune.tune.spaces)
+
+
 def space(trial, ctx):
     trial.suggest_float("beta", 0.25, 4.0, log=True)
     trial.suggest_float("gamma", 0.25, 4.0, log=True)

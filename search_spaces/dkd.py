@@ -36,6 +36,9 @@ def warmup(ctx):
     return 20 if ctx.epochs >= 240 else max(1, round(ctx.epochs * 20 / 240))
 
 
+CONSTRAINTS = [("alpha", "or", "beta")]  # DKD adds nothing when alpha and beta are both 0 (kdtune.tune.spaces)
+
+
 def space(trial, ctx):
     trial.suggest_float("alpha", 0.1, 16.0, log=True)
     trial.suggest_float("beta", 0.1, 128.0, log=True)

@@ -181,3 +181,40 @@ def test_snapshot_trials_reads_the_newest_snapshot_and_names_a_damaged_one(tmp_p
     with pytest.raises(ConfigError, match="is damaged") as e:
         snapshot_trials(tmp_path)
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_plan_refuses_a_space_its_constraints_empty_and_notes_what_they_narrow(tmp_path):
+    """The issue's spec: no lambda_max in [0.5, 5] exceeds lambda_min = 10, refused in one line naming both; a
+    narrowing the constraints leave room in is planned with what they narrow said, and the published starting
+    point outside it is left out. Validation plans with the data set's class count, as the sweep does."""
+    from kdtune.errors import ConfigError
+    from kdtune.tune.plan import plan
+
+    def spec(space):
+        return load_spec({**SPEC, "methods": {"disk": {"space": space}}, "storage": str(tmp_path / "runs")})
+
+    with pytest.raises(ConfigError) as e:
+        plan(spec({"lambda_min": 10, "lambda_max": {"low": 0.5, "high": 5}}))
+    msg = str(e.value)
+    assert "\n" not in msg and "lambda_max in [0.5, 5]" in msg and "lambda_min = 10" in msg
+    (g,) = plan(spec({"lambda_max": {"low": 0.5, "high": 5}})).groups
+    assert g.starts == [] and g.parameters["lambda_min"].choices == (0.01, 0.1, 1.0)
+    assert g.notes[0].startswith("lambda_min narrowed to {0.01, 0.1, 1}") and "left out: lambda_max=50.0" in g.notes[1]
+    assert g.parameters["K"].choices == (1, 3, 5, 10)  # digits' 10 classes, without reading the data
+
+
+def test_searcher_leaves_out_a_starting_point_outside_the_space_it_is_given(tmp_path, capsys):
+    """A starting point the plan accepted (DiSK's delta_offset range is +-0.2 before the CE stage's error is known)
+    that the sweep's space excludes (an error of 0.1 leaves [-0.1, 0.2]) is not enqueued: Optuna would run it."""
+    pytest.importorskip("ray")
+    from kdtune.tune.plan import plan
+    from kdtune.tune.search import GroupedOptunaSearch, GroupSearch
+
+    p = plan(load_spec({**SPEC, "methods": {"disk": {"starts": [{"delta_offset": -0.15}, {"delta_offset": 0.1}]}},
+                        "storage": str(tmp_path / "runs")}))  # fmt: skip
+    (g,) = p.groups
+    assert g.starts == [{"delta_offset": -0.15}, {"delta_offset": 0.1}]
+    s = GroupedOptunaSearch([GroupSearch(g.name, p.space(g, ce_error=0.1), 2, g.starts)], "val_acc", "max", epochs=3)
+    offsets = [s.suggest(f"t{i}")["delta_offset"] for i in range(2)]
+    assert offsets[0] == 0.1 and -0.1 <= offsets[1] <= 0.2
+    assert "delta_offset=-0.15 outside the space" in capsys.readouterr().out

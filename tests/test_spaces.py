@@ -256,3 +256,122 @@ def test_a_wheel_install_finds_the_spaces(tmp_path):
     pkg_file, space_file = p.stdout.split()
     assert Path(pkg_file).is_relative_to(site)
     assert Path(space_file) == prefix / "share" / "kdtune" / "search_spaces" / "dkd.py"
+
+
+# ---------------------------------------------------------------------------------------------- constraints
+
+
+def _asked(fn, n=40, seed=0):
+    """``n`` configurations as the searcher makes them: ``(params Optuna recorded, constants, config run)``."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        consts = fn(t)
+        out.append((dict(t.params), consts, {**t.params, **consts}))
+        study.tell(t, 0.0)
+    return out
+
+
+def test_constraints_narrow_the_space_then_hold_in_every_trial():
+    """DiSK with lambda_max narrowed to [0.5, 5]: lambda_min's set loses the values no lambda_max can exceed, and
+    each trial asks lambda_max above the lambda_min it drew (a range may move between trials); nothing is
+    repaired with a value from outside the narrowed range (the bug: a lambda_max of 20 from the file's set)."""
+    ctx = ctx_for("disk", PAIRS[4], epochs=8, classes=10)
+    fn = build_space("disk", ctx, {"lambda_max": Override("range", low=0.5, high=5.0)})
+    assert fn.parameters()["lambda_min"].choices == (0.01, 0.1, 1.0)
+    assert fn.narrowed() == ["lambda_min narrowed to {0.01, 0.1, 1} (of {0.01, 0.1, 1, 5, 10} in disk.py) by the "
+                             "constraint lambda_max > lambda_min"]  # fmt: skip
+    for params, consts, c in _asked(fn):
+        assert 0.5 <= c["lambda_max"] <= 5.0 and c["lambda_max"] > c["lambda_min"], c
+        assert "lambda_max" not in consts and params["lambda_max"] == c["lambda_max"]
+    # choice sets stay whole (Optuna keeps one per name): a draw that breaks the constraint becomes the nearest
+    # choice that meets it, which the trial trains with; Optuna's record keeps the draw
+    fn = build_space("disk", ctx, {"lambda_min": Override("choices", choices=(1.0, 10.0)),
+                                   "lambda_max": Override("choices", choices=(5.0, 20.0))})  # fmt: skip
+    pairs = set()
+    for params, consts, c in _asked(fn):
+        assert c["lambda_max"] > c["lambda_min"] and c["lambda_max"] in (5.0, 20.0)
+        if params["lambda_min"] == 10.0 and params["lambda_max"] == 5.0:
+            assert consts["lambda_max"] == 20.0
+        pairs.add((c["lambda_min"], c["lambda_max"]))
+    assert pairs == {(1.0, 5.0), (1.0, 20.0), (10.0, 20.0)}
+    # the K bound: a narrowing above the class count loses its impossible values
+    fn = build_space("disk", ctx, {"K": Override("range", low=2, high=50, integer=True)})
+    assert (fn.parameters()["K"].low, fn.parameters()["K"].high) == (2, 10)
+
+
+def test_starting_points_breaking_a_constraint_are_dropped_and_their_own_values_kept():
+    ctx = ctx_for("disk", PAIRS[4], epochs=8, classes=10)
+    fn = build_space("disk", ctx, {"lambda_min": Override("choices", choices=(1.0, 10.0)),
+                                   "lambda_max": Override("range", low=5.0, high=20.0)})  # fmt: skip
+    points, notes = fn.valid_starts([{"lambda_min": 10.0, "lambda_max": 6.0}, {"lambda_min": 1.0, "lambda_max": 6.0},
+                                     {"lambda_max": 8.0}])  # fmt: skip
+    assert points == [{"lambda_min": 1.0, "lambda_max": 6.0}, {"lambda_max": 8.0}]
+    assert len(notes) == 1 and "left out: lambda_min=10.0 breaks lambda_max > lambda_min" in notes[0]
+    # a point giving only lambda_max: the lambda_min asked before it is asked to fit it (never 10 > 8)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        study.enqueue_trial({"lambda_max": 8.0})
+        t = study.ask()
+        consts = fn(t)
+        c = {**t.params, **consts}
+        assert c["lambda_max"] == 8.0 and c["lambda_min"] == 1.0
+        study.tell(t, 0.0)
+    # DKD: a point with beta 0 keeps it; alpha, not given, is asked nonzero
+    fn = build_space("dkd", ctx_for("dkd"), {"alpha": Override("choices", choices=(0.0, 2.0)),
+                                             "beta": Override("choices", choices=(0.0, 4.0))})  # fmt: skip
+    points, notes = fn.valid_starts([{"alpha": 0.0, "beta": 0.0}, {"beta": 0.0}])
+    assert points == [{"beta": 0.0}] and "breaks alpha and beta not both 0" in notes[0]
+
+
+@pytest.mark.parametrize(
+    "method, ov, needles",
+    [
+        ("disk", {"lambda_min": Override("fixed", value=10.0), "lambda_max": Override("range", low=0.5, high=5.0)},
+         ["methods.disk (resnet8 on digits): no lambda_max in [0.5, 5] (methods.disk.space.lambda_max) exceeds "
+          "lambda_min = 10 (methods.disk.space.lambda_min), and disk needs lambda_max > lambda_min; lower lambda_min "
+          "below 5 or raise lambda_max above 10"]),
+        ("disk", {"lambda_max": Override("fixed", value=0.005)},
+         ["no lambda_max = 0.005 (methods.disk.space.lambda_max) exceeds lambda_min in {0.01, 0.1, 1, 5, 10} (disk.py)"]),
+        ("disk", {"K": Override("range", low=11, high=50, integer=True)},
+         ["every disk.K in [11, 50] (methods.disk.space.K) exceeds the number of classes (10); set K <= 10"]),
+        ("disk", {"K": Override("fixed", value=20, integer=True)},
+         ["methods.disk (resnet8 on digits): disk.K=20 exceeds the number of classes (10); set K <= 10"]),
+        ("dkd", {"alpha": Override("fixed", value=0.0), "beta": Override("choices", choices=(0.0,))},
+         ["dkd.alpha and dkd.beta are both 0 in every configuration", "methods.dkd.space.alpha"]),
+    ],
+)  # fmt: skip
+def test_a_constraint_no_configuration_meets_is_refused_in_one_line_naming_both_fields(method, ov, needles):
+    with pytest.raises(ConfigError) as e:
+        build_space(method, ctx_for(method, PAIRS[4], epochs=8, classes=10), ov)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+
+
+OLD_DISK = """
+def space(trial, ctx):
+    lam_min = trial.suggest_categorical("lambda_min", [0.1, 10.0])
+    lam_max = trial.suggest_categorical("lambda_max", [1.0, 5.0])
+    return {} if lam_max > lam_min else {"lambda_max": 20.0}
+"""
+
+
+def test_a_file_repair_outside_the_space_is_refused_and_the_spec_wins_over_a_file_constant():
+    ctx = ctx_for("disk", PAIRS[4], epochs=8, classes=10)
+    with pytest.raises(ConfigError, match=r"old_disk.py returns lambda_max=20, outside what it asks"):
+        build_space("disk", ctx, source=("old_disk.py", OLD_DISK))
+    # the spec's lambda_max replaces the file's repair, which then cannot hold: an undeclared constraint that
+    # the method checks is found by sampling
+    with pytest.raises(ConfigError, match=r"configurations sampled from the space fail \(disk.lambda_max=.* must "
+                                          r"exceed disk.lambda_min=10"):  # fmt: skip
+        build_space(
+            "disk",
+            ctx,
+            {"lambda_max": Override("range", low=0.5, high=5.0)},
+            source=("old_disk.py", OLD_DISK),
+        )
+    # DKD returns its warm-up as a constant; a spec that searches it wins
+    fn = build_space("dkd", ctx_for("dkd"), {"warmup": Override("range", low=1, high=3, integer=True)})
+    for _params, consts, c in _asked(fn, 10):
+        assert "warmup" not in consts and 1 <= c["warmup"] <= 3

@@ -231,3 +231,64 @@ def test_cli_refuses_bad_spec_before_ray(tmp_path):
     assert "RAY_IMPORTED False" in out.stdout
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kdtune: error: budget.trials=0")
+
+
+LAMBDA_SPACE = {"lambda_min": 10, "lambda_max": {"low": 0.5, "high": 5}}
+
+
+def test_cli_refuses_a_space_whose_constraint_no_value_meets(tmp_path):
+    """``methods.disk.space: {lambda_min: 10, lambda_max: {low: 0.5, high: 5}}``: no lambda_max in [0.5, 5]
+    exceeds lambda_min = 10. ``kdtune validate`` (the real console entry) and ``kdtune sweep`` refuse it in one
+    line naming both fields, exit 2, before Ray starts and before anything is written."""
+    d = spec_with(tmp_path, methods={"disk": {"space": LAMBDA_SPACE}}, teacher={"model": "resnet8"})
+    p = tmp_path / "lambda.yaml"
+    p.write_text(yaml.safe_dump(d))
+    out = subprocess.run([sys.executable, "-m", "kdtune", "validate", str(p)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert err[0].startswith(
+        "kdtune: error: methods.disk (resnet8 on digits): no lambda_max in [0.5, 5] "
+        "(methods.disk.space.lambda_max) exceeds lambda_min = 10 (methods.disk.space.lambda_min)"
+    )
+    assert "lower lambda_min below 5 or raise lambda_max above 10" in err[0]
+    code = (
+        "import sys; from kdtune.cli import main\n"
+        f"rc = main(['sweep', {str(p)!r}])\n"
+        "ray = sys.modules.get('ray'); print('RAY_STARTED', bool(ray and ray.is_initialized())); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert out.returncode == 2 and "RAY_STARTED False" in out.stdout, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "lambda_max in [0.5, 5]" in err[0] and "lambda_min = 10" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fixed_values_are_not_refused_against_defaults_the_space_searches(tmp_path):
+    """A fixed hyperparameter is checked with the space, not beside the method's defaults: ``lambda_min: 60``
+    is a DiSK space with lambda_max in {100, 1000} (the default lambda_max, 50, is not what a trial runs);
+    fixed values that contradict each other are still refused, by the space."""
+    from kdtune.tune.plan import plan
+
+    spec = load_spec(spec_with(tmp_path, methods={"disk": {"space": {"lambda_min": 60}}}))
+    (g,) = plan(spec).groups
+    assert g.parameters["lambda_max"].choices == (100.0, 1000.0)
+    spec = load_spec(spec_with(tmp_path, methods={"disk": {"space": {"lambda_min": 60, "lambda_max": 50}}}))
+    with pytest.raises(ConfigError, match=r"no lambda_max = 50 \(methods.disk.space.lambda_max\) exceeds lambda_min "
+                                          r"= 60"):  # fmt: skip
+        plan(spec)
+
+
+@pytest.mark.parametrize(
+    "space, needle",
+    [({"batch_size": {"low": 2.5, "high": 8}}, "batch_size=2.5 is not an integer"),
+     ({"batch_size": [16, 32.5]}, "batch_size=32.5 is not an integer"),
+     ({"batch_size": {"low": 16, "high": 64, "step": 2.5}}, "step=2.5 must be an integer"),
+     ({"nesterov": "false"}, "nesterov='false' is not true or false")],
+)  # fmt: skip
+def test_space_values_are_taken_as_written_never_rounded(tmp_path, space, needle):
+    """A training field's value is refused rather than rounded (2.5 is no batch size of 2) or reinterpreted ("false"
+    is no True): a trial runs no value the user did not write."""
+    with pytest.raises(ConfigError, match=needle):
+        load_spec(spec_with(tmp_path, methods={"kd": {"space": space}}))

@@ -75,8 +75,13 @@ def test_sweep_results_and_stages(main_sweep):
     assert 0.0 <= ce_stage["train_error"] <= 1.0
     assert disk["best"]["config"]["delta_offset"] == 0.0
     stages_dir = tmp / "runs" / "stages"
-    dirs = sorted(p.name for p in stages_dir.iterdir())
+    dirs = sorted(p.name for p in stages_dir.iterdir() if p.name != "teacher-store")
     assert len(dirs) == 2 and not any(d.startswith(".tmp") for d in dirs)
+    # the distillation trials shared the teacher's outputs through the store: every epoch written once, whole
+    from kdtune.engine.teacher_store import SUFFIX, check_file
+
+    published = sorted((stages_dir / "teacher-store").glob(f"*/epoch-*{SUFFIX}"))
+    assert published and all(check_file(p) is None for p in published)
     for d in dirs:
         assert (stages_dir / d / "final.pt").is_file() and (stages_dir / d / "result.json").is_file()
     assert any(ln.startswith("stage teacher: training") for ln in lines)

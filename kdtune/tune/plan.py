@@ -6,6 +6,10 @@ warm-start paths pointing at those stage paths), its search space, its published
 trial budget. ``kdtune validate`` is planning; ``kdtune sweep`` runs a plan. A DiSK group's space depends on
 the CE student's training error (``delta`` is centred on it), known only once that stage is built: its
 ``needs_ce_error`` is True and :meth:`SweepPlan.space` is called again with the stage's figure.
+
+A space whose constraints no configuration meets is refused here, in one line naming the fields (the spaces
+are built by :func:`kdtune.tune.spaces.build_space`); the starting points a group keeps lie inside the user's
+space and meet the constraints, and its notes say what the constraints narrowed and which points were left out.
 """
 
 from __future__ import annotations
@@ -137,6 +141,16 @@ def starting_points(fn, starts) -> tuple[list[dict], list[str]]:
     return fn.valid_starts(None if starts is True else list(starts))
 
 
+def known_classes(data: str) -> int | None:
+    """The class count of an in-memory data set (digits, CIFAR, the toys), known without reading it; None for a
+    folder data set (counted when its folders are scanned). Spaces and constraints (DiSK's K) depend on it, so
+    ``kdtune validate`` plans with the count the sweep will have."""
+    from kdtune.names import DATASET_SHAPES
+    from kdtune.preflight import FOLDER_DATASETS
+
+    return None if data in FOLDER_DATASETS else DATASET_SHAPES[data][0]
+
+
 def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | None = None) -> SweepPlan:
     """The sweep ``spec`` describes, decided: stages, and per group its base config, space, starts, budget."""
     from kdtune.config import TrainConfig
@@ -144,6 +158,8 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
     from kdtune.tune.fused import check_fusable, resolve_fuse
 
     sources = sources if sources is not None else space_sources(spec)
+    if num_classes is None:
+        num_classes = known_classes(spec.data)
     arch = teacher_arch(spec)
     stages: dict[str, StagePlan] = {}
 
@@ -179,6 +195,7 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
         ms = spec.method(method)
         budget = (ms.trials or spec.budget.trials) if params else 1
         points, notes = starting_points(fn, ms.starts)
+        notes = fn.narrowed() + notes
         fuse = resolve_fuse(spec.budget.fuse, method, spec.budget.gpus_per_trial, budget)
         if fuse > 1:
             check_fusable(f"{student}-{method}", params, method, base)

@@ -76,6 +76,7 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         self.asked: dict[str, int] = {g.name: 0 for g in groups}
         self.studies = {}
         for i, g in enumerate(groups):
+            g.starts = _starts_inside(g)
             study = self._new_study(g.name, self.seed + i)
             for p in g.starts[: g.budget]:
                 study.enqueue_trial(p, skip_if_exists=True)
@@ -410,6 +411,21 @@ class GroupedScheduler(_PickledState, TrialScheduler):
     def debug_string(self) -> str:
         return "; ".join(f"{g}: {s.debug_string()}" for g, s in self.subs.items())
 
+
+
+def _starts_inside(g: GroupSearch) -> list[dict]:
+    """The group's starting points that lie inside the space the searcher is given. The plan checked them
+    against the space it knew; the sweep's may differ (DiSK's ``delta_offset`` range follows the CE stage's
+    error, known once that stage is built), and Optuna runs an enqueued value outside a range with only a
+    warning. A point dropped here is said on the driver's output."""
+    check = getattr(g.space, "valid_starts", None)
+    if check is None or not g.starts:
+        return list(g.starts)
+    kept, notes = check(list(g.starts))
+    for note in notes:
+        if "left out" in note:
+            print(f"kdtune: {g.name}: {note}", flush=True)
+    return kept
 
 
 def _name_metric(study, metric: str) -> None:
