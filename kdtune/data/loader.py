@@ -127,7 +127,8 @@ class DeviceLoader:
     def num_examples(self) -> int:
         return len(self) * self.batch_size if self.drop_last else self.n
 
-    def epoch(self, e: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, e: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """Epoch ``e``'s batches ``(x, y)``, or ``(x, y, index)`` with each sample's index into the split."""
         if self.train:
             order = epoch_permutation(self.n, self.data_seed, e).to(self.device)
         else:
@@ -135,7 +136,7 @@ class DeviceLoader:
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.n)
             idx = order[lo:hi] if order is not None else torch.arange(lo, hi, device=self.device)
-            yield self._batch(idx, e)
+            yield (*self._batch(idx, e), idx) if with_index else self._batch(idx, e)
 
     def _batch(self, idx: Tensor, e: int) -> tuple[Tensor, Tensor]:
         x = self.x[idx]

@@ -28,8 +28,8 @@ from kdtune.data import DataBundle, Split, load_data
 from kdtune.data.loader import DeviceLoader
 from kdtune.engine.schedule import lr_factor
 from kdtune.errors import CheckpointError, ConfigError, KdtuneError
-from kdtune.losses import METHODS, MethodContext, StepOutputs
-from kdtune.losses.base import METHOD_METRIC_PREFIX
+from kdtune.losses import METHODS, Method, MethodContext, StepOutputs
+from kdtune.losses.base import METHOD_METRIC_PREFIX, probe_stage_shapes
 from kdtune.models import create_model
 
 STATE_FORMAT = 1
@@ -76,6 +76,14 @@ def forward(model: nn.Module, x: Tensor, features: bool) -> tuple[Tensor, Tensor
         logits, feats = model(x, return_features=True)
         return logits, feats
     return model(x), None
+
+
+def teacher_stage_outputs(teacher: nn.Module, x: Tensor):
+    """The teacher's (logits, pooled features, Stages) for a stage method: one ``forward_stages`` without a
+    graph (no_grad, not inference mode: the maps take part in the student's graph as constants)."""
+    with torch.no_grad():
+        t_logits, st = teacher.forward_stages(x)
+    return t_logits.float(), st.pooled.float(), st
 
 
 def teacher_outputs(teacher: nn.Module, x: Tensor, features: bool, i: int, stored=None, writer=None
@@ -235,9 +243,24 @@ class Trainer:
         self._plain_train_loader = mk(d.train, False, cfg.eval_batch_size)
 
     def method_context(self, student: nn.Module) -> MethodContext:
-        """What the method of a run training ``student`` may know (the bundle builds one per member)."""
-        d = self.data
+        """What the method of a run training ``student`` may know (the bundle builds one per member): stage
+        shapes probed where the method needs stages (nothing a lone run would notice is touched), the training
+        split's size and labels where it needs indices."""
+        d, m = self.data, self.method_cls
+        shapes = {}
+        if m.needs_student_stages:
+            shapes["student_stages"] = probe_stage_shapes(student, d.in_channels, d.image_size, self.device)
+        if m.needs_teacher_stages and self.teacher is not None:
+            shapes["teacher_stages"] = probe_stage_shapes(self.teacher, d.in_channels, d.image_size, self.device)
+        if m.needs_indices:
+            if not isinstance(self.train_loader, DeviceLoader):
+                raise ConfigError(f"method={m.name} needs each sample's index, which the folder loader of "
+                                  f"{d.name!r} does not give; use an in-memory data set")  # fmt: skip
+            shapes["num_train"] = len(d.train)
+            shapes["train_targets"] = self.train_loader.y
         return MethodContext(
+            seed=self.cfg.seed,
+            **shapes,
             num_classes=d.num_classes,
             epochs=self.cfg.epochs,
             steps_per_epoch=len(self.train_loader),
@@ -250,6 +273,16 @@ class Trainer:
             init_error=self.init_info.get("train_error"),
             extra={"data": d.name, "init_val_error": self.init_info.get("val_error"), "lr_factor": self._lr_factor},
         )
+
+    def batches(self, e: int):
+        """Epoch ``e``'s training batches as ``(x, y, index or None)``, after the method's batch transform."""
+        m = self.method_cls
+        transform = m.transform_batch is not Method.transform_batch
+        for batch in self.train_loader.epoch(e, with_index=True) if m.needs_indices else self.train_loader.epoch(e):
+            x, y = batch[0], batch[1]
+            if transform:
+                x, y = self.method.transform_batch(x, y)
+            yield x, y, batch[2] if m.needs_indices else None
 
     def _plain_train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self._plain_train_loader.epoch(0)
@@ -289,6 +322,11 @@ class Trainer:
 
         cfg, d = self.cfg, self.data
         if self.teacher is None or cfg.teacher_store == "off" or (cfg.teacher_store == "auto" and not cfg.teacher_store_dir):
+            return None
+        if self.method_cls.needs_teacher_stages:  # its maps come from the teacher's forward anyway
+            if cfg.teacher_store == "on":
+                raise ConfigError(f"teacher_store=on cannot serve method={cfg.method}: it reads the teacher's stage "
+                                  "maps, which the store does not keep; use teacher_store=off or auto")  # fmt: skip
             return None
         loader = self.train_loader
         root = Path(cfg.teacher_store_dir) if cfg.teacher_store_dir else ts.default_root()
@@ -446,15 +484,22 @@ class Trainer:
         stored, writer = self.store_epoch(e, total)
         self._sync()
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(e)):
+        for i, (x, y, index) in enumerate(self.batches(e)):
             if i >= total:
                 break
             self._set_lr()
-            t_logits = t_feats = None
+            t_logits = t_feats = t_stages = s_stages = None
             with self.autocast():
                 if self.teacher is not None:
-                    t_logits, t_feats = teacher_outputs(self.teacher, x, m.needs_teacher_features, i, stored, writer)
-                s_logits, s_feats = forward(self.student_fwd, x, m.needs_student_features)
+                    if m.needs_teacher_stages:
+                        t_logits, t_feats, t_stages = teacher_stage_outputs(self.teacher, x)
+                    else:
+                        t_logits, t_feats = teacher_outputs(self.teacher, x, m.needs_teacher_features, i, stored, writer)
+                if m.needs_student_stages:
+                    s_logits, s_stages = self.student_fwd.forward_stages(x)
+                    s_feats = s_stages.pooled
+                else:
+                    s_logits, s_feats = forward(self.student_fwd, x, m.needs_student_features)
             out = StepOutputs(
                 student_logits=s_logits.float(),
                 targets=y,
@@ -464,6 +509,9 @@ class Trainer:
                 student_features=s_feats.float() if s_feats is not None else None,
                 teacher_features=t_feats,
                 images=x,
+                student_stages=s_stages,
+                teacher_stages=t_stages,
+                indices=index,
             )
             terms = self.method.losses(out)
             loss = sum(terms.values())

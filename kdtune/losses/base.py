@@ -20,10 +20,29 @@ The engine calls, in order:
    method accumulates them on the device in ``losses`` and syncs once, there.
 5. ``state_dict()`` / ``load_state_dict()`` for checkpoints: the modules of ``trainable_modules()`` are saved
    by the engine; anything else (own optimisers, schedules, fitted values) belongs in ``state_dict``.
+
+What a method declares it needs (class flags) and then finds in ``StepOutputs`` and ``MethodContext``:
+
+- ``needs_student_features`` / ``needs_teacher_features``: the pooled penultimate vector ``h``;
+- ``needs_student_stages`` / ``needs_teacher_stages``: the stage maps of ``forward_stages``
+  (:class:`kdtune.models.common.Stages`: stem, post-activation stage outputs, their pre-activation versions,
+  pooled ``h``); the student's keep their graph, the teacher's are computed without one (detached). Their
+  shapes are probed before the method (and the optimiser) exists: ``ctx.student_stages`` /
+  ``ctx.teacher_stages`` (:class:`StageShapes`), so connectors, regressors and embeddings are created in
+  ``__init__`` and returned by ``trainable_modules()``: the student's optimiser trains them, weight decay
+  included (RepDistiller's ``trainable_list``). A model without stages is refused in one line.
+- ``needs_indices``: ``out.indices``, each sample's index into the training split, with ``ctx.num_train`` and
+  ``ctx.train_targets`` (the split's labels, on the device).
+- randomness of its own: ``self.generator(epoch, step)``, seeded by (run seed, epoch, step), so a resumed or
+  fused run draws what a lone run draws; the global RNG is the engine's.
+- ``transform_batch(x, y)``: a batch transform applied before both forwards (HSAKD's rotations); identity by
+  default.
+- losses in fp32 under autocast: compute inside ``with fp32():`` on ``.float()`` inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -98,6 +117,45 @@ class HParam:
         return v
 
 
+@dataclass(frozen=True)
+class StageShapes:
+    """The per-sample shapes of a model's :class:`~kdtune.models.common.Stages` (no batch dimension)."""
+
+    stem: tuple[int, ...]
+    post: tuple[tuple[int, ...], ...]
+    pre: tuple[tuple[int, ...], ...]
+    pooled: int
+
+
+def probe_stage_shapes(model: nn.Module, in_channels: int, image_size: int, device) -> StageShapes:
+    """The stage shapes of ``model`` on inputs of this data's shape, probed as RepDistiller does (two images,
+    eval mode) but touching nothing a lone run would notice: no BatchNorm statistics change (eval mode, the
+    training mode restored), no global RNG is drawn from (a batch of zeros), no gradient is kept. A model
+    without stages raises its one-line ConfigError."""
+    from kdtune.models.common import no_stages_error
+
+    if not getattr(model, "has_stages", False):
+        raise no_stages_error(model)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros(2, in_channels, image_size, image_size, device=device)
+            _, st = model.forward_stages(x)
+    finally:
+        model.train(was)
+    return StageShapes(stem=tuple(st.stem.shape[1:]), post=tuple(tuple(t.shape[1:]) for t in st.post),
+                       pre=tuple(tuple(t.shape[1:]) for t in st.pre), pooled=int(st.pooled.shape[1]))  # fmt: skip
+
+
+@contextlib.contextmanager
+def fp32():
+    """Autocast off (CUDA and CPU) for a loss computed on ``.float()`` inputs: feature losses with eps of 1e-7,
+    Gram expansions and exponentials are meaningless in bf16."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
+
+
 @dataclass
 class MethodContext:
     """What a method may know about the run it is part of."""
@@ -115,6 +173,13 @@ class MethodContext:
     # Student error (fraction in [0, 1]) of the CE-trained warm-start checkpoint, when one was given.
     init_error: float | None = None
     extra: dict = field(default_factory=dict)
+    # Stage shapes (methods with needs_*_stages), probed before the method exists.
+    student_stages: StageShapes | None = None
+    teacher_stages: StageShapes | None = None
+    # The training split (methods with needs_indices): its size and labels on the device.
+    num_train: int | None = None
+    train_targets: Tensor | None = None
+    seed: int = 0  # the run's seed: Method.generator draws from (seed, epoch, step)
 
 
 @dataclass
@@ -129,6 +194,9 @@ class StepOutputs:
     student_features: Tensor | None = None
     teacher_features: Tensor | None = None
     images: Tensor | None = None
+    student_stages: Any = None  # kdtune.models.common.Stages (needs_student_stages), with its graph
+    teacher_stages: Any = None  # the teacher's (needs_teacher_stages), detached
+    indices: Tensor | None = None  # int64 indices into the training split (needs_indices)
 
 
 class Method:
@@ -139,10 +207,28 @@ class Method:
     needs_teacher: ClassVar[bool] = False
     needs_student_features: ClassVar[bool] = False
     needs_teacher_features: ClassVar[bool] = False
+    needs_student_stages: ClassVar[bool] = False
+    needs_teacher_stages: ClassVar[bool] = False
+    needs_indices: ClassVar[bool] = False
     needs_init: ClassVar[bool] = False  # requires a warm-start student checkpoint (init=...)
     # Why the method cannot train in a fused bundle (kdtune.engine.bundle); empty: it can.
     unfusable: ClassVar[str] = ""
     hparams: ClassVar[dict[str, HParam]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        """One rule for what a fused bundle cannot give (kdtune.engine.bundle): its stacked student yields
+        logits and pooled features, the batches of one loader, no per-sample index. A method needing more says
+        why in ``unfusable`` without having to remember it."""
+        super().__init_subclass__(**kwargs)
+        if cls.unfusable:
+            return
+        if cls.needs_student_stages or cls.needs_teacher_stages:
+            cls.unfusable = ("it reads stage maps, and a bundle's stacked student yields only its logits and pooled "
+                             "features")  # fmt: skip
+        elif cls.needs_indices:
+            cls.unfusable = "it reads each sample's index, which a bundle's training pass does not pass on"
+        elif cls.transform_batch is not Method.transform_batch:
+            cls.unfusable = "it transforms the batch, which a bundle's members share untransformed"
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         self.hp = hp
@@ -172,6 +258,17 @@ class Method:
 
     def setup(self) -> None:
         pass
+
+    def transform_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch both networks see this step (HSAKD: four rotations); identity by default."""
+        return x, y
+
+    def generator(self, epoch: int, step: int) -> torch.Generator:
+        """A generator of this method's own, seeded by (run seed, epoch, step): a resumed run and a fused member
+        draw what the lone run draws at that step, whatever ran before."""
+        g = torch.Generator(device=self.ctx.device)
+        g.manual_seed((self.ctx.seed * 1_000_003 + epoch * 100_003 + step * 7 + 12345) & 0x7FFFFFFFFFFFFFFF)
+        return g
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
