@@ -34,6 +34,8 @@ DATASET_SHAPES = {
     "tiny-imagenet": (200, 3),
 }
 DATASET_NAMES = tuple(sorted(DATASET_SHAPES))
+# Image side of the image data sets (the toys are vectors): what a stage method's shapes are probed at.
+DATASET_IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "digits": 8, "imagenet": 224, "tiny-imagenet": 64}
 
 _KINDS = {
     # kind: (names, command listing them all)

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.names import DATASET_SHAPES
+from kdtune.names import DATASET_IMAGE_SIZES, DATASET_SHAPES
 
 # Folder data sets take their class count from the folders found, so a checkpoint's is checked when the
 # data is read (a subset of ImageNet is legitimate), not here.
@@ -94,18 +94,35 @@ def _method_constraints(spec) -> None:
         if not points:  # no starting point left: the configuration the space itself starts from
             points = [{k: v for k, v in fn.record()[0].items() if k in cls.hparams}]
         for point in points:
-            hp = cls.resolve({k: v for k, v in {**point, **fixed}.items() if k in cls.hparams})
-            mctx = MethodContext(
-                num_classes=classes, epochs=spec.budget.epochs, steps_per_epoch=1, device=torch.device("cpu"),
-                student=s_model, teacher=t_model, student_feat_dim=getattr(s_model, "feat_dim", None),
-                teacher_feat_dim=getattr(t_model, "feat_dim", None) if t_model is not None else None,
-                init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
-                train_batches=_no_batches,  # what a method needs to be built; nothing is trained here
-            )
             try:
+                hp = cls.resolve({k: v for k, v in {**point, **fixed}.items() if k in cls.hparams})
+                mctx = MethodContext(
+                    num_classes=classes, epochs=spec.budget.epochs, steps_per_epoch=1, device=torch.device("cpu"),
+                    student=s_model, teacher=t_model, student_feat_dim=getattr(s_model, "feat_dim", None),
+                    teacher_feat_dim=getattr(t_model, "feat_dim", None) if t_model is not None else None,
+                    init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
+                    train_batches=_no_batches,  # what a method needs to be built; nothing is trained here
+                    **_stage_shapes(cls, s_model, t_model, channels, DATASET_IMAGE_SIZES.get(spec.data)),
+                )
                 cls(hp, mctx)
             except KdtuneError as e:
                 raise ConfigError(f"methods.{method} ({student} on {spec.data}): {e}") from None
+
+
+def _stage_shapes(cls, s_model, t_model, channels: int, size: int | None) -> dict:
+    """The stage shapes a stage method is built with (a connector a pair cannot have is refused here, before
+    any trial); a model without stages raises its one-line error."""
+    import torch
+
+    from kdtune.losses.base import probe_stage_shapes
+
+    out = {}
+    cpu = torch.device("cpu")
+    if cls.needs_student_stages:
+        out["student_stages"] = probe_stage_shapes(s_model, channels, size or 32, cpu)
+    if cls.needs_teacher_stages and t_model is not None:
+        out["teacher_stages"] = probe_stage_shapes(t_model, channels, size or 32, cpu)
+    return out
 
 
 def _no_batches():
