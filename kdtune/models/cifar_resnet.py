@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models.common import KDModel, check_in_channels, conv3x3, global_pool, init_kaiming_fan_out
+from kdtune.models.common import (
+    KDModel,
+    Stages,
+    check_in_channels,
+    conv3x3,
+    global_pool,
+    init_kaiming_fan_out,
+    run_stage,
+)
 from kdtune.models.registry import register_model
 
 
@@ -36,17 +44,25 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_pre: bool = False):
+        """The block output ``relu(out + residual)``; with ``return_pre``, ``(out + residual, output)``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + residual)
+        pre = out + residual
+        post = F.relu(pre)
+        return (pre, post) if return_pre else post
 
 
 class CifarResNet(KDModel):
-    """6n+2-layer CIFAR ResNet with ``num_filters = [stem, stage1, stage2, stage3]``."""
+    """6n+2-layer CIFAR ResNet with ``num_filters = [stem, stage1, stage2, stage3]``.
+
+    Stages (RepDistiller ``resnet.py``): stem = ``relu(bn1(conv1(x)))``; post = the outputs of layer1..3;
+    pre = ``out + residual`` of the last block of each stage, before its ReLU; pooled = global_pool(layer3).
+    """
 
     head_name = "fc"
+    has_stages = True
 
     def __init__(self, depth: int, num_filters: list[int], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -78,10 +94,18 @@ class CifarResNet(KDModel):
         layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return global_pool(x)
+        if not collect:
+            x = self.layer3(self.layer2(self.layer1(x)))
+            return global_pool(x), None
+        stem, pre, post = x, [], []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            p, x = run_stage(layer, x)
+            pre.append(p)
+            post.append(x)
+        pooled = global_pool(x)
+        return pooled, Stages(stem=stem, post=post, pre=pre, pooled=pooled)
 
 
 _SPECS = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdtune.models.common import KDModel, check_in_channels, global_pool, init_normal_fan_out
+from kdtune.models.common import KDModel, Stages, check_in_channels, global_pool, init_normal_fan_out
 from kdtune.models.registry import register_model
 
 # t (expansion), c (channels), n (repeats), s (stride of the first repeat); Sandler et al. 2018, Table 2,
@@ -32,6 +32,10 @@ SETTING = [
     [6, 160, 3, 2],
     [6, 320, 1, 1],
 ]
+
+# The stage outputs f1..f4 of the CRD code: the outputs of these entries of ``blocks`` (12@16, 16@8, 48@4,
+# 160@2 at 32x32).
+STAGE_BLOCKS = (1, 2, 4, 6)
 
 
 def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
@@ -65,7 +69,13 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(KDModel):
+    """Stages (RepDistiller ``mobilenetv2.py``): stem = ``conv1(x)`` (conv-BN-ReLU); post = the outputs of
+    ``blocks[1]``, ``blocks[2]``, ``blocks[4]``, ``blocks[6]``; pre = post (the same tensors: the block
+    outputs are linear bottlenecks, without ReLU; the CRD code ignores ``preact`` here); pooled =
+    ``global_pool(conv2(blocks[6] output))`` (1280)."""
+
     head_name = "classifier"
+    has_stages = True
 
     def __init__(self, num_classes: int, in_channels: int = 3, width_mult: float = 0.5, expansion: int = 6):
         super().__init__()
@@ -86,11 +96,15 @@ class MobileNetV2(KDModel):
         self.classifier = nn.Sequential(nn.Linear(self.feat_dim, num_classes))
         init_normal_fan_out(self, linear_std=0.01)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        out = self.conv1(x)
-        for block in self.blocks:
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
+        out = stem = self.conv1(x)
+        post: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
             out = block(out)
-        return global_pool(self.conv2(out))
+            if collect and i in STAGE_BLOCKS:
+                post.append(out)
+        pooled = global_pool(self.conv2(out))
+        return pooled, (Stages(stem=stem, post=post, pre=list(post), pooled=pooled) if collect else None)
 
 
 @register_model("mobilenetv2")

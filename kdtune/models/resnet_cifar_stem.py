@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models.common import KDModel, check_in_channels, conv3x3, global_pool, init_kaiming_fan_out
+from kdtune.models.common import (
+    KDModel,
+    Stages,
+    check_in_channels,
+    conv3x3,
+    global_pool,
+    init_kaiming_fan_out,
+    run_stage,
+)
 from kdtune.models.registry import register_model
 
 
@@ -43,10 +51,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_pre: bool = False):
+        """``relu(out + shortcut(x))``; with ``return_pre``, ``(out + shortcut(x), that output)``."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        pre = out + self.shortcut(x)
+        post = F.relu(pre)
+        return (pre, post) if return_pre else post
 
 
 class Bottleneck(nn.Module):
@@ -64,17 +75,26 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.shortcut = _shortcut(in_planes, planes * 4, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_pre: bool = False):
+        """``relu(out + shortcut(x))``; with ``return_pre``, ``(out + shortcut(x), that output)``."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        pre = out + self.shortcut(x)
+        post = F.relu(pre)
+        return (pre, post) if return_pre else post
 
 
 class CifarStemResNet(KDModel):
-    """Four-stage ResNet with a 3x3 stride-1 stem of ``widths[0]`` channels and no max-pool."""
+    """Four-stage ResNet with a 3x3 stride-1 stem of ``widths[0]`` channels and no max-pool.
+
+    Stages (RepDistiller ``resnetv2.py``): stem = ``relu(bn1(conv1(x)))``; post = the outputs of layer1..4;
+    pre = ``out + shortcut(x)`` of the last block of each stage, before its ReLU; pooled =
+    ``global_pool(layer4)``.
+    """
 
     head_name = "linear"
+    has_stages = True
 
     def __init__(
         self,
@@ -103,10 +123,18 @@ class CifarStemResNet(KDModel):
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return global_pool(out)
+        if not collect:
+            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+            return global_pool(out), None
+        stem, pre, post = out, [], []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            p, out = run_stage(layer, out)
+            pre.append(p)
+            post.append(out)
+        pooled = global_pool(out)
+        return pooled, Stages(stem=stem, post=post, pre=pre, pooled=pooled)
 
 
 @register_model("resnet18")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models.common import KDModel, check_in_channels, global_pool
+from kdtune.models.common import KDModel, Stages, check_in_channels, global_pool, run_stage
 from kdtune.models.registry import register_model
 
 
@@ -50,18 +50,28 @@ class ShuffleV1Unit(nn.Module):
         self.conv3 = nn.Conv2d(mid, out_planes, kernel_size=1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_pre: bool = False):
+        """The unit's output; with ``return_pre``, ``(pre, output)``, ``pre`` the concatenation (stride 2) or
+        sum (stride 1) before the final ReLU."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = channel_shuffle(out, self.g)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
-        return F.relu(out + x)
+            pre = torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
+        else:
+            pre = out + x
+        post = F.relu(pre)
+        return (pre, post) if return_pre else post
 
 
 class ShuffleNetV1(KDModel):
+    """Stages (RepDistiller ``ShuffleNetv1.py``): stem = ``relu(bn1(conv1(x)))``; post = the outputs of
+    layer1..3; pre = the sum (stride 1) or concatenation (stride 2) of each stage's last unit before its final
+    ReLU; pooled = global_pool(layer3)."""
+
     head_name = "linear"
+    has_stages = True
 
     def __init__(
         self,
@@ -90,10 +100,18 @@ class ShuffleNetV1(KDModel):
             self.in_planes = out_planes
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return global_pool(out)
+        if not collect:
+            out = self.layer3(self.layer2(self.layer1(out)))
+            return global_pool(out), None
+        stem, pre, post = out, [], []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            p, out = run_stage(layer, out)
+            pre.append(p)
+            post.append(out)
+        pooled = global_pool(out)
+        return pooled, Stages(stem=stem, post=post, pre=pre, pooled=pooled)
 
 
 # ---------------------------------------------------------------------------------------------- V2
@@ -113,13 +131,23 @@ class ShuffleV2Basic(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_pre: bool = False):
+        """The unit's output; with ``return_pre``, ``(pre, output)`` where ``pre`` is
+        ``channel_shuffle(cat([x1, bn3(conv3(...))]))``: the concatenation before the branch's last ReLU, in
+        the output's (shuffled) channel order, so that ``output == relu(pre)`` channel by channel (``x1`` is
+        already non-negative). The CRD code returns it unshuffled: ``channel_shuffle(pre, C // 2)`` undoes the
+        shuffle (see :class:`ShuffleNetV2`)."""
         c = x.shape[1] // 2
         x1, x2 = x[:, :c], x[:, c:]
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        if not return_pre:
+            out = F.relu(self.bn3(self.conv3(out)))
+            return channel_shuffle(torch.cat([x1, out], 1), 2)
+        branch = self.bn3(self.conv3(out))
+        pre = channel_shuffle(torch.cat([x1, branch], 1), 2)
+        post = channel_shuffle(torch.cat([x1, F.relu(branch)], 1), 2)
+        return pre, post
 
 
 class ShuffleV2Down(nn.Module):
@@ -151,7 +179,20 @@ class ShuffleV2Down(nn.Module):
 
 
 class ShuffleNetV2(KDModel):
+    """Stages (RepDistiller ``ShuffleNetv2.py``): stem = ``relu(bn1(conv1(x)))``; post = the outputs of
+    layer1..3 (after the last unit's channel shuffle); pre = ``cat([x1, bn3(conv3(...))])`` of each stage's
+    last unit, before the branch's final ReLU; pooled = ``global_pool(relu(bn2(conv2(f3))))`` (1024: the
+    pooled vector is not f3's).
+
+    Decision on ``pre``: kdtune shuffles it like ``post`` (the CRD code returns it before the shuffle), so
+    that ``pre`` and ``post`` share one channel order and ``post == relu(pre)`` elementwise, as in the other
+    families. The values are the CRD code's up to that fixed channel permutation, which AT and SP (channel
+    statistics) do not see and learned connectors (FitNet, VID, ReviewKD) absorb; the CRD order is
+    ``channel_shuffle(pre, C // 2)``.
+    """
+
     head_name = "linear"
+    has_stages = True
 
     def __init__(
         self, num_classes: int, in_channels: int = 3, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3)
@@ -174,10 +215,18 @@ class ShuffleNetV2(KDModel):
         self.in_channels = out_channels
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return global_pool(F.relu(self.bn2(self.conv2(out))))
+        if not collect:
+            out = self.layer3(self.layer2(self.layer1(out)))
+            return global_pool(F.relu(self.bn2(self.conv2(out)))), None
+        stem, pre, post = out, [], []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            p, out = run_stage(layer, out)
+            pre.append(p)
+            post.append(out)
+        pooled = global_pool(F.relu(self.bn2(self.conv2(out))))
+        return pooled, Stages(stem=stem, post=post, pre=pre, pooled=pooled)
 
 
 @register_model("shufflev1")

@@ -19,7 +19,8 @@ ICLR 2023 submission, appendix A.1-A.2).
 
 Features (the ``return_features=True`` contract): the MLPs return the input of the classifier; the interval
 models return the per-interval activations ``h_j(x)`` ``(B, n_intervals)``, from which the logits follow by
-the fixed map above (not a linear layer: the toy exception to the contract).
+the fixed map above (not a linear layer: the toy exception to the contract). No stage features:
+``has_stages`` is False and ``forward_stages`` raises ConfigError.
 
 Every class here also builds an *ensemble* of independent copies (``ensemble=S``): parameters get a leading
 dimension ``S``, inputs ``(B, D)`` or ``(S, B, D)`` give outputs ``(S, B, C)``, and batch norm normalises over
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
+from kdtune.models.common import NoStages
 from kdtune.models.registry import register_model
 
 INTERVAL_LOW, INTERVAL_HIGH = 0.0, 9.0  # the feature axis of the 1-D problem (appendix A.1)
@@ -69,7 +71,7 @@ def _log_interval(x: Tensor, a: Tensor, b: Tensor, kappa: float) -> Tensor:
     return F.logsigmoid(kappa * (x - a)) - F.softplus(kappa * (x - b)) + torch.log(-torch.expm1(gap))
 
 
-class IntervalNet(nn.Module):
+class IntervalNet(NoStages, nn.Module):
     """Union of ``n_intervals`` soft intervals on the real line (appendix A.1), a binary classifier.
 
     ``ends`` holds ``2 n`` raw end points per model ``(*E, n_intervals, 2)``; sorted, consecutive pairs are the
@@ -134,7 +136,7 @@ class IntervalNet(nn.Module):
         return logits
 
 
-class BNMLP(nn.Module):
+class BNMLP(NoStages, nn.Module):
     """``W_L phi(... phi(W_1 x))`` with ``phi`` = batch norm then ReLU (appendix A.2), optionally an ensemble.
 
     Hidden layers: weight ``(*E, out, in)`` without bias, batch-norm affine ``gamma``/``beta`` ``(*E, out)`` and

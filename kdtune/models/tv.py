@@ -25,7 +25,7 @@ import torchvision
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.models.common import global_pool
+from kdtune.models.common import NoStages, global_pool
 from kdtune.models.registry import register_model
 
 PREFIX = "tv_"
@@ -38,8 +38,9 @@ def _stash_input(module: nn.Module, args: tuple) -> None:
     module.__dict__[_FEATURE_ATTR] = args[0]
 
 
-class TorchvisionFeatures(nn.Module):
-    """Mixin put in front of a torchvision model class: adds ``return_features`` and ``feat_dim``."""
+class TorchvisionFeatures(NoStages, nn.Module):
+    """Mixin put in front of a torchvision model class: adds ``return_features`` and ``feat_dim``; no stage
+    features (``has_stages`` False, ``forward_stages`` raises ConfigError)."""
 
     feat_dim: int
     _kdtune_head: str

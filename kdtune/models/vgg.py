@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models.common import KDModel, check_in_channels, global_pool, init_normal_fan_out
+from kdtune.models.common import KDModel, Stages, check_in_channels, global_pool, init_normal_fan_out
 from kdtune.models.registry import register_model
 
 CFG = {
@@ -41,7 +41,12 @@ def _stage(widths: list[int], in_ch: int) -> nn.Sequential:
 
 
 class VGG(KDModel):
+    """Stages (RepDistiller ``vgg.py``): stem = ``relu(block0(x))`` before pool0 (it has no pre); post_l =
+    ``relu(block_l(.))`` for l = 1..4, before the max-pool that follows it; pre_l = ``block_l(.)``, the output
+    of its last BN; pooled = global_pool(post_4)."""
+
     head_name = "classifier"
+    has_stages = True
 
     def __init__(self, cfg: list[list[int]], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -54,16 +59,22 @@ class VGG(KDModel):
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         init_normal_fan_out(self, linear_std=0.01)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
         h = x.shape[-2]
-        x = F.max_pool2d(F.relu(self.block0(x)), 2)
-        x = F.max_pool2d(F.relu(self.block1(x)), 2)
-        x = F.max_pool2d(F.relu(self.block2(x)), 2)
-        x = F.relu(self.block3(x))
-        if h >= POOL3_MIN_SIZE:
-            x = F.max_pool2d(x, 2)
-        x = F.relu(self.block4(x))
-        return global_pool(x)
+        stem = F.relu(self.block0(x))
+        x = F.max_pool2d(stem, 2)
+        pre: list[Tensor] = []
+        post: list[Tensor] = []
+        for i, block in enumerate((self.block1, self.block2, self.block3, self.block4), start=1):
+            p = block(x)
+            x = F.relu(p)
+            if collect:
+                pre.append(p)
+                post.append(x)
+            if i < 3 or (i == 3 and h >= POOL3_MIN_SIZE):
+                x = F.max_pool2d(x, 2)
+        pooled = global_pool(x)
+        return pooled, (Stages(stem=stem, post=post, pre=pre, pooled=pooled) if collect else None)
 
 
 def _make_factory(name: str):

@@ -13,9 +13,10 @@ and ``in_channels`` for the stem. Parameter names are those of the public code, 
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models.common import KDModel, check_in_channels, global_pool, init_normal_fan_out
+from kdtune.models.common import KDModel, Stages, check_in_channels, global_pool, init_normal_fan_out
 from kdtune.models.registry import register_model
 
 
@@ -38,11 +39,14 @@ class BasicBlock(nn.Module):
             else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        pre = self.relu1(self.bn1(x))
+    def forward(self, x: Tensor, return_bn: bool = False):
+        """The residual sum; with ``return_bn``, ``(that sum, bn1(x))``: the input's BN output, kept by a
+        ReLU that is not in place (the plain path keeps the in-place ``relu1``; the values are the same)."""
+        bn = self.bn1(x)
+        pre = F.relu(bn) if return_bn else self.relu1(bn)
         out = self.conv2(self.relu2(self.bn2(self.conv1(pre))))
         shortcut = x if self.convShortcut is None else self.convShortcut(pre)
-        return shortcut + out
+        return (shortcut + out, bn) if return_bn else shortcut + out
 
 
 class NetworkBlock(nn.Module):
@@ -57,14 +61,30 @@ class NetworkBlock(nn.Module):
             ]
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)
+    def forward(self, x: Tensor, return_bn: bool = False):
+        """The group's output; with ``return_bn``, ``(output, bn1 of the first unit applied to x)``: the
+        pre-activation of the previous group's output, from the BN call the forward makes anyway."""
+        if not return_bn:
+            return self.layer(x)
+        first, *rest = self.layer
+        x, bn = first(x, return_bn=True)
+        for unit in rest:
+            x = unit(x)
+        return x, bn
 
 
 class WideResNet(KDModel):
-    """WRN-depth-widen_factor (Zagoruyko & Komodakis 2016, Table 1)."""
+    """WRN-depth-widen_factor (Zagoruyko & Komodakis 2016, Table 1).
+
+    Stages (RepDistiller ``wrn.py``): stem = the raw ``conv1(x)`` (no BN/ReLU); post = the raw residual sums
+    that block1..3 output (pre-activation blocks: no ReLU at a block's output); pre = the BN that reads each
+    of them next, before its ReLU: ``block2.layer[0].bn1(f1)``, ``block3.layer[0].bn1(f2)``, the final
+    ``bn1(f3)``. Those BNs run once per forward, as in the plain forward (unlike mdistiller, which calls them
+    a second time); pooled = ``global_pool(relu(bn1(f3)))``.
+    """
 
     head_name = "fc"
+    has_stages = True
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -82,9 +102,17 @@ class WideResNet(KDModel):
         self.fc = nn.Linear(ch[3], num_classes)
         init_normal_fan_out(self, linear_std=None)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        return global_pool(self.relu(self.bn1(out)))
+    def _forward_impl(self, x: Tensor, collect: bool) -> tuple[Tensor, Stages | None]:
+        if not collect:
+            out = self.block3(self.block2(self.block1(self.conv1(x))))
+            return global_pool(self.relu(self.bn1(out))), None
+        stem = self.conv1(x)
+        f1 = self.block1(stem)
+        f2, pre1 = self.block2(f1, return_bn=True)
+        f3, pre2 = self.block3(f2, return_bn=True)
+        pre3 = self.bn1(f3)
+        pooled = global_pool(F.relu(pre3))
+        return pooled, Stages(stem=stem, post=[f1, f2, f3], pre=[pre1, pre2, pre3], pooled=pooled)
 
 
 def _make_factory(name: str, depth: int, widen: int):
