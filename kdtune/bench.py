@@ -91,6 +91,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--exact-epochs", type=int, nargs="+", default=[1, 2, 3], metavar="N", help="with --exactness (default 1 2 3)"
     )
     p.add_argument(
+        "--method",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="also time kdtune's step with these methods (e.g. at sp vid), beside the KD row",
+    )
+    p.add_argument(
         "--store",
         action="store_true",
         help="also measure the lone trial (and --fuse bundles) reading the teacher store instead of the teacher",
@@ -205,9 +212,9 @@ def reference_loop(bundle, teacher, student, batch: int, device, workers: int, w
 
 def kdtune_loop(
     bundle, teacher_ckpt: str, student_arch: str, batch: int, device, compile_: bool, warmup, steps, repeats,
-    store_dir: str | None = None,
+    store_dir: str | None = None, method: str = "kd",
 ):
-    """The engine's own training pass (Trainer.train_pass) with method kd; with ``store_dir``, reading the
+    """The engine's own training pass (Trainer.train_pass) with ``method``; with ``store_dir``, reading the
     teacher store there (epoch 0 is written first, untimed, and every timed step reads it)."""
     from kdtune.config import TrainConfig
     from kdtune.engine.trainer import Trainer
@@ -217,7 +224,7 @@ def kdtune_loop(
             data="cifar100",
             model=student_arch,
             teacher=teacher_ckpt,
-            method="kd",
+            method=method,
             batch_size=batch,
             epochs=1,
             device=str(device),
@@ -437,6 +444,10 @@ def run(args) -> list[dict]:
                     bundle, ckpt, args.student, batch, device, False, warmup, steps, args.repeats
                 )
                 row["kdtune"] = [batch * steps / s for s in secs]
+                for name in args.method or []:  # a method's step beside KD's, same pair and batches
+                    secs = kdtune_loop(bundle, ckpt, args.student, batch, device, False, warmup, steps, args.repeats,
+                                       method=name)  # fmt: skip
+                    row[f"method:{name}"] = [batch * steps / s for s in secs]
                 if args.compile:
                     secs = kdtune_loop(
                         bundle, ckpt, args.student, batch, device, True, warmup, steps, args.repeats
@@ -493,11 +504,14 @@ def format_table(results: list[dict]) -> str:
         head = ["loop", "img/s median", "min", "max", "vs ref"] + (["% bf16 peak"] if peak else [])
         ref = statistics.median(row["reference"]) if "reference" in row else None
         body = []
-        for key, label in LOOP_LABELS.items():
+        labels = {**LOOP_LABELS, **{k: f"kdtune, method {k.split(':', 1)[1]}" for k in row if k.startswith("method:")}}
+        for key, label in labels.items():
             if key not in row:
                 continue
             vals = row[key]
             med = statistics.median(vals)
+            if key.startswith("method:") and row.get("kdtune"):
+                label += f" (step {statistics.median(row['kdtune']) / med:.2f}x KD's)"
             cells = [label, f"{med:,.0f}", f"{min(vals):,.0f}", f"{max(vals):,.0f}", f"{med / ref:.2f}x" if ref else "-"]
             if peak:
                 cells.append(f"{100 * med * row['flops_per_image'] / peak:.1f}%")
