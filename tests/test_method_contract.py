@@ -70,6 +70,23 @@ def teacher():
     return net
 
 
+def _is_stage(cls) -> bool:
+    return cls.needs_student_stages or cls.needs_teacher_stages
+
+
+@pytest.fixture(scope="module")
+def stage_teacher():
+    """For the stage methods (AT, SP, VID, FitNet, ...): a zoo resnet20 on 1 x 8 x 8 images, frozen in eval mode;
+    the labels of the stage harness are its own predictions."""
+    from kdtune.models import create_model
+
+    torch.manual_seed(11)
+    net = create_model("resnet20", NUM_CLASSES, 1).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 CASES = [(name, {}) for name in METHODS.names()]
 if "ipwd" in METHODS:
     CASES.append(("ipwd", {"weighting": "class"}))
@@ -81,12 +98,24 @@ IDS = [name + "".join(f"-{k}={v}" for k, v in ov.items()) for name, ov in CASES]
 class Harness:
     """Builds a method like the engine does and runs its steps."""
 
-    def __init__(self, name: str, overrides: dict, teacher: nn.Module, student_seed: int = 2):
+    def __init__(self, name: str, overrides: dict, teacher: nn.Module, student_seed: int = 2, stage_teacher=None):
         self.cls = METHODS.get(name)
         self.hp = self.cls.resolve(overrides)
         self.teacher = teacher
-        self.student = TinyNet(hidden=16, seed=student_seed)
-        self.x, self.y = _data()
+        self.stages = _is_stage(self.cls)
+        if self.stages:  # stage maps need zoo models: a resnet8 student of the resnet20 teacher, on images
+            from kdtune.models import create_model
+
+            self.teacher = stage_teacher
+            torch.manual_seed(student_seed)
+            self.student = create_model("resnet8", NUM_CLASSES, 1)
+            gen = torch.Generator().manual_seed(0)
+            self.x = torch.randn(BATCH, 1, 8, 8, generator=gen)
+            with torch.no_grad():
+                self.y = self.teacher(self.x).argmax(1)
+        else:
+            self.student = TinyNet(hidden=16, seed=student_seed)
+            self.x, self.y = _data()
         self.ctx = self.make_ctx()
         torch.manual_seed(3)
         self.method = self.cls(self.hp, self.ctx)
@@ -101,6 +130,12 @@ class Harness:
             yield x[: BATCH // 2], y[: BATCH // 2]
             yield x[BATCH // 2 :], y[BATCH // 2 :]
 
+        shapes = {}
+        if self.stages:
+            from kdtune.losses.base import probe_stage_shapes
+
+            shapes = {"student_stages": probe_stage_shapes(self.student, 1, 8, torch.device("cpu")),
+                      "teacher_stages": probe_stage_shapes(self.teacher, 1, 8, torch.device("cpu"))}  # fmt: skip
         return MethodContext(
             num_classes=NUM_CLASSES,
             epochs=3,
@@ -112,6 +147,7 @@ class Harness:
             teacher_feat_dim=self.teacher.feat_dim,
             train_batches=train_batches,
             init_error=0.3,
+            **shapes,
         )
 
     def params(self) -> list[nn.Parameter]:
@@ -124,14 +160,22 @@ class Harness:
         method = method or self.method
         cls = self.cls
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else _null()
+        t_stages = s_stages = None
         with ctx:
             t_logits = t_feat = None
-            if cls.needs_teacher or cls.needs_teacher_features:
+            if self.stages:
                 with torch.no_grad():
-                    t_logits, t_feat = self.teacher(self.x, return_features=True)
-                t_logits = t_logits.float() if cls.needs_teacher else None
-                t_feat = t_feat if cls.needs_teacher_features else None
-            s_logits, s_feat = self.student(self.x, return_features=True)
+                    t_logits, t_stages = self.teacher.forward_stages(self.x)
+                t_logits, t_feat = t_logits.float(), t_stages.pooled.float()
+                s_logits, s_stages = self.student.forward_stages(self.x)
+                s_feat = s_stages.pooled
+            else:
+                if cls.needs_teacher or cls.needs_teacher_features:
+                    with torch.no_grad():
+                        t_logits, t_feat = self.teacher(self.x, return_features=True)
+                    t_logits = t_logits.float() if cls.needs_teacher else None
+                    t_feat = t_feat if cls.needs_teacher_features else None
+                s_logits, s_feat = self.student(self.x, return_features=True)
         out = StepOutputs(
             student_logits=s_logits.float(),
             targets=self.y,
@@ -141,6 +185,8 @@ class Harness:
             student_features=s_feat if cls.needs_student_features else None,
             teacher_features=t_feat,
             images=self.x,
+            student_stages=s_stages if cls.needs_student_stages else None,
+            teacher_stages=t_stages if cls.needs_teacher_stages else None,
         )
         return method.losses(out)
 
@@ -171,8 +217,8 @@ def test_defaults_resolve_and_are_documented(name, overrides):
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=IDS)
-def test_finite_scalar_loss(name, overrides, teacher):
-    h = Harness(name, overrides, teacher)
+def test_finite_scalar_loss(name, overrides, teacher, stage_teacher):
+    h = Harness(name, overrides, teacher, stage_teacher=stage_teacher)
     terms = h.step_terms()
     assert isinstance(terms, dict) and terms, f"{name} returned no loss terms"
     for key, value in terms.items():
@@ -183,8 +229,9 @@ def test_finite_scalar_loss(name, overrides, teacher):
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=IDS)
-def test_gradients_reach_only_student_and_trainable_modules(name, overrides, teacher):
-    h = Harness(name, overrides, teacher)
+def test_gradients_reach_only_student_and_trainable_modules(name, overrides, teacher, stage_teacher):
+    h = Harness(name, overrides, teacher, stage_teacher=stage_teacher)
+    teacher = h.teacher
     terms = h.step_terms()
     # modules the method keeps for itself (e.g. a guide with its own optimiser) must not be touched by the
     # engine's backward of the returned terms
@@ -213,8 +260,8 @@ def test_gradients_reach_only_student_and_trainable_modules(name, overrides, tea
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=IDS)
-def test_state_round_trip(name, overrides, teacher):
-    h = Harness(name, overrides, teacher)
+def test_state_round_trip(name, overrides, teacher, stage_teacher):
+    h = Harness(name, overrides, teacher, stage_teacher=stage_teacher)
     opt = torch.optim.SGD(h.params(), lr=0.01)
     epoch = 1
     h.method.on_epoch_start(epoch)
@@ -249,8 +296,8 @@ def test_state_round_trip(name, overrides, teacher):
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=IDS)
-def test_tiny_training_run_lowers_the_loss(name, overrides, teacher):
-    h = Harness(name, overrides, teacher)
+def test_tiny_training_run_lowers_the_loss(name, overrides, teacher, stage_teacher):
+    h = Harness(name, overrides, teacher, stage_teacher=stage_teacher)
     opt = torch.optim.SGD(h.params(), lr=0.05, momentum=0.9)
     losses = []
     for step in range(30):
@@ -265,8 +312,8 @@ def test_tiny_training_run_lowers_the_loss(name, overrides, teacher):
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=IDS)
-def test_bf16_autocast_finite(name, overrides, teacher):
-    h = Harness(name, overrides, teacher)
+def test_bf16_autocast_finite(name, overrides, teacher, stage_teacher):
+    h = Harness(name, overrides, teacher, stage_teacher=stage_teacher)
     terms = h.step_terms(autocast=True)
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in terms.values())
     _total(terms).backward()
