@@ -521,7 +521,7 @@ def format_table(results: list[dict]) -> str:
             how = "reading the teacher store" if row.get("fused_store") else "one teacher forward per batch"
             lines.append(
                 f"  fused bundles of K students, {how} (median / fastest repeat; ratio: total member-images/s vs "
-                "K = 1; vs lone: member img/s over the lone online kdtune loop's)"
+                "K = 1; vs lone: a member's images/s over the lone online kdtune loop's)"
             )
             lone = statistics.median(row["kdtune"]) if row.get("kdtune") else None
             head = ["K", "mode", "member img/s", "total img/s", "vs K=1", "best total", "vs K=1", "vs lone"]

@@ -49,6 +49,9 @@ MEMBER_HP = {
     "ttm": [{}, {"gamma": 0.3, "beta": 7.0}],
     "wttm": [{}, {"gamma": 0.5, "beta": 1.0}],
     "ipwd": [{}, {"T": 2.0, "weighting": "class", "w_cls": 0.5}],
+    "pkt": [{}, {"beta": 3000.0, "w_ce": 0.5}],
+    "rkd": [{}, {"w_dist": 5.0, "w_angle": 0.0}],
+    "cc": [{}, {"beta": 0.2, "embed_dim": 32}],
 }
 
 

@@ -85,6 +85,36 @@ def test_published_table_holds_the_papers_numbers():
     assert all("Table" in p.source for p in PUBLISHED.values())
 
 
+FEATURE_METHODS = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt")
+
+
+def test_published_table_holds_the_crd_benchmarks_feature_methods():
+    """FitNet, AT, VID, RKD, PKT as TTM prints CRD's numbers (std from its Tables 11/12); SP and CC from
+    RepDistiller's README, without std. Every one of the 13 CRD pairs has all seven."""
+    r8x4 = {m: published("cifar100", "resnet32x4", "resnet8x4", m) for m in FEATURE_METHODS}
+    assert {m: p.acc for m, p in r8x4.items()} == {
+        "fitnet": 73.50, "at": 73.44, "sp": 72.94, "cc": 72.97, "vid": 73.09, "rkd": 71.90, "pkt": 73.64,
+    }  # fmt: skip
+    assert r8x4["pkt"].std == 0.18 and r8x4["rkd"].std == 0.11 and r8x4["fitnet"].std == 0.28
+    assert r8x4["sp"].std is None and r8x4["cc"].std is None
+    assert "Table 1" in r8x4["pkt"].source and "Table 11" in r8x4["pkt"].source
+    assert "RepDistiller README" in r8x4["cc"].source and "Table 1" in r8x4["cc"].source
+    # different architectures: AT's collapse on MobileNetV2, CC on ShuffleNetV2, std from Table 12
+    at = published("cifar100", "resnet50", "mobilenetv2", "at")
+    assert (at.acc, at.std) == (58.58, 0.54) and "Table 3" in at.source and "Table 12" in at.source
+    cc = published("cifar100", "resnet32x4", "shufflev2", "cc")
+    assert (cc.acc, cc.std) == (71.29, None) and "Table 2" in cc.source
+    assert published("cifar100", "wrn_40_2", "shufflev1", "sp").acc == 74.52
+    assert published("cifar100", "resnet110", "resnet20", "vid").acc == 70.16
+    assert published("cifar100", "wrn_40_2", "wrn_40_1", "rkd").std == 0.20
+    crd_pairs = {(t, s) for (t, s, m), p in PUBLISHED.items() if m == "kd" and "TTM" in p.source}
+    assert len(crd_pairs) == 13
+    assert {(t, s, m) for t, s, m in PUBLISHED if m in FEATURE_METHODS} == {
+        (t, s, m) for t, s in crd_pairs for m in FEATURE_METHODS
+    }
+    assert published("digits", "resnet32x4", "resnet8x4", "pkt") is None
+
+
 def test_best_per_method_rows(experiment):
     _, uri, _, _ = experiment
     rows = best_per_method(uri, EXP)

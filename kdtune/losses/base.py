@@ -150,10 +150,17 @@ def probe_stage_shapes(model: nn.Module, in_channels: int, image_size: int, devi
 
 @contextlib.contextmanager
 def fp32():
-    """Autocast off (CUDA and CPU) for a loss computed on ``.float()`` inputs: feature losses with eps of 1e-7,
-    Gram expansions and exponentials are meaningless in bf16."""
-    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-        yield
+    """Full fp32 for a loss computed on ``.float()`` inputs: autocast off (CUDA and CPU), and on a GPU TF32 off
+    for matmuls and convolutions (the engine turns it on for the networks; a Gram matrix in TF32 is 1e-3 off,
+    times SP's 3000). Feature losses with eps of 1e-7, Gram expansions and exponentials are meaningless in
+    bf16. The legacy TF32 flags are used: mixing them with the newer precision API raises in this torch."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @dataclass

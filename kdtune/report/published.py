@@ -1,6 +1,7 @@
 """Published CIFAR-100 top-1 test accuracies (%) per method and teacher -> student pair, with their source.
 
-Only numbers printed in the papers kept in ``shared/papers/`` are here, each with its table:
+Only numbers printed in the papers kept in ``shared/papers/`` (and, for SP and CC, in the CRD benchmark's
+README) are here, each with its table:
 
 - [TTM] Zheng & Yang, "Knowledge Distillation Based on Transformed Teacher Matching", ICLR 2024:
   Table 1 (same-architecture pairs, mean of 5 runs) and Table 3 (different architectures, mean of 3 runs),
@@ -13,6 +14,17 @@ Only numbers printed in the papers kept in ``shared/papers/`` are here, each wit
   student, CE and KD baselines well above the CRD recipe's (its KD for resnet32x4 -> resnet8x4 is 76.25
   against TTM's 73.33), so its numbers compare only with each other. DiSK's KD numbers are used only for
   pairs that TTM does not cover (the ResNet10 family).
+
+- [CRD] The feature methods of the CRD benchmark (Tian et al., "Contrastive Representation Distillation",
+  ICLR 2020, Tables 1 and 2; RepDistiller's code, last-epoch accuracy, CE weight 1 and no KD term): FitNet,
+  AT, VID, RKD and PKT as printed in TTM Tables 1 and 3 (the CRD numbers, identical to RepDistiller's
+  ``README.md``) with the standard deviations of TTM Tables 11 and 12; SP and CC, which TTM leaves out, from
+  RepDistiller's ``README.md`` (HobbitLong/RepDistiller @ b84f547, "Benchmark Results on CIFAR-100", the CRD
+  paper's tables), the one source here that is not in ``shared/papers/``, without std. Caveats: FitNet is the
+  benchmark's single-stage variant (hint + CE from the first epoch, not the paper's two stages); CC is the code
+  RepDistiller runs (products of consecutive residuals of two trainable linear embeddings), not the paper's
+  kernel correlation matrices; the MobileNetV2 columns are CRD's width-0.5 ``mobile_half`` (AT and FitNet end
+  below its CE baseline of 64.60 there).
 
 Model names are kdtune's registry names (``wrn_40_2``, ``resnet32x4``, ``mobilenetv2`` = CRD's width-0.5
 ``mobile_half``, ``shufflev1``, ``shufflev2``, ``resnet50``, ``resnet10_m`` ...). DiSK's "MobileNetV2x2"
@@ -43,6 +55,10 @@ IPWD_T1 = "IPWD (Niu et al., NeurIPS 2022) appendix Table 1"
 DISK_T4 = "DiSK (ICLR 2023 submission) Table 4; DiSK's recipe (CE warm start), not comparable to CRD's"
 DISK_T3 = "DiSK (ICLR 2023 submission) Table 3; DiSK's recipe (CE warm start)"
 DISK_T5 = "DiSK (ICLR 2023 submission) Table 5, CE accuracy"
+CRD_T1 = "CRD (Tian et al., ICLR 2020) as printed in TTM/WTTM (Zheng & Yang, ICLR 2024) Table 1, std Table 11"
+CRD_T3 = "CRD (Tian et al., ICLR 2020) as printed in TTM/WTTM (Zheng & Yang, ICLR 2024) Table 3, std Table 12"
+CRD_README_SAME = "RepDistiller README @ b84f547, same-architecture table (= CRD paper Table 1); no std"
+CRD_README_DIFF = "RepDistiller README @ b84f547, different-architecture table (= CRD paper Table 2); no std"
 
 # (teacher, student) columns of TTM Table 1 and Table 3, in the papers' order.
 _T1_PAIRS = [
@@ -76,6 +92,31 @@ _T3 = {
     "dkd": ([69.71, 70.35, None, 76.45, 77.07, 76.70], None),
     "ttm": ([68.98, 69.24, 74.87, 74.18, 76.57, 75.39], [0.85, 0.28, 0.31, 0.26, 0.26, 0.33]),
     "wttm": ([69.16, 69.59, 74.82, 74.37, 76.55, 75.42], [0.20, 0.58, 0.28, 0.39, 0.08, 0.34]),
+}
+
+# The CRD benchmark's feature methods (kdtune names), same column order as _T1 / _T3: method -> (means, stds).
+_T1_CRD = {
+    "fitnet": ([73.58, 72.24, 69.21, 68.99, 71.06, 73.50, 71.02], [0.32, 0.24, 0.36, 0.27, 0.13, 0.28, 0.31]),
+    "at": ([74.08, 72.77, 70.55, 70.22, 72.31, 73.44, 71.43], [0.25, 0.10, 0.27, 0.16, 0.08, 0.19, 0.09]),
+    "vid": ([74.11, 73.30, 70.38, 70.16, 72.61, 73.09, 71.23], [0.24, 0.13, 0.14, 0.39, 0.28, 0.21, 0.06]),
+    "rkd": ([73.35, 72.22, 69.61, 69.25, 71.82, 71.90, 71.48], [0.09, 0.20, 0.06, 0.05, 0.34, 0.11, 0.05]),
+    "pkt": ([74.54, 73.45, 70.34, 70.25, 72.61, 73.64, 72.88], [0.04, 0.19, 0.04, 0.04, 0.17, 0.18, 0.09]),
+}
+_T3_CRD = {
+    "fitnet": ([64.14, 63.16, 70.69, 73.59, 73.54, 73.73], [0.50, 0.47, 0.22, 0.15, 0.22, 0.32]),
+    "at": ([59.40, 58.58, 71.84, 71.73, 72.73, 73.32], [0.20, 0.54, 0.28, 0.31, 0.09, 0.35]),
+    "vid": ([65.56, 67.57, 70.30, 73.38, 73.40, 73.61], [0.42, 0.28, 0.31, 0.09, 0.17, 0.12]),
+    "rkd": ([64.52, 64.43, 71.50, 72.28, 73.21, 72.21], [0.45, 0.42, 0.07, 0.39, 0.28, 0.16]),
+    "pkt": ([67.13, 66.52, 73.01, 74.10, 74.69, 73.89], [0.30, 0.33, 0.14, 0.25, 0.34, 0.16]),
+}
+# SP and CC: RepDistiller's README only (TTM does not list them), no std.
+_T1_README = {
+    "sp": [73.83, 72.43, 69.67, 70.04, 72.69, 72.94, 72.68],
+    "cc": [73.56, 72.21, 69.63, 69.48, 71.48, 72.97, 70.71],
+}
+_T3_README = {
+    "sp": [66.30, 68.08, 73.34, 73.48, 74.56, 74.52],
+    "cc": [64.86, 65.43, 70.25, 71.14, 71.29, 71.38],
 }
 
 # Students trained from scratch with CE (pair-independent), CRD's numbers as printed in TTM Tables 1/3.
@@ -130,6 +171,16 @@ def _build() -> dict[tuple[str, str, str], Published]:
                 table[(teacher, student, method)] = Published(
                     means[i], std, src_dkd if method == "dkd" else src
                 )
+    for pairs, feature, src, readme, readme_src in (
+        (_T1_PAIRS, _T1_CRD, CRD_T1, _T1_README, CRD_README_SAME),
+        (_T3_PAIRS, _T3_CRD, CRD_T3, _T3_README, CRD_README_DIFF),
+    ):
+        for method, (means, stds) in feature.items():
+            for (teacher, student), acc, std in zip(pairs, means, stds, strict=True):
+                table[(teacher, student, method)] = Published(acc, std, src)
+        for method, means in readme.items():
+            for (teacher, student), acc in zip(pairs, means, strict=True):
+                table[(teacher, student, method)] = Published(acc, None, readme_src)
     for (teacher, student), acc in {
         ("wrn_40_2", "wrn_16_2"): 75.83,
         ("resnet110", "resnet20"): 71.22,
