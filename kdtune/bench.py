@@ -293,7 +293,7 @@ def fused_steps(bundle, teacher_ckpt: str, student_arch: str, batch: int, device
         )
         for i in range(k)
     ]
-    fused = Bundle(cfgs, data=bundle, mode=mode)
+    fused = Bundle(cfgs, data=bundle, mode=mode, allow_inexact=True)  # timed as asked; the table says "not exact"
     run_steps = _stepper(fused.train_pass, store_dir is not None)
     if store_dir is not None:
         _fill_store(fused.shared)

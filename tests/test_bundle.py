@@ -148,14 +148,14 @@ def test_member_ends_with_the_weights_of_a_lone_run(method, mode, data, teacher)
     """3 epochs of 5 batches: an exact mode's members end within EXACT_RTOL of their lone runs. loop and auto are
     exact everywhere; a mode whose probe finds it inexact here is compared over two steps instead."""
     cfgs = member_configs(method, teacher)
-    bundle = Bundle(cfgs, data=data, mode=mode)
+    bundle = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
     assert bundle.mode == mode or mode == "auto"  # resnet8 has a grouped form: no fallback to the loop
     if mode in ("loop", "auto"):
         assert bundle.exact and bundle.mode in ("loop", "loop_cl", "grouped")
     if not bundle.exact:
         assert mode in ("grouped", "vmap", "loop_cl")
         data, cfgs = short(mode, data, cfgs)
-        bundle = Bundle(cfgs, data=data, mode=mode)
+        bundle = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
     epochs = list(bundle.run())
     assert len(epochs) == cfgs[0].epochs and [m["member"] for m in epochs[-1]] == [0, 1]
     for k, cfg in enumerate(cfgs):
@@ -167,7 +167,7 @@ def test_an_inexact_mode_fails_the_tolerance(data):
     ends outside EXACT_RTOL after 3 epochs of 5 batches, where loop ends at 0.0."""
     cfg = TrainConfig.from_dict(dict(FAST, method="ce", seed=7, lr=0.05))
     state, _, _ = lone_run(cfg, data)
-    grouped = Bundle([cfg, cfg.replace(seed=8, lr=0.02)], data=data, mode="grouped")
+    grouped = Bundle([cfg, cfg.replace(seed=8, lr=0.02)], data=data, mode="grouped", allow_inexact=True)
     assert grouped.mode == "grouped" and not grouped.exact and grouped.mode_exact == {"grouped": False}
     list(grouped.run())
     assert max_rel(grouped.sync_member(0).student.state_dict(), state) > EXACT_RTOL
@@ -180,11 +180,11 @@ def test_an_inexact_mode_fails_the_tolerance(data):
 @pytest.mark.parametrize("mode", ["grouped", "loop", "loop_cl", "vmap"])
 def test_adamw_members_equal_lone_runs(mode, data, teacher):
     cfgs = member_configs("kd", teacher, optimizer="adamw")
-    bundle = Bundle(cfgs, data=data, mode=mode)
+    bundle = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
     atol = None
     if not bundle.exact:
         data, cfgs = short(mode, data, cfgs)
-        bundle = Bundle(cfgs, data=data, mode=mode)
+        bundle = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
         atol = ADAMW_ATOL[mode]
     list(bundle.run())
     for k, cfg in enumerate(cfgs):
@@ -229,7 +229,7 @@ def test_drop_repacks_and_the_rest_stay_exact(mode, data, teacher):
     cfgs = [cfgs[0], cfgs[0].replace(seed=5, lr=0.02), cfgs[1]]
     if mode == "grouped":
         data, cfgs = short(mode, data, cfgs)
-    bundle = Bundle(cfgs, data=data, keys=["a", "b", "c"], mode=mode)
+    bundle = Bundle(cfgs, data=data, keys=["a", "b", "c"], mode=mode, allow_inexact=True)
     gen = bundle.run()
     first = next(gen)
     assert [m["member"] for m in first] == ["a", "b", "c"]
@@ -304,9 +304,12 @@ def test_the_probe_sees_a_difference_across_the_epoch_boundary(data, teacher, mo
             self._forward_eval = lambda p, b, x: ev(p, b, x) * (1 + 1e-7)
 
     monkeypatch.setattr(Bundle, "_build_forward", build)
-    bundle = Bundle(cfgs, data=data, mode="loop_cl")
+    bundle = Bundle(cfgs, data=data, mode="loop_cl", allow_inexact=True)
     assert not bundle.exact
     assert Bundle(cfgs, data=data, mode="loop").exact
+    with pytest.raises(ConfigError) as e:  # asked for by name without allow_inexact: refused in one line
+        Bundle(cfgs, data=data, mode="loop_cl")
+    assert str(e.value).startswith("mode=loop_cl is not exact here") and "mode=auto" in str(e.value)
 
 
 def test_auto_without_a_grouped_form_probes_the_loops_only(data, teacher, monkeypatch):
@@ -324,12 +327,12 @@ def test_auto_without_a_grouped_form_probes_the_loops_only(data, teacher, monkey
 @pytest.mark.parametrize("mode", ["grouped", "loop"])
 def test_bundle_checkpoint_resumes_exactly(mode, data, teacher):
     cfgs = member_configs("kd", teacher)
-    full = Bundle(cfgs, data=data, mode=mode)
+    full = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
     list(full.run())
-    part = Bundle(cfgs, data=data, mode=mode)
+    part = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
     next(part.run())
     state = part.state_dict()
-    resumed = Bundle(cfgs, data=data, mode=mode)
+    resumed = Bundle(cfgs, data=data, mode=mode, allow_inexact=True)
     resumed.load_state_dict(state)
     assert resumed.epoch == 1
     list(resumed.run())

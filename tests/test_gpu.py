@@ -72,8 +72,10 @@ def test_bench_reports_the_peak_fraction_on_gpu(tmp_path):
 
 
 def test_grouped_bundle_on_cuda_stays_grouped_and_trains(tmp_path):
-    """The grouped student passes its probe on the GPU (TF32 and bf16 rounding are not a mixed channel), its
-    members train, and member 1's logits are those of its own weights run alone (bf16 autocast tolerance)."""
+    """The grouped student passes its channel probe on the GPU (TF32 and bf16 rounding are not a mixed channel),
+    runs by name with allow_inexact (its exactness probe says whether it is bit for bit the lone kernels), its
+    members train, and member 1's logits are those of its own weights run alone (bf16 autocast tolerance);
+    auto picks an exact mode on the GPU."""
     from torch.func import functional_call
 
     from kdtune.engine import Bundle
@@ -85,7 +87,9 @@ def test_grouped_bundle_on_cuda_stays_grouped_and_trains(tmp_path):
     base = dict(data="cifar100", model="resnet8x4", method="kd", teacher=str(teacher), epochs=1, batch_size=64,
                 device="cuda", val_fraction=0.0)  # fmt: skip
     cfgs = [TrainConfig.from_dict(dict(base, seed=s, lr=0.05 / (s + 1))) for s in range(4)]
-    bundle = Bundle(cfgs, data=_bundle(512))
+    auto = Bundle(cfgs, data=_bundle(512))
+    assert auto.exact and auto.mode_exact[auto.mode] and auto.device.type == "cuda"
+    bundle = Bundle(cfgs, data=_bundle(512), mode="grouped", allow_inexact=True)
     assert bundle.mode == "grouped" and bundle.device.type == "cuda"
     (epoch,) = list(bundle.run())
     assert [m["member"] for m in epoch] == [0, 1, 2, 3] and all(math.isfinite(m["train_loss"]) for m in epoch)

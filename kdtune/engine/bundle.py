@@ -45,8 +45,9 @@ epochs of digits, a lone run with mkldnn's kernels switched off 8e-2 after 3: do
 :meth:`Bundle.probe_exact` trains copies of the stacks two steps, with an evaluation between, in a mode and
 in ``loop``, and calls the mode exact only where every output, gradient and statistic is equal to the bit.
 ``"auto"`` (the default, what sweeps use) times only exact candidates (:data:`AUTO_CANDIDATES`; ``loop``
-always is) and keeps the fastest; a mode asked for by name runs even when inexact, saying so in one log
-line, with ``bundle_exact: false`` in its members' results (``kdtune bench`` uses that for speed).
+always is) and keeps the fastest; a mode asked for by name runs when inexact, saying so in one log
+line, with ``bundle_exact: false`` in its members' results, only with ``allow_inexact=True`` (``kdtune bench
+--fuse-mode`` times them so); without it, it is refused in one line.
 ``tests/test_bundle.py`` holds every fusable method's exact modes within 1e-4 relative of the lone run over
 3 epochs of 5 batches; ``kdtune bench --exactness`` prints the table per mode.
 
@@ -415,9 +416,11 @@ class Bundle:
         progress: bool = False,
         teacher_info: dict[str, Any] | None = None,
         init_info: dict[str, Any] | None = None,
+        allow_inexact: bool = False,
     ):
         cfgs = [as_config(c) for c in cfgs]
         check_bundle(cfgs)
+        self.allow_inexact = allow_inexact
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not valid; choose one of {', '.join(MODES)}")
         self.requested_mode = mode
@@ -495,9 +498,15 @@ class Bundle:
             self._build_forward(self.requested_mode)
             self.exact, worst = self.probe_exact()
             self.mode_exact = {self.mode: self.exact}
+            if not self.exact and not self.allow_inexact:
+                raise ConfigError(
+                    f"mode={self.mode} is not exact here: its probe differs from the lone kernels by {worst:.1e} "
+                    "(relative), so its members would not train what their lone runs train; use mode=auto (the "
+                    "fastest exact mode) or loop"
+                )
             if not self.exact:
                 self.log(f"bundle: mode={self.mode} is not exact here ({worst:.1e} relative after its probe): "
-                         "its members will not end with their lone runs' weights; mode=auto picks an exact mode")
+                         "its members will not end with their lone runs' weights (allowed: allow_inexact)")
         self._reference_probe = None  # only the decision needed it
 
     def _choose_mode(self) -> None:

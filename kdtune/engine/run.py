@@ -141,6 +141,7 @@ def iter_train_bundle(
     progress: bool = False,
     data=None,
     mode: str | None = None,
+    allow_inexact: bool = False,
 ) -> Generator[list[dict[str, Any]], None, list[dict[str, Any]]]:
     """Train ``cfgs`` as one fused :class:`~kdtune.engine.bundle.Bundle`, yielding per epoch the list of the
     members' metrics dicts; the return value is the list of their result dicts, in the order of ``cfgs``.
@@ -150,8 +151,9 @@ def iter_train_bundle(
     (a finished member's result.json is read back and it does not train again). A member whose loss
     diverges is dropped: its entry is ``{"status": "diverged", "error": ..., "epochs": ..., "config": ...}``
     and its directory gets no result.json, as a lone diverged run's does not. ``mode`` is how the stacked
-    student runs (:data:`~kdtune.engine.bundle.MODES`; default :data:`~kdtune.engine.bundle.DEFAULT_MODE`):
-    ``"loop"`` is bit for bit a lone run's arithmetic, ``"grouped"`` the fastest.
+    student runs (:data:`~kdtune.engine.bundle.MODES`; default :data:`~kdtune.engine.bundle.DEFAULT_MODE`, the
+    fastest mode that is bit for bit a lone run's arithmetic here); a mode named that is not exact here is
+    refused unless ``allow_inexact=True``.
     """
     from kdtune.engine.bundle import DEFAULT_MODE, Bundle
 
@@ -170,7 +172,7 @@ def iter_train_bundle(
         return results
     t_start = time.perf_counter()
     bundle = Bundle([cfgs[i] for i in todo], data=data, keys=todo, log=log, progress=progress,
-                    mode=mode or DEFAULT_MODE)
+                    mode=mode or DEFAULT_MODE, allow_inexact=allow_inexact)
     states = [i for i in todo if outs[i] is not None and cfgs[i].resume and (outs[i] / "state.pt").exists()]
     if states and len(states) != len(todo):
         fresh = sorted(set(todo) - set(states))

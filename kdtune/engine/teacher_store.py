@@ -11,7 +11,7 @@ so a run that reads the store computes exactly what a run with the online teache
 
 Contract:
 
-- **Key.** :func:`store_key` lists everything above; the store's folder is ``<root>/<name>-<sha of the
+- **Key.** :func:`store_key` lists everything above (on the CPU with the thread count); the store's folder is ``<root>/<name>-<sha of the
   key>/`` with ``key.json``. Anything that would change one output bit changes the folder.
 - **Written once, whole.** The first run to train an epoch the store lacks records the outputs while it runs
   the teacher as usual and, if it trained the whole epoch, publishes ``epoch-<e>.kdts``: a header (shapes,
@@ -77,7 +77,8 @@ def store_key(*, teacher: nn.Module, teacher_arch: str, data: str, data_sha: str
               data_seed: int, augment: str, batch_size: int, rows: int, features: bool, device: torch.device,
               amp: str, channels_last: bool) -> dict[str, Any]:  # fmt: skip
     """Everything the teacher's outputs for one epoch's batches depend on."""
-    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # a CPU kernel may split its sums by thread: the thread count is part of the arithmetic
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return {
         "format": FORMAT,
         "teacher_arch": teacher_arch,
