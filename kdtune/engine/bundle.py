@@ -572,11 +572,7 @@ class Bundle:
         an evaluation forward through ``fwd_eval`` between, on a random batch of the training shape: the
         outputs, gradients and BatchNorm statistics along the way. The global RNG is left as it was."""
         lead = self.shared
-        x = self._probe_batch(max(1, min(lead.cfg.batch_size, len(lead.data.train.y))))
-        if lead.use_channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
-        buffers = {k: v.clone() for k, v in self.buffers.items()}
+        x, params, buffers = self._probe_inputs()
         seen: list[Tensor] = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -603,11 +599,7 @@ class Bundle:
         """Seconds of one forward and backward of the stacked student through ``fwd``, on a random batch of
         the training batch's shape and copies of the stacked tensors (the bundle's own are not touched)."""
         lead = self.shared
-        x = self._probe_batch(max(1, min(lead.cfg.batch_size, len(lead.data.train.y))))
-        if lead.use_channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
-        buffers = {k: v.clone() for k, v in self.buffers.items()}
+        x, params, buffers = self._probe_inputs()
         self._train_mode(True, wide)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -619,6 +611,16 @@ class Bundle:
             logits.float().logsumexp(-1).sum().backward()
             lead._sync()
         return time.perf_counter() - t0
+
+    def _probe_inputs(self) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """A random batch of the training shape and layout, and copies of the stacks (the bundle's own are not
+        touched): what the exactness probe and the timing step run on."""
+        lead = self.shared
+        x = self._probe_batch(max(1, min(lead.cfg.batch_size, len(lead.data.train.y))))
+        if lead.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        return x, params, {k: v.clone() for k, v in self.buffers.items()}
 
     def _probe_batch(self, n: int) -> Tensor:
         """``n`` random images of the data's shape from a generator of their own (the global RNG is the

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdtune.errors import ConfigError
+from kdtune.losses._features import match_resolution, stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -40,18 +41,6 @@ def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
     ``reshape``, never ``view``: channels-last maps. Float32 whatever the input dtype."""
     f = f.float()
     return F.normalize(f.abs().pow(p).mean(dim=1).reshape(f.shape[0], -1), dim=1)
-
-
-def match_resolution(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
-    """The pair at one resolution: the larger map ``adaptive_avg_pool2d``-ed to the smaller one's ``(H, W)``.
-    RepDistiller compares the heights only and pools to a square ``(H, H)``; identical for the square maps of the
-    zoo, kdtune keeps the width of non-square ones."""
-    hs, ht = tuple(student_map.shape[-2:]), tuple(teacher_map.shape[-2:])
-    if hs == ht:
-        return student_map, teacher_map
-    if hs[0] > ht[0] or (hs[0] == ht[0] and hs[1] > ht[1]):
-        return F.adaptive_avg_pool2d(student_map, ht), teacher_map
-    return student_map, F.adaptive_avg_pool2d(teacher_map, hs)
 
 
 def at_pair(student_map: Tensor, teacher_map: Tensor, p: float = 2.0) -> Tensor:
@@ -102,11 +91,5 @@ class AT(Method):
             raise ConfigError("at: student or teacher has no stage outputs to pair")
 
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        if out.student_stages is None or out.teacher_stages is None:
-            raise ConfigError("at needs the stage maps of student and teacher; the engine must pass both")
-        terms = {
-            "at": self.hp["beta"] * at_loss(out.student_stages.post, out.teacher_stages.post, self.hp["p"])
-        }
-        if self.hp["w_ce"] > 0:
-            terms["ce"] = self.hp["w_ce"] * F.cross_entropy(out.student_logits.float(), out.targets)
-        return terms
+        s, t = stage_maps(out, "at")
+        return with_ce({"at": self.hp["beta"] * at_loss(s.post, t.post, self.hp["p"])}, out, self.hp["w_ce"])

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
+from kdtune.losses._features import with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -79,6 +79,4 @@ class CC(Method):
             e_s = self.embed_s(out.student_features.float())
             e_t = self.embed_t(out.teacher_features.float())
         terms = {"cc": self.hp["beta"] * cc(e_s, e_t)}
-        if self.hp["w_ce"] > 0:
-            terms["ce"] = self.hp["w_ce"] * F.cross_entropy(out.student_logits, out.targets)
-        return terms
+        return with_ce(terms, out, self.hp["w_ce"])

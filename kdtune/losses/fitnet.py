@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
+from kdtune.losses._features import stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StageShapes, StepOutputs, fp32, register_method
 
 
@@ -148,12 +149,8 @@ class FitNet(Method):
         return {"regressor": self.regressor}
 
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        if out.student_stages is None or out.teacher_stages is None:
-            raise ConfigError("fitnet needs the stage maps of student and teacher; the engine must pass both")
+        s, t = stage_maps(out, "fitnet")
         layer = self.hp["hint_layer"]
         with fp32():
-            regressed = self.regressor(hint_map(out.student_stages, layer).float())
-        terms = {"hint": self.hp["beta"] * hint_loss(regressed, hint_map(out.teacher_stages, layer))}
-        if self.hp["w_ce"] > 0:
-            terms["ce"] = self.hp["w_ce"] * F.cross_entropy(out.student_logits.float(), out.targets)
-        return terms
+            regressed = self.regressor(hint_map(s, layer).float())
+        return with_ce({"hint": self.hp["beta"] * hint_loss(regressed, hint_map(t, layer))}, out, self.hp["w_ce"])

@@ -8,9 +8,9 @@ CE weight 1, no KD term).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from kdtune.losses._features import with_ce
 from kdtune.losses.base import HParam, Method, StepOutputs, fp32, register_method
 
 PKT_EPS = 1e-7  # the official code's eps: in the row normalisation and inside the log
@@ -78,6 +78,4 @@ class PKT(Method):
 
     def losses(self, out: StepOutputs):
         terms = {"pkt": self.hp["beta"] * pkt(out.student_features, out.teacher_features)}
-        if self.hp["w_ce"] > 0:
-            terms["ce"] = self.hp["w_ce"] * F.cross_entropy(out.student_logits, out.targets)
-        return terms
+        return with_ce(terms, out, self.hp["w_ce"])

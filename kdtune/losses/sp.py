@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdtune.errors import ConfigError
+from kdtune.losses._features import stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -72,9 +73,5 @@ class SP(Method):
             raise ConfigError("sp: student or teacher has no stage outputs")
 
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        if out.student_stages is None or out.teacher_stages is None:
-            raise ConfigError("sp needs the stage maps of student and teacher; the engine must pass both")
-        terms = {"sp": self.hp["beta"] * sp_loss(out.student_stages.post[-1], out.teacher_stages.post[-1])}
-        if self.hp["w_ce"] > 0:
-            terms["ce"] = self.hp["w_ce"] * F.cross_entropy(out.student_logits.float(), out.targets)
-        return terms
+        s, t = stage_maps(out, "sp")
+        return with_ce({"sp": self.hp["beta"] * sp_loss(s.post[-1], t.post[-1])}, out, self.hp["w_ce"])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
+from kdtune.losses._features import match_resolution, stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 VID_EPS = 1e-5  # RepDistiller VIDLoss(eps=1e-5)
@@ -47,18 +48,6 @@ def inverse_softplus(v: float) -> float:
     if not v > 0:
         raise ValueError(f"softplus takes only positive values, got {v}")
     return v + math.log(-math.expm1(-v))
-
-
-def match_resolution(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
-    """The pair at one resolution: the larger map ``adaptive_avg_pool2d``-ed to the smaller one's ``(H, W)``
-    (before the regressor when it is the student's). RepDistiller compares the heights only and pools to a
-    square ``(H, H)``; identical for the square maps of the zoo, kdtune keeps the width of non-square ones."""
-    hs, ht = tuple(student_map.shape[-2:]), tuple(teacher_map.shape[-2:])
-    if hs == ht:
-        return student_map, teacher_map
-    if hs[0] > ht[0] or (hs[0] == ht[0] and hs[1] > ht[1]):
-        return F.adaptive_avg_pool2d(student_map, ht), teacher_map
-    return student_map, F.adaptive_avg_pool2d(teacher_map, hs)
 
 
 def vid_nll(mean: Tensor, target: Tensor, variance: Tensor) -> Tensor:
@@ -174,11 +163,5 @@ class VID(Method):
         return {"vid": self.regressors}
 
     def losses(self, out: StepOutputs) -> dict[str, Tensor]:
-        if out.student_stages is None or out.teacher_stages is None:
-            raise ConfigError("vid needs the stage maps of student and teacher; the engine must pass both")
-        terms = {
-            "vid": self.hp["beta"] * vid(out.student_stages.post, out.teacher_stages.post, self.regressors)
-        }
-        if self.hp["w_ce"] > 0:
-            terms["ce"] = self.hp["w_ce"] * F.cross_entropy(out.student_logits.float(), out.targets)
-        return terms
+        s, t = stage_maps(out, "vid")
+        return with_ce({"vid": self.hp["beta"] * vid(s.post, t.post, self.regressors)}, out, self.hp["w_ce"])

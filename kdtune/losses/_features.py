@@ -1,0 +1,38 @@
+"""Helpers the feature methods share (not a method: modules starting with ``_`` are not registered): the pairing
+of maps at one resolution (AT, VID), the stage maps a step must carry, and the cross-entropy term every
+feature method adds (``w_ce CE``: RepDistiller's ``-r 1`` beside ``-b gamma``, no KD term)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdtune.errors import ConfigError
+from kdtune.losses.base import StepOutputs
+
+
+def match_resolution(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:
+    """The pair at one resolution: the larger map ``adaptive_avg_pool2d``-ed to the smaller one's ``(H, W)``
+    (before any regressor or attention: RepDistiller pools the feature map, not the result). RepDistiller
+    compares the heights only and pools to a square ``(H, H)``; identical for the square maps of the zoo, kdtune
+    keeps the width of non-square ones."""
+    hs, ht = tuple(student_map.shape[-2:]), tuple(teacher_map.shape[-2:])
+    if hs == ht:
+        return student_map, teacher_map
+    if hs[0] > ht[0] or (hs[0] == ht[0] and hs[1] > ht[1]):
+        return F.adaptive_avg_pool2d(student_map, ht), teacher_map
+    return student_map, F.adaptive_avg_pool2d(teacher_map, hs)
+
+
+def stage_maps(out: StepOutputs, method: str):
+    """``(student Stages, teacher Stages)`` of a step, or the one-line error when the engine passed none."""
+    if out.student_stages is None or out.teacher_stages is None:
+        raise ConfigError(f"{method} needs the stage maps of student and teacher; the engine must pass both")
+    return out.student_stages, out.teacher_stages
+
+
+def with_ce(terms: dict[str, Tensor], out: StepOutputs, w_ce: float) -> dict[str, Tensor]:
+    """``terms`` with ``ce = w_ce CE(student logits, labels)`` where ``w_ce > 0``."""
+    if w_ce > 0:
+        terms["ce"] = w_ce * F.cross_entropy(out.student_logits.float(), out.targets)
+    return terms
