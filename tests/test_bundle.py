@@ -13,6 +13,7 @@ from kdtune.config import TrainConfig
 from kdtune.data import load_data
 from kdtune.data.base import Split
 from kdtune.engine import Bundle, Trainer, iter_train_bundle, train_bundle
+from kdtune.engine.exactness import max_rel
 from kdtune.errors import ConfigError
 from kdtune.losses import METHODS
 from kdtune.models import create_model
@@ -103,12 +104,6 @@ def member_configs(method: str, teacher: str, optimizer: str = "sgd") -> list[Tr
 
 def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def max_rel(a: dict, b: dict) -> float:
-    """The largest relative difference of any tensor: max |a - b| / max |b| (the issue's measure)."""
-    return max(((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12)).item()
-               for k in a if b[k].is_floating_point())  # fmt: skip
 
 
 _LONE: dict = {}

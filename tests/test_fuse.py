@@ -232,6 +232,7 @@ def test_fused_sweep_members_are_trials(fused_sweep):
         assert set(start["mode_ms"]) == (exact if len(exact) > 1 else set())
     # through the real path, a member that trained all its epochs ends with the weights of its lone run
     from kdtune.engine import Trainer
+    from kdtune.engine.exactness import max_rel
     from kdtune.tune.plan import plan
     from kdtune.tune.trainable import TrialContext, trial_config
 
@@ -241,9 +242,7 @@ def test_fused_sweep_members_are_trials(fused_sweep):
     lone = Trainer(trial_config(ctx, done["config"]))
     list(lone.run())
     final = torch.load(exp / "trials" / done["trial_id"] / "ckpt" / "final.pt", weights_only=True)["state_dict"]
-    want = lone.student.state_dict()
-    assert max(((final[k].float() - want[k].float()).abs().max() / want[k].float().abs().max().clamp_min(1e-12)).item()
-               for k in want if want[k].is_floating_point()) <= 1e-4  # fmt: skip
+    assert max_rel(final, lone.student.state_dict()) <= 1e-4
     assert "4 trials x 3 epochs" in stdout and "fused, 2 trials per Tune trial (2 bundles" in stdout
     assert stdout.count("resnet8-kd ") >= 4  # one progress line per member
 

@@ -821,7 +821,7 @@ class Bundle:
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        lead.store_publish(writer, steps)
+        lead.store_publish(writer)
         return sums, steps, n_img, seconds
 
     @torch.no_grad()

@@ -62,15 +62,25 @@ def default_root() -> Path:
     return Path(base) / "teacher-store"
 
 
-def weights_sha(model: nn.Module) -> str:
-    """sha256 of a model's parameters and buffers (names, dtypes, shapes and bytes), whatever file it came
-    from."""
+def tensors_sha(named: dict[str, Tensor]) -> str:
+    """sha256 of named tensors: names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(named.items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
     return h.hexdigest()
+
+
+def weights_sha(model: nn.Module) -> str:
+    """A model's parameters and buffers (:func:`tensors_sha`), whatever file it came from."""
+    return tensors_sha(model.state_dict())
+
+
+def data_sha(split) -> str:
+    """The training split's images and labels (:func:`tensors_sha`): a store never serves another data set
+    that happens to share a name."""
+    return tensors_sha({"x": split.x, "y": split.y})
 
 
 def store_key(*, teacher: nn.Module, teacher_arch: str, data: str, data_sha: str, val_fraction: float,
@@ -111,8 +121,8 @@ class StoredEpoch:
 
     def batch(self, i: int, n: int) -> tuple[Tensor, Tensor | None]:
         lo = i * self.batch_size
-        logits = self.logits[lo : lo + n].float().clone()
-        feats = self.feats[lo : lo + n].float().clone() if self.feats is not None else None
+        logits = self.logits[lo : lo + n].to(torch.float32, copy=True)
+        feats = self.feats[lo : lo + n].to(torch.float32, copy=True) if self.feats is not None else None
         return logits, feats
 
 

@@ -341,7 +341,7 @@ class Trainer:
         if why is None:
             key = ts.store_key(
                 teacher=self.teacher, teacher_arch=self.teacher_info.get("arch") or "teacher", data=d.name,
-                data_sha=_data_sha(d), val_fraction=cfg.val_fraction, data_seed=cfg.data_seed,
+                data_sha=ts.data_sha(d.train), val_fraction=cfg.val_fraction, data_seed=cfg.data_seed,
                 augment=f"crop{loader.crop_padding}-flip{int(loader.flip)}", batch_size=loader.batch_size, rows=rows,
                 features=feat_dim is not None, device=self.device, amp=str(self.amp_dtype),
                 channels_last=self.use_channels_last,
@@ -380,8 +380,9 @@ class Trainer:
         self.store_stats["online"] += 1
         return None, self.store.writer(e) if steps == len(self.train_loader) else None
 
-    def store_publish(self, writer, steps: int) -> None:
-        if writer is not None and steps == len(self.train_loader) and writer.publish():
+    def store_publish(self, writer) -> None:
+        """Publish the epoch ``writer`` recorded (it does so only when every row of the epoch was recorded)."""
+        if writer is not None and writer.publish():
             self.store_stats["written"] += 1
 
     def _load_init(self, known: dict[str, Any] | None = None) -> None:
@@ -530,7 +531,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        self.store_publish(writer, steps)
+        self.store_publish(writer)
         return sums, steps, n_img, seconds
 
     def train_epoch(self) -> dict[str, Any]:
@@ -607,18 +608,6 @@ class Trainer:
         d = self.data
         save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta(),
                    durable=durable)  # fmt: skip
-
-
-def _data_sha(d: DataBundle) -> str:
-    """A fingerprint of the training split's contents (images and labels): a store never serves another
-    data set that happens to share a name."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for t in (d.train.x, d.train.y):
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _size(n: float) -> str:

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdtune.errors import ConfigError
-from kdtune.losses.base import StepOutputs
+from kdtune.losses.base import HParam, StepOutputs
+
+# The CE weight of every feature method: RepDistiller's -r 1 (the CRD benchmark and the seed's gamma's).
+W_CE = HParam(1.0, "weight of the cross-entropy with the labels (1 in the CRD benchmark)", float, 0.0, None)
 
 
 def match_resolution(student_map: Tensor, teacher_map: Tensor) -> tuple[Tensor, Tensor]:

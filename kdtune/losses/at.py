@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import match_resolution, stage_maps, with_ce
+from kdtune.losses._features import W_CE, match_resolution, stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -81,7 +81,7 @@ class AT(Method):
         "beta": HParam(1000.0, "weight of the attention term (sum over stages; RepDistiller -b 1000, Hamidi et al. "
                        "gamma)", float, 0.0, None),
         "p": HParam(2.0, "exponent of the attention map mean_c |f|^p (official 2)", float, 0.0, None, low_open=True),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels", float, 0.0, None),
+        "w_ce": W_CE,
     }  # fmt: skip
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):

@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import with_ce
+from kdtune.losses._features import W_CE, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -57,7 +57,7 @@ class CC(Method):
         "beta": HParam(0.02, "weight of the CC term (RepDistiller's -b 0.02)", float, 0.0, None),
         "embed_dim": HParam(128, "width of the two trainable linear embeddings (RepDistiller's --feat_dim 128)",
                             int, 1, None),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels (1 in the CRD benchmark)", float, 0.0, None),
+        "w_ce": W_CE,
     }  # fmt: skip
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import stage_maps, with_ce
+from kdtune.losses._features import W_CE, stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StageShapes, StepOutputs, fp32, register_method
 
 
@@ -132,7 +132,7 @@ class FitNet(Method):
         "beta": HParam(100.0, "weight of the hint term (RepDistiller -b 100)", float, 0.0, None),
         "hint_layer": HParam(2, "feature map the hint uses, in both networks: 0 = stem, 1..L = stage outputs "
                              "(RepDistiller --hint_layer 2)", int, 0, 4),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels", float, 0.0, None),
+        "w_ce": W_CE,
     }  # fmt: skip
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdtune.losses._features import with_ce
+from kdtune.losses._features import W_CE, with_ce
 from kdtune.losses.base import HParam, Method, StepOutputs, fp32, register_method
 
 PKT_EPS = 1e-7  # the official code's eps: in the row normalisation and inside the log
@@ -73,7 +73,7 @@ class PKT(Method):
     hparams = {
         "beta": HParam(30000.0, "weight of the PKT term (RepDistiller's -b 30000 at batch 64: the term is a "
                        "mean over B^2 entries)", float, 0.0, None),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels (1 in the CRD benchmark)", float, 0.0, None),
+        "w_ce": W_CE,
     }  # fmt: skip
 
     def losses(self, out: StepOutputs):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdtune.losses._features import W_CE
 from kdtune.losses.base import HParam, Method, StepOutputs, fp32, register_method
 
 RKD_EPS = 1e-12  # the clamp of the squared distances (RepDistiller's pdist eps)
@@ -109,7 +110,7 @@ class RKD(Method):
                          float, 0.0, None),
         "w_angle": HParam(50.0, "weight of the angle-wise term (Huber on the cosines of all B^3 triplets)",
                           float, 0.0, None),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels (1 in the CRD benchmark)", float, 0.0, None),
+        "w_ce": W_CE,
     }  # fmt: skip
 
     def losses(self, out: StepOutputs):

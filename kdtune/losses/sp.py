@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import stage_maps, with_ce
+from kdtune.losses._features import W_CE, stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -63,7 +63,7 @@ class SP(Method):
     hparams = {
         "beta": HParam(3000.0, "weight of the similarity term (RepDistiller -b 3000 at batch 64, Hamidi et al. "
                        "gamma)", float, 0.0, None),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels", float, 0.0, None),
+        "w_ce": W_CE,
     }  # fmt: skip
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import match_resolution, stage_maps, with_ce
+from kdtune.losses._features import W_CE, match_resolution, stage_maps, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 VID_EPS = 1e-5  # RepDistiller VIDLoss(eps=1e-5)
@@ -137,7 +137,7 @@ class VID(Method):
     needs_teacher_stages = True
     hparams = {
         "beta": HParam(1.0, "weight of the VID term (sum over stages; RepDistiller -b 1)", float, 0.0, None),
-        "w_ce": HParam(1.0, "weight of the cross-entropy with the labels", float, 0.0, None),
+        "w_ce": W_CE,
         "init_var": HParam(VID_INIT_VAR, "initial variance sigma^2 of each teacher channel (then learnt)",
                            float, 0.0, None, low_open=True),
         "eps": HParam(VID_EPS, "floor added to the softplus variance", float, 0.0, 1.0, low_open=True),
