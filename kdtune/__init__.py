@@ -8,9 +8,8 @@ result dict; ``kdtune.sweep(spec_or_path)`` runs (or resumes) a sweep and return
 imports them when called.
 """
 
-__version__ = "0.1.0"
-
 from kdtune.tune import sweep as sweep  # noqa: E402 - kdtune.tune imports nothing heavy until a sweep runs
+from kdtune.version import __version__ as __version__  # noqa: E402
 
 
 def train(cfg=None, /, **overrides):

@@ -140,8 +140,8 @@ BENCH_HELP = "images/s of kdtune's training step vs a reference-style loop"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kdtune import __version__
     from kdtune.config import TrainConfig
+    from kdtune.version import __version__
 
     p = argparse.ArgumentParser(prog="kdtune", description="Sweeps of knowledge-distillation methods.")
     p.add_argument("--version", action="version", version=f"kdtune {__version__}")

@@ -25,9 +25,16 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "off")
 TEACHER_STORE_MODES = ("auto", "on", "off")  # kdtune.engine.teacher_store
-PRESETS = ("crd",)
-# Students that the CRD recipe trains at lr 0.01 instead of 0.05.
+PRESETS = ("crd", "hsakd", "hsakd_heads")
+# Students that the CRD recipe trains at lr 0.01 instead of 0.05 (HSAKD's student script too: --init-lr 0.01).
 _CRD_LOW_LR = ("mobilenetv2", "shufflev1", "shufflev2")
+# HSAKD's recipes (winycg/HSAKD): the student's (train_student_cifar.sh: CRD's schedule, Nesterov) and the frozen
+# teacher's heads (train_teacher_freezed.sh: 100 epochs, x0.1 at 30/60/90, Nesterov). Their milestones are these
+# fractions of the epochs, so that a shorter run (epochs=30) keeps the schedule's shape.
+_HSAKD_EPOCHS = 240
+_HSAKD_MILESTONES = (150 / 240, 180 / 240, 210 / 240)
+_HSAKD_HEADS_EPOCHS = 100
+_HSAKD_HEADS_MILESTONES = (0.3, 0.6, 0.9)
 DEVICE_RE = r"auto|cpu|cuda(:\d+)?|mps"
 # The one check of each field's value (TrainConfig.validate) and what `kdtune train --help` shows of it.
 NAMED = {"data": "data set", "model": "model", "teacher_model": "model", "method": "method"}
@@ -169,7 +176,7 @@ class TrainConfig:
                 hp[k] = v
         preset = plain.get("preset")
         if preset is not None:
-            for k, v in preset_values(str(preset), str(plain.get("model", cls.model))).items():
+            for k, v in preset_values(str(preset), str(plain.get("model", cls.model)), plain.get("epochs")).items():
                 plain.setdefault(k, v)
         cfg = cls(**plain, hp=hp)
         cfg.validate(known_keys=names)
@@ -288,8 +295,42 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
-def preset_values(name: str, model: str) -> dict[str, Any]:
-    """Named recipes. ``crd``: the CIFAR-100 benchmark recipe of CRD/RepDistiller used by most KD tables."""
+def scaled_milestones(epochs: int, fractions) -> list[int]:
+    """The epochs at ``fractions`` of ``epochs`` (rounded), strictly inside (0, epochs), increasing, distinct:
+    a recipe's step schedule at another length (100 epochs, (0.3, 0.6, 0.9): 30, 60, 90; 10 epochs: 3, 6, 9)."""
+    out: list[int] = []
+    for f in fractions:
+        m = int(math.floor(f * epochs + 0.5))
+        if 0 < m < epochs and (not out or m > out[-1]):
+            out.append(m)
+    return out
+
+
+def preset_values(name: str, model: str, epochs: Any = None) -> dict[str, Any]:
+    """Named recipes. ``crd``: the CIFAR-100 benchmark recipe of CRD/RepDistiller used by most KD tables.
+    ``hsakd``: HSAKD's student recipe (CRD's, with Nesterov momentum); ``hsakd_heads``: HSAKD's frozen-teacher
+    heads (100 epochs, x0.1 at 30/60/90, Nesterov). The two HSAKD recipes place their milestones at the same
+    fractions of ``epochs`` when a run sets it (``epochs`` as the config gives it, None when it does not)."""
+    if name in ("hsakd", "hsakd_heads"):
+        heads = name == "hsakd_heads"
+        default = _HSAKD_HEADS_EPOCHS if heads else _HSAKD_EPOCHS
+        try:
+            n = int(epochs) if epochs is not None else default
+        except (TypeError, ValueError):
+            n = default  # the field's own check names the bad value
+        return {
+            "epochs": default,
+            "batch_size": 64,
+            "optimizer": "sgd",
+            "lr": 0.01 if (model in _CRD_LOW_LR and not heads) else 0.05,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 5e-4,
+            "schedule": "step",
+            "milestones": scaled_milestones(n, _HSAKD_HEADS_MILESTONES if heads else _HSAKD_MILESTONES),
+            "lr_decay": 0.1,
+            "warmup_epochs": 0.0,
+        }
     if name == "crd":
         return {
             "epochs": 240,
@@ -415,3 +456,14 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str)
+
+
+def as_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, a dict or nothing, with ``overrides`` applied."""
+    if cfg is None:
+        return TrainConfig.from_dict(overrides)
+    if isinstance(cfg, TrainConfig):
+        return cfg.replace(**overrides) if overrides else cfg
+    if isinstance(cfg, dict):
+        return TrainConfig.from_dict({**cfg, **overrides})
+    raise ConfigError(f"expected a TrainConfig or a dict, got {type(cfg).__name__}")

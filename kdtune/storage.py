@@ -1,28 +1,18 @@
 """Stage artifacts on shared storage: atomic writes, sha256 manifests, and a build-once protocol.
 
 A sweep's stages (a teacher to train, the CE-trained student that DiSK starts from) are artifacts keyed by a
-hash of what defines them. Many trials, on many nodes, may ask for the same missing one at the same moment;
-it must be built exactly once, and nobody may ever read half of it. The protocol, on a POSIX filesystem
-shared by every node (NFSv3+ or any local filesystem; object stores have no exclusive create):
+hash of what defines them, asked for by many trials on many nodes at once, on a POSIX filesystem shared by
+every node (NFSv3+ or any local filesystem; object stores have no exclusive create):
 
-- The finished artifact is the directory ``<root>/<key>/`` holding ``kdtune-manifest.json``, the sha256 and
-  size of every file in it. It appears in one ``rename`` of a fully written temporary directory, so it is
-  either absent or complete. Readers verify every checksum before use.
-- A builder first creates ``<root>/<key>.lock`` with ``O_CREAT|O_EXCL`` (atomic on NFSv3+ too); the lock
-  holds the owner's pid, host, boot id, process start time and a random token. While ``build_fn`` runs, a
-  thread touches the lock every ``heartbeat_s`` seconds.
-- Waiters poll for the finished artifact. A lock is stale when its owner ran on this machine and that
-  process is gone (pid absent, a zombie, or a new process with the pid), or when its mtime has not moved for
-  ``stale_after_s`` seconds of the waiter's own clock (no clock skew between nodes is involved; keep it above
-  the NFS attribute-cache time, ``acregmax``, 60 s by default). A stale lock is broken under a short
-  ``<key>.lock.break`` lock, after checking it still holds the same token, and the waiter then competes to
-  build.
-- A builder that lost its lock meanwhile (it was judged stale) drops its work instead of publishing it; a
-  published directory is never replaced, except a corrupt one, which is moved aside under the lock and rebuilt
-  (``on_corrupt="rebuild"``) or reported (``on_corrupt="raise"``).
+- each is built exactly once: a builder holds ``<root>/<key>.lock`` (``O_CREAT|O_EXCL``, touched every
+  ``heartbeat_s``); a stale lock (owner gone, or mtime still for ``stale_after_s``) is broken and competed
+  for;
+- nobody reads half of one: ``<root>/<key>/`` appears in one ``rename``, its ``kdtune-manifest.json`` (sha256
+  and size of every file) verified before use; a builder that lost its lock drops its work; a published
+  directory is never replaced, except a corrupt one (``on_corrupt="rebuild"``, or ``"raise"``).
 
 ``build_once(root, key, build_fn) -> Path`` is the whole API a stage cache needs; ``atomic_write`` and
-``atomic_write_bytes`` give the same all-or-nothing guarantee to single files.
+``atomic_write_bytes`` give the same all-or-nothing guarantee to single files. More: docs/storage.md.
 """
 
 from __future__ import annotations
@@ -247,6 +237,19 @@ def owner_info() -> dict[str, Any]:
     }
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is no zombie (killed, not yet reaped: dead for us)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return _proc_state(pid) != "Z"
+
+
 def owner_is_dead(info: dict[str, Any]) -> bool:
     """True when the lock's owner ran on this machine and that process no longer exists.
 
@@ -257,13 +260,7 @@ def owner_is_dead(info: dict[str, Any]) -> bool:
     pid = info.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, someone else's
-    if _proc_state(pid) == "Z":
+    if not pid_alive(pid):
         return True
     start = info.get("start")
     now_start = _proc_start(pid)
@@ -558,63 +555,3 @@ def status(root: str | os.PathLike, key: str) -> str:
     if final.with_name(key + LOCK_SUFFIX).exists():
         return "building"
     return "missing"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# is it really shared?
-
-
-def _probe_read(path: str, token: str) -> tuple[bool, str]:
-    """Run on one node: does ``path`` hold ``token`` there? (hostname, for the message)."""
-    try:
-        return Path(path).read_text() == token, socket.gethostname()
-    except OSError:
-        return False, socket.gethostname()
-
-
-def check_shared(root: str | os.PathLike, *, timeout_s: float = 120.0) -> int:
-    """Check, from a driver connected to a Ray cluster, that every live node sees ``root`` as this one does.
-
-    Writes a probe file under ``root`` and reads it back in a zero-CPU task pinned to each alive node. Ray no
-    longer syncs experiment folders to the head, so a storage path that is not shared (a local disk, a
-    relative path) would scatter checkpoints and stages across nodes: this refuses it up front with a
-    :class:`ConfigError`. Returns the number of nodes checked. Object-store URIs (``s3://``) are not probed.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(root)):
-        return 0
-    root = Path(root).expanduser().absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex
-    probe = root / f".kdtune-probe-{token[:12]}"
-    atomic_write_text(probe, token)
-    try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        remote = ray.remote(num_cpus=0, max_retries=0)(_probe_read)
-        refs = {
-            remote.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(str(probe), token): n
-            for n in nodes
-        }
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            n = refs[pending[0]]
-            raise ConfigError(
-                f"node {n.get('NodeManagerAddress')} did not answer the shared-storage check of {root} in "
-                f"{timeout_s:.0f} s; check that the node is healthy (ray status)"
-            )
-        for ref in ready:
-            ok, host = ray.get(ref)
-            if not ok:
-                raise ConfigError(
-                    f"storage {root} is not shared: node {refs[ref].get('NodeManagerAddress')} ({host}) "
-                    "cannot read a file the driver wrote there; mount the same NFS path on every node (or "
-                    "use an object store for storage)"
-                )
-        return len(nodes)
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()

@@ -85,13 +85,13 @@ def connect(address: str | None) -> None:
     """Join the running cluster (never start a local one) with the sweep driver's settings."""
     import ray
 
-    from kdtune.tune.runner import _DRIVER_ENV, _WORKER_ENV
+    from kdtune.tune.rayrt import DRIVER_ENV, WORKER_ENV
 
-    for k, v in _DRIVER_ENV.items():
+    for k, v in DRIVER_ENV.items():
         os.environ.setdefault(k, v)
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env={"env_vars": dict(_WORKER_ENV)})  # fmt: skip
+             runtime_env={"env_vars": dict(WORKER_ENV)})  # fmt: skip
     for name in ("ray", "ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         connect(args.address)
         print(f"sweep.py: connected to the Ray cluster ({describe_cluster()})", flush=True)
         if root and not args.no_storage_check:
-            from kdtune.storage import check_shared
+            from kdtune.tune.rayrt import check_shared
 
             n = check_shared(root)
             if n:

@@ -38,7 +38,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EVENTS = "events.jsonl"  # kdtune.tune.trainable.EVENTS_FILE
+EVENTS = "events.jsonl"  # kdtune.tune.record.EVENTS_FILE
 
 pytestmark = [
     pytest.mark.cluster,

@@ -128,14 +128,16 @@ def test_searcher_asks_k_members_per_bundle_and_tells_each_its_outcome(tmp_path)
     pytest.importorskip("ray")
     from ray.tune.search import Searcher
 
-    from kdtune.tune.fused import MEMBERS_KEY, member_row
+    from kdtune.tune.protocol import MEMBERS_KEY, report_rows
     from kdtune.tune.search import GROUP_KEY, GroupedOptunaSearch, GroupSearch
 
     s = GroupedOptunaSearch([GroupSearch("g", _Space(), 5, starts=[{"x": 0.5}], fuse=2)], "val_acc", "max",
                             epochs=3, seed=0)  # fmt: skip
     cfgs = [s.suggest(f"t{i}") for i in range(3)]
     assert s.suggest("t3") == Searcher.FINISHED  # 5 members: bundles of 2, 2 and 1
-    assert [len(c[MEMBERS_KEY]) for c in cfgs] == [2, 2, 1] and all(c[GROUP_KEY] == "g" for c in cfgs)
+    # a unit of one member carries its config flat (its member id is the unit's own): kdtune.tune.protocol
+    assert [len(c[MEMBERS_KEY]) if MEMBERS_KEY in c else 1 for c in cfgs] == [2, 2, 1]
+    assert all(c[GROUP_KEY] == "g" for c in cfgs) and "x" in cfgs[2]
     m0 = cfgs[0][MEMBERS_KEY]
     assert [m["id"] for m in m0] == ["t0-m0", "t0-m1"] and m0[0]["config"] == {"x": 0.5, "const": 1}
     assert len(s.studies["g"].trials) == 5  # one Optuna trial per member
@@ -143,7 +145,7 @@ def test_searcher_asks_k_members_per_bundle_and_tells_each_its_outcome(tmp_path)
     def res(**members):
         out = {"val_acc": 0.0}
         for mid, r in members.items():
-            out.update(member_row(mid.replace("_", "-"), r))
+            out.update(report_rows({mid.replace("_", "-"): r}))
         return out
 
     # bundle t0: m1 pruned after epoch 1 (told at once), m0 completes
@@ -160,14 +162,14 @@ def test_searcher_asks_k_members_per_bundle_and_tells_each_its_outcome(tmp_path)
     # bundle t1 errors: its members FAIL; t2's member diverged: FAIL
     s.on_trial_result("t1", res(t1_m0={"epoch": 1, "val_acc": 30.0, "outcome": "running"}))
     s.on_trial_complete("t1", None, error=True)
-    s.on_trial_complete("t2", res(t2_m0={"epoch": 2, "outcome": "diverged"}))
+    s.on_trial_complete("t2", res(t2={"epoch": 2, "outcome": "diverged"}))
     by = {t.number: t for t in s.studies["g"].trials}
     done, pruned = by[m0[0]["number"]], by[m0[1]["number"]]
     assert done.state.name == "COMPLETE" and done.value == 53.0
     assert done.intermediate_values == {1: 50.0, 2: 52.0, 3: 53.0}
     assert pruned.intermediate_values == {1: 20.0}
     assert s.outcome_counts()["g"] == {"COMPLETE": 1, "PRUNED": 1, "FAIL": 3}
-    assert not s.live and not s.bundles
+    assert not s.live and not s.units
 
 
 # ---------------------------------------------------------------------------------------------- a real sweep
@@ -278,7 +280,7 @@ def test_fused_sweep_members_are_trials(fused_sweep):
 
 def test_pruned_members_stop_and_cost_no_more_epochs(fused_sweep):
     exp, _ = fused_sweep
-    from kdtune.tune.trainable import read_events
+    from kdtune.tune.record import read_events
 
     rows = json.loads((exp / "state.json").read_text())["groups"]["resnet8-kd"]["all"]
     first, second = sorted({t["bundle"] for t in rows}, key=lambda b: min(int(t["config"]["lr"] < 0.01)

@@ -1,6 +1,6 @@
 """Orphan runs are not trials: a driver killed after a trial opened its MLflow run but before Tune's snapshot
 named the trial leaves a run that belongs to no trial (the resumed Tune run asks the searcher anew). The
-resumed driver closes it as an orphan (:func:`kdtune.tune.runner.close_open_runs`); from then on the report,
+resumed driver closes it as an orphan (:func:`kdtune.tune.repairs.close_open_runs`); from then on the report,
 the saved views of MLflow's runs table and every other count of trials leave it out.
 
 Built without a real kill: N trial runs Tune knows, plus runs of trials it does not know (one left RUNNING
@@ -50,7 +50,8 @@ def _result(tid: str, tmp_path: Path) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    from kdtune.tune.runner import close_open_runs
+    from kdtune.tune.protocol import expand_members
+    from kdtune.tune.repairs import close_open_runs
 
     exp_dir = tmp_path_factory.mktemp("runs") / EXP
     uri = default_tracking_uri(exp_dir)
@@ -64,7 +65,7 @@ def swept(tmp_path_factory):
     # trial finished between the driver's last snapshot and the kill (its process ended its run itself).
     left_running = _trial_run(uri, parent, "gone_00007", 99.0, None)
     finished = _trial_run(uri, parent, "gone_00008", 98.0, "FINISHED")
-    closed = close_open_runs(uri, EXP, [_result(t, exp_dir) for t in known], EPOCHS, groups=[GROUP],
+    closed = close_open_runs(uri, EXP, expand_members([_result(t, exp_dir) for t in known], EPOCHS), EPOCHS, groups=[GROUP],
                              experiment_dir=exp_dir)  # fmt: skip
     st.end_parent("FINISHED")
     return SimpleNamespace(dir=exp_dir, uri=uri, st=st, left_running=left_running, finished=finished,

@@ -16,7 +16,7 @@ pytest.importorskip("mlflow")
 
 from kdtune.tracking import TAG_FAILURE, SweepTracker, TrialTracker, default_tracking_uri  # noqa: E402
 from kdtune.tracking.client import get_client  # noqa: E402
-from kdtune.tune.trainable import trial_gone, wait_trials_gone  # noqa: E402
+from kdtune.tune.record import trial_gone, wait_trials_gone  # noqa: E402
 
 _RACER = textwrap.dedent(
     """
@@ -97,8 +97,9 @@ def test_driver_does_not_close_a_run_its_trial_still_holds(tmp_path):
     reason) once the process has let go."""
     from types import SimpleNamespace
 
-    from kdtune.tune import runner
-    from kdtune.tune.trainable import trial_folder
+    from kdtune.tune import repairs
+    from kdtune.tune.protocol import expand_members
+    from kdtune.tune.record import trial_folder
 
     uri = default_tracking_uri(tmp_path / "exp")
     st = SweepTracker(uri, "own")
@@ -106,18 +107,18 @@ def test_driver_does_not_close_a_run_its_trial_still_holds(tmp_path):
     tt = TrialTracker(uri, "own", parent, trial_id="abc_00001")
     folder = trial_folder(tmp_path / "exp", "abc_00001")
     _events(folder, {"event": "open", "pid": os.getpid(), "host": socket.gethostname()})
-    result = SimpleNamespace(metrics={"trial_id": "abc_00001", "epoch": 2}, path=str(folder), error=None)
-    import kdtune.tune.trainable as trainable
-
-    orig = trainable.wait_trials_gone
-    trainable.wait_trials_gone = lambda folders, timeout_s=60.0: orig(folders, timeout_s=0.3)
+    result = SimpleNamespace(metrics={"trial_id": "abc_00001", "epoch": 2, "val_acc": 40.0}, config={},
+                             path=str(folder), error=None)  # fmt: skip
+    members = expand_members([result], 6)
+    orig = repairs.wait_trials_gone
+    repairs.wait_trials_gone = lambda folders, timeout_s=60.0: orig(folders, timeout_s=0.3)
     try:
-        assert runner.close_open_runs(uri, "own", [result], 6, experiment_dir=tmp_path / "exp") == 0
+        assert repairs.close_open_runs(uri, "own", members, 6, experiment_dir=tmp_path / "exp") == 0
         assert get_client(uri).get_run(tt.run_id).info.status == "RUNNING"
         _events(folder, {"event": "closed", "pid": os.getpid(), "host": socket.gethostname()})
-        assert runner.close_open_runs(uri, "own", [result], 6, experiment_dir=tmp_path / "exp") == 1
+        assert repairs.close_open_runs(uri, "own", members, 6, experiment_dir=tmp_path / "exp") == 1
     finally:
-        trainable.wait_trials_gone = orig
+        repairs.wait_trials_gone = orig
     run = get_client(uri).get_run(tt.run_id)
     assert run.info.status == "FINISHED" and "epoch 2/6" in run.data.tags["kdtune.stop_reason"]
     assert run.data.tags["kdtune.outcome"] == "pruned" and run.data.tags["kdtune.stopped_epoch"] == "2"
@@ -130,7 +131,7 @@ def test_a_driver_that_waited_for_the_lock_does_not_rerun_a_sweep_finished_meanw
     sweep again. The state is read again under the lock."""
     import kdtune.preflight
     from kdtune.spec import load_spec
-    from kdtune.tune import runner
+    from kdtune.tune import rayrt, runner
     from kdtune.tune.experiment import Experiment
     from kdtune.tune.plan import space_sources
 
@@ -149,7 +150,7 @@ def test_a_driver_that_waited_for_the_lock_does_not_rerun_a_sweep_finished_meanw
         raise AssertionError("a finished sweep was run again")
 
     monkeypatch.setattr(kdtune.preflight, "preflight", other_driver_finishes)
-    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    monkeypatch.setattr(rayrt, "init_ray", no_ray)
     lines = []
     result = runner.sweep(spec, log=lines.append)
     assert result.status == "finished" and result.groups == [finished["groups"]["resnet8-ce"]]
@@ -162,13 +163,13 @@ def test_an_epoch_saved_but_not_logged_before_a_kill_is_recorded_once(tmp_path):
     """A trial process killed after it saved epoch 4's state but before it wrote epoch 4's event trained that
     epoch once (the state the trial goes on from holds it): the restored trial writes the missing event,
     marked recovered, and nothing twice."""
-    from kdtune.tune.trainable import _event, _recover_epoch_events, read_events
+    from kdtune.tune.record import read_events, recover_epoch_events, write_event
 
     for ep in (1, 2, 3):
-        _event(tmp_path, event="epoch", epoch=ep, trial_id="t")
+        write_event(tmp_path, event="epoch", epoch=ep, trial_id="t")
     history = [{"epoch": ep, "val_acc": 50.0 + ep} for ep in (1, 2, 3, 4)]
-    _recover_epoch_events(tmp_path, history, "t")
-    _recover_epoch_events(tmp_path, history, "t")  # a second restore adds nothing
+    recover_epoch_events(tmp_path, history, "t")
+    recover_epoch_events(tmp_path, history, "t")  # a second restore adds nothing
     epochs = [e for e in read_events(tmp_path) if e["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
     assert epochs[-1].get("recovered") is True and not any(e.get("recovered") for e in epochs[:3])

@@ -307,14 +307,14 @@ def hp_sweep(tmp_path_factory):
     from kdtune.spec import load_spec
     from kdtune.tracking.views import sweep_views
     from kdtune.tune.plan import plan
-    from kdtune.tune.runner import chosen_hparams
 
     storage = tmp_path_factory.mktemp("hp") / "runs"
     spec = load_spec({"name": HPS, "data": "digits", "teacher": {"model": "resnet8x4"}, "students": ["resnet8"],
                       "methods": {"kd": {}, "disk": {"space": {"budget_relax": "ce", "alpha": 0.1}}},
                       "budget": {"trials": 2, "epochs": 3}, "storage": str(storage)})  # fmt: skip
-    groups = {g.method: g for g in plan(spec).groups}
-    chosen = [(g.name, chosen_hparams(spec, g)) for g in groups.values()]
+    the_plan = plan(spec)
+    groups = {g.method: g for g in the_plan.groups}
+    chosen = [(g.name, the_plan.chosen_hparams(g)) for g in groups.values()]
     uri = default_tracking_uri(storage / HPS)
     st = SweepTracker(uri, HPS)
     parent = st.start_parent(spec.to_dict(), {}, {})

@@ -31,7 +31,7 @@ EPOCHS = 12
 
 def _events(exp: Path) -> dict[str, list[dict]]:
     """trial id -> its events (start, epoch, done...) from the trials' own folders."""
-    from kdtune.tune.trainable import read_events
+    from kdtune.tune.record import read_events
 
     return {d.name: read_events(d) for d in (exp / "trials").glob("*") if d.is_dir()}
 

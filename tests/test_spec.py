@@ -292,3 +292,32 @@ def test_space_values_are_taken_as_written_never_rounded(tmp_path, space, needle
     is no True): a trial runs no value the user did not write."""
     with pytest.raises(ConfigError, match=needle):
         load_spec(spec_with(tmp_path, methods={"kd": {"space": space}}))
+
+
+def test_the_resolved_spec_is_frozen_pickles_and_keeps_its_declared_bounds(tmp_path):
+    """The objects kdtune reads are the declaration's frozen pydantic dataclasses: Ray ships them pickled, nothing
+    may change them, and one built by hand is held to the same bounds as one loaded."""
+    import dataclasses
+    import pickle
+
+    from kdtune.spec import Budget
+
+    spec = load_spec(spec_with(tmp_path, methods={"kd": {"space": {"T": {"low": 1, "high": 8}}}}))
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.budget.trials = 3  # type: ignore[misc]
+    assert dataclasses.replace(spec.budget, trials=5).trials == 5
+    with pytest.raises(ValueError):  # pydantic's ValidationError
+        dataclasses.replace(spec.budget, trials=0)
+    assert Budget().trials == 8 and not hasattr(spec.method("kd").space["T"], "contains")
+
+
+def test_null_is_the_declared_default_where_a_field_may_be_null(tmp_path):
+    from kdtune.spec import default_grace_period
+
+    spec = load_spec(spec_with(tmp_path, mode=None, scheduler={"grace_period": None}, metric="val_loss",
+                               methods={"kd": {"trials": None}}, storage=None))  # fmt: skip
+    assert spec.mode == "min" and spec.scheduler.grace_period == default_grace_period(3) == 1
+    assert spec.method("kd").trials is None and spec.storage.endswith("runs/sweeps")
+    with pytest.raises(ConfigError, match=r"^budget\.trials=None must be an integer$"):
+        load_spec(spec_with(tmp_path, **{"budget.trials": None}))  # no null where the field has a value

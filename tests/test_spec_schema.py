@@ -155,3 +155,114 @@ def test_scalar_fields_are_checked_by_the_pydantic_model_in_one_line(bad, line):
     with pytest.raises(ConfigError) as e:
         spec_mod.load_spec(raw)
     assert str(e.value) == line
+
+
+# ---------------------------------------------------------------------------------------------- one declaration
+# kdtune.spec_model declares each field of the spec once (default, bounds, description); the loader and the
+# JSON Schema read it from there. These fail as soon as a default or a bound is written a second time.
+
+# What a loaded spec holds that is no declared default: required fields, the teacher given below, a storage made
+# absolute, the metric's mode, the scheduler's grace period computed from the epochs, and the file read.
+NOT_DEFAULTS = {"name", "students", "methods", "teacher", "storage", "mode", "scheduler", "source",
+                "scheduler.grace_period"}  # fmt: skip
+
+
+@pytest.mark.parametrize("sections", ["absent", "empty"])
+def test_left_out_fields_get_their_one_declared_default(schema, sections):
+    """A spec that sets nothing optional (no sections, or empty ones) loads to the declared defaults, and the
+    schema shows those defaults."""
+    from kdtune.spec_model import fields_of
+
+    raw = {"name": "s", "students": ["resnet8"], "methods": {"ce": None, "kd": {}}, "teacher": {"model": "resnet8x4"}}
+    if sections == "empty":
+        raw.update({k: {} for k in ("budget", "scheduler", "tracking", "failures", "train", "ce_student")})
+    spec = spec_mod.load_spec(raw)
+    defs = schema["$defs"]
+    parts = [
+        ("", spec_mod.SweepSpec, spec, schema["properties"]),
+        ("budget.", spec_mod.Budget, spec.budget, defs["Budget"]["properties"]),
+        ("scheduler.", spec_mod.SchedulerSpec, spec.scheduler, defs["Scheduler"]["properties"]),
+        ("tracking.", spec_mod.TrackingSpec, spec.tracking, defs["Tracking"]["properties"]),
+        ("failures.", spec_mod.FailureSpec, spec.failures, defs["Failures"]["properties"]),
+        ("teacher.", spec_mod.TeacherSpec, spec.teacher, defs["Teacher"]["properties"]),
+        ("methods.kd.", spec_mod.MethodSpec, spec.method("kd"), defs["MethodOptions"]["properties"]),
+    ]
+    checked = shown = 0
+    for prefix, cls, obj, props in parts:
+        for key, info in fields_of(cls).items():
+            if info.is_required() or f"{prefix}{key}" in NOT_DEFAULTS or (prefix and key == "model"):
+                continue
+            declared = info.get_default(call_default_factory=True)
+            assert getattr(obj, key) == declared, (
+                f"{prefix}{key}: load_spec filled in {getattr(obj, key)!r}, the declaration says {declared!r}"
+            )
+            checked += 1
+            if "default" in props.get(key, {}) and not dataclasses.is_dataclass(declared):  # what an editor shows
+                assert props[key]["default"] == declared, f"{prefix}{key}: the schema shows another default"
+                shown += 1
+    assert checked >= 25 and shown >= 20
+    trials = defs["Budget"]["properties"]["trials"]
+    assert (trials["default"], trials["minimum"], trials["maximum"]) == (8, 1, spec_mod.MAX_TRIALS)
+    assert spec.scheduler.grace_period == spec_mod.default_grace_period(spec.budget.epochs)
+    assert spec.storage == str(Path(spec_mod.default_of(spec_mod.SweepSpec, "storage")).absolute())
+
+
+def _declared_numbers() -> set:
+    """Every numeric default and bound the spec's fields declare, but 0 and 1 (indices and counts)."""
+    from kdtune.spec_model import SECTIONS, fields_of
+    from kdtune.spec_schema import bounds
+
+    out = set()
+    for cls in (*SECTIONS.values(), spec_mod.Override):
+        for info in fields_of(cls).values():
+            for v in (info.get_default(call_default_factory=True), *bounds(info).values()):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.add(v)
+    return out - {0, 1}
+
+
+def _restated_defaults(source: str) -> list[str]:
+    """Where ``source`` restates a default or bound: ``raw.get("<field>", <literal>)`` (the declared default
+    written again) and numeric literals equal to a declared default or bound (``8``, ``30``, ``0.1``, ``64``...)."""
+    import ast
+
+    from kdtune.spec_model import SECTIONS, fields_of
+
+    names = {k for cls in (*SECTIONS.values(), spec_mod.Override) for k in fields_of(cls)}
+    numbers = _declared_numbers()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("get", "setdefault", "pop") and len(node.args) == 2
+                and all(isinstance(a, ast.Constant) for a in node.args) and node.args[0].value in names
+                and node.args[1].value is not None):  # fmt: skip
+            found.append((node.lineno, f".{node.func.attr}({node.args[0].value!r}, {node.args[1].value!r})"))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value in numbers:
+            found.append((node.lineno, repr(node.value)))
+    return [f"line {n}: {what}" for n, what in sorted(found)]
+
+
+def test_no_default_or_bound_is_written_outside_the_declaration():
+    # the check finds what the hand-written parser held before (each default a third time)
+    old = 'trials = _int(raw, "trials", 8)\nname = raw.get("name", "asha")\nif not 1 <= v <= 64: pass\n'
+    assert _restated_defaults(old) == ["line 1: 8", "line 2: .get('name', 'asha')", "line 3: 64"]
+    assert {8, 30, 0.1, 2.0, spec_mod.MAX_TRIALS, spec_mod.MAX_EPOCHS, spec_mod.MAX_FUSE} <= _declared_numbers()
+    root = Path(spec_mod.__file__).parent
+    for module in ("spec.py", "spec_schema.py"):  # the loader and the checks; spec_model.py is the declaration
+        assert _restated_defaults((root / module).read_text()) == [], module
+
+
+def test_the_declaration_the_schema_and_the_loader_import_in_one_direction():
+    """kdtune.spec (the loader) -> kdtune.spec_schema (JSON Schema, checks) -> kdtune.spec_model (declaration)."""
+    import ast
+
+    root = Path(spec_mod.__file__).parent
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((root / module).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}  # fmt: skip
+
+    assert not {"kdtune.spec", "kdtune.spec_schema"} & imports("spec_model.py")
+    assert "kdtune.spec" not in imports("spec_schema.py")
+    assert {"kdtune.spec_model", "kdtune.spec_schema"} <= imports("spec.py")

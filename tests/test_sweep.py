@@ -26,9 +26,9 @@ from kdtune.spec import load_spec  # noqa: E402
 def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # trials of seconds: sample often
-    from kdtune.tune.runner import _init_ray
+    from kdtune.tune.rayrt import init_ray
 
-    started = _init_ray()
+    started = init_ray()
     yield
     if started:
         ray.shutdown()
@@ -48,14 +48,24 @@ def make_spec(tmp_path, **over) -> dict:
     return d
 
 
-@pytest.fixture(scope="module")
-def main_sweep(tmp_path_factory):
+BUDGET = {"trials": 3, "epochs": 2, "concurrency": 2, "cpus_per_trial": 1}
+
+
+@pytest.fixture(scope="module", params=[1, "auto"], ids=["lone", "fused"])
+def main_sweep(tmp_path_factory, request):
+    """The same sweep run with units of one trial and with ``fuse: auto`` (on the CPU KD's trials fused in units
+    of up to 4; DiSK, which cannot fuse, alone): one set of assertions checks both paths of the one trainable."""
     import kdtune
 
-    tmp = tmp_path_factory.mktemp("sweep")
+    tmp = tmp_path_factory.mktemp(f"sweep-fuse{request.param}")
     lines: list[str] = []
-    result = kdtune.sweep(make_spec(tmp), log=lines.append)  # the top-level Python API
+    result = kdtune.sweep(make_spec(tmp, budget={**BUDGET, "fuse": request.param}), log=lines.append)  # the API
     return tmp, result, lines
+
+
+def result_budget(tmp) -> dict:
+    """The budget the fixture's sweep ran with (its fuse), read back from the experiment's saved spec."""
+    return {**BUDGET, "fuse": yaml.safe_load((tmp / "runs" / "mini" / "spec.yaml").read_text())["budget"]["fuse"]}
 
 
 def test_sweep_results_and_stages(main_sweep):
@@ -94,7 +104,7 @@ def test_sweep_results_and_stages(main_sweep):
     # a later sweep with the same stage definition reuses it
     from kdtune.tune.stages import ensure_stage
 
-    spec = load_spec(make_spec(tmp))
+    spec = load_spec(make_spec(tmp, budget=result_budget(tmp)))
     again = ensure_stage("teacher", spec.teacher_stage_config(), spec.stages_dir, log=lines.append)
     assert again.cached and str(again.dir) == result.stages["teacher"]["dir"]
     # the experiment folder
@@ -197,10 +207,10 @@ def test_second_call_reports_a_finished_sweep_and_a_changed_spec_is_refused(main
 
     tmp, result, _ = main_sweep
     lines: list[str] = []
-    again = sweep(make_spec(tmp), log=lines.append)
+    again = sweep(make_spec(tmp, budget=result_budget(tmp)), log=lines.append)
     assert "already finished" in lines[0]
     assert [g["best"]["trial_id"] for g in again.groups] == [g["best"]["trial_id"] for g in result.groups]
-    changed = make_spec(tmp, budget={"trials": 4, "epochs": 2, "concurrency": 2, "cpus_per_trial": 1})
+    changed = make_spec(tmp, budget={**result_budget(tmp), "trials": 4})
     with pytest.raises(ConfigError, match=r"budget\.trials"):
         sweep(changed)
 
@@ -223,8 +233,9 @@ def test_a_running_sweep_holds_the_lock(tmp_path):
 
 
 def test_diverging_trial_fails_alone(tmp_path):
-    """Two trials of one group, one with a learning rate that makes the loss NaN: it fails with the reason in
-    its MLflow run, its retry fails at once, the other trial and the sweep go on."""
+    """Two trials of one group, one with a learning rate that makes the loss NaN: it ends diverged, with the
+    reason in its MLflow run and its done.json (so no retry trains it again), the other trial and the sweep go
+    on."""
     from mlflow import MlflowClient
 
     from kdtune.tune import sweep
@@ -243,12 +254,14 @@ def test_diverging_trial_fails_alone(tmp_path):
     assert ls["errored"] == 1 and "DivergedError" in err and "loss became nan" in err, err
     assert by_lr[0.05]["error"] is None and ls["best"]["config"]["lr"] == 0.05
     exp = tmp_path / "runs" / "nan"
-    assert len(list((exp / "diverged").glob("*.txt"))) == 1
+    assert by_lr[1.0e5]["outcome"] == "diverged"
+    done = json.loads((exp / "trials" / by_lr[1.0e5]["trial_id"] / "done.json").read_text())
+    assert done["outcome"] == "diverged" and "loss became nan" in done["error"]
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
     eid = client.get_experiment_by_name("nan").experiment_id
     runs = [r for r in client.search_runs([eid]) if r.data.tags.get("kdtune.role") == "trial"]
     search = [r for r in runs if r.data.params.get("phase") == "search"]
-    assert len(search) == 2  # the retry of the diverged trial found its run again
+    assert len(search) == 2  # one run per trial
     failed = [r for r in search if r.info.status == "FAILED"]
     assert len(failed) == 1 and "diverged" in failed[0].data.tags["kdtune.failure_reason"]
     assert "loss became nan" in failed[0].data.tags["kdtune.failure_reason"]
@@ -287,7 +300,7 @@ def test_cli_validate_and_yaml_roundtrip(tmp_path, capsys):
 def test_schedulers():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
-    from kdtune.tune.runner import make_scheduler
+    from kdtune.tune.search import make_scheduler
 
     def spec(s):
         return load_spec({"name": "s", "data": "digits", "students": ["resnet8"], "methods": ["ce"],
@@ -323,8 +336,8 @@ def test_groups_share_one_experiment_each_gets_its_budget_and_pruned_is_pruned(t
     import optuna
     from mlflow import MlflowClient
 
+    from kdtune.tune.record import read_events
     from kdtune.tune.runner import sweep
-    from kdtune.tune.trainable import read_events
 
     raw = make_spec(tmp_path, name="three", methods={"ce": {}, "kd": {"trials": 3}, "dkd": {"trials": 5}},
                     budget={"trials": 3, "epochs": 4, "concurrency": 2, "cpus_per_trial": 1},
@@ -471,7 +484,7 @@ def test_ray_failing_to_start_waits_for_the_tracking_store(tmp_path, capsys, mon
 
     from kdtune.errors import KdtuneError
     from kdtune.tracking import SweepTracker
-    from kdtune.tune import runner
+    from kdtune.tune import rayrt
 
     finished: list[bool] = []
     real_init = SweepTracker.__init__
@@ -485,7 +498,7 @@ def test_ray_failing_to_start_waits_for_the_tracking_store(tmp_path, capsys, mon
         raise KdtuneError("Ray could not start (test); free its ports and run the command again")
 
     monkeypatch.setattr(SweepTracker, "__init__", slow_open)
-    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    monkeypatch.setattr(rayrt, "init_ray", no_ray)
     assert _sweep_one_ce_trial(tmp_path, "noray") != 0
     assert finished == [True], "the sweep ended before the tracking store was open"
     err = capsys.readouterr().err

@@ -359,7 +359,7 @@ def test_system_metrics_are_logged_on_the_trial_run(sweep, monkeypatch):
 
 
 class _Trainer:
-    """What TrialTracker.log_student reads of the engine's Trainer."""
+    """What TrialTracker.log_student is given: a student and its data."""
 
     def __init__(self, torch):
         from types import SimpleNamespace
@@ -375,7 +375,8 @@ def test_student_named_after_its_trial_with_a_signature_registered_with_descript
     tt.log_params({"method": "dkd", "student": "resnet8", "teacher": "resnet8x4", "data": "digits",
                    "dkd.beta": 8.0})  # fmt: skip
     tt.log_metrics({"val_acc": 91.25}, step=2)
-    uri_model = tt.log_student(_Trainer(torch), step=2)
+    t = _Trainer(torch)
+    uri_model = tt.log_student(t.student, t.data, step=2)
     tt.end("FINISHED")
     (model,) = st.client.search_logged_models([st.experiment_id], filter_string=f"source_run_id = '{tt.run_id}'")
     assert model.name == "resnet8-dkd_stu_00007" and uri_model.endswith(model.model_id)
@@ -394,7 +395,8 @@ def test_student_named_after_its_trial_with_a_signature_registered_with_descript
     assert "beta=8.0" in mv.description and "val_acc 91.25" in mv.description
     ce = TrialTracker(uri, EXP, parent, trial_id="stu_00008", trial_name="resnet8-ce_stu_00008")
     ce.log_params({"method": "ce", "student": "resnet8", "teacher": "resnet8x4", "data": "digits"})
-    ce.log_student(_Trainer(torch))
+    t = _Trainer(torch)
+    ce.log_student(t.student, t.data)
     ce.end("FINISHED")
     v2 = st.register_best(ce.run_id, name="sweep-a-described")
     assert "ce resnet8 student (no teacher) on digits" in st.client.get_model_version("sweep-a-described", v2).description

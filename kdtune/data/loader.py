@@ -123,10 +123,6 @@ class DeviceLoader:
         """Bytes this loader keeps on its device: the uint8 images and the labels."""
         return self.x.nbytes + self.y.nbytes
 
-    @property
-    def num_examples(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else self.n
-
     def epoch(self, e: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """Epoch ``e``'s batches ``(x, y)``, or ``(x, y, index)`` with each sample's index into the split."""
         if self.train:

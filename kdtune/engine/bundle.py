@@ -1,68 +1,18 @@
 """A fused bundle: K runs of one group (same student architecture, method, teacher, data and batches) trained
 as one stacked model, each member with its own hyperparameters and init seed.
 
-What a bundle shares and what it keeps per member:
-
-- **shared**: the data set, the loaders, the batches and their augmented views (one data seed: every member
-  sees the very same batches, which are common random numbers, so the comparison of the members' hyperparameters
-  is fairer than across independent runs), the teacher and its forward pass, run **once per batch** for the
-  whole bundle, the number of epochs and everything else of the config but the fusable fields;
-- **per member** (:data:`FUSABLE_FIELDS`): ``seed`` (the student's init), ``hp`` (the method's T, alpha,
-  beta, gamma, loss weights ...), ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, the schedule
-  (``schedule``, ``milestones``, ``lr_decay``, ``warmup_epochs``) and the run directory (``out``,
-  ``overwrite``, ``resume``); each member keeps its own parameters, BatchNorm statistics, optimiser state,
-  method instance (a member's Method object is the one a lone run uses: the loss formulas are not rewritten),
-  history and best epoch.
-
-The student is stacked with ``torch.func.stack_module_state``: per-member parameters and BatchNorm statistics
-live in ``(K, ...)`` tensors, and one backward serves all K members. Four ways to run it (``mode``), and ``"auto"`` (the default,
-:data:`DEFAULT_MODE`), which keeps the fastest of the exact ones when the bundle is built:
-
-- ``"grouped"``: HFTA's fusion. :func:`widen` builds the student once more as
-  one wide module: each ``Conv2d`` with K times the channels in K times the groups, each ``BatchNorm2d`` over
-  K times the channels (member i's statistics are channels ``i*C .. i*C+C-1``: per member, as lone models keep
-  them), each ``Linear`` one ``bmm`` (:class:`GroupedLinear`). The stacked tensors are passed to it as views
-  (gradients and BatchNorm's in-place updates land in the stacks), the batch is repeated once per member
-  along the channels, in channels-last layout. One kernel per layer for K members instead of K. A model with
-  another kind of parametrised module, or a dropout, or whose grouped forward disagrees with the lone one on a
-  probe batch (a forward that mixes channels would mix members), runs as ``"loop"``, said in one log line.
-  Its kernels sum in another order than the lone ones: not exact (below).
-- ``"loop"``: each member's slice (``unbind`` views of the stacked tensors) runs through ``functional_call``
-  with the lone model's kernels, the K outputs are stacked, and the summed loss is back-propagated once
-  (``unbind``'s backward stacks the K gradients in one op). Bit for bit equal to lone runs.
-- ``"loop_cl"``: the loop with the batch in channels-last layout, as grouped runs its wide module (on a GPU
-  the lone run is channels-last already and loop_cl is loop). mkldnn's channels-last kernels are faster for
-  large layers on the CPU (resnet8x4 on 32x32, K = 8: 2.53 s against 2.96 s per student step); on some CPUs
-  they round like the NCHW ones (exact), on others not: the probe says which.
-- ``"vmap"``: ``vmap(functional_call)`` over the stacked tensors, one batched call for all K; BatchNorm's
-  stacked buffers are updated in place under vmap. Its batched convolutions are grouped ones: not exact.
+Shared: the data, the batches and their augmented views (one data seed), the teacher's forward pass (once per
+batch) and the config but :data:`FUSABLE_FIELDS`; per member: those fields (seed, hp, lr, optimiser, schedule,
+run directory), its parameters, BatchNorm statistics, optimiser state, Method instance (the lone run's),
+history and best epoch. Modes (``mode``): ``"grouped"`` (:func:`widen`), ``"loop"``, ``"loop_cl"``,
+``"vmap"``; ``"auto"`` (:data:`DEFAULT_MODE`) keeps the fastest exact one of :data:`AUTO_CANDIDATES`.
 
 **Exactness.** A member must end with the weights of the same config trained alone by
-:class:`~kdtune.engine.trainer.Trainer` on the same data seed. Nothing short of bit for bit holds that over
-epochs: training amplifies one rounding difference into a different model (a ReLU input within 1e-7 of zero
-changes sign, and that step's gradient differs by 6e-3; grouped and vmap end 1e-2 to 0.9 away after 1 to 10
-epochs of digits, a lone run with mkldnn's kernels switched off 8e-2 after 3: docs/exactness.md). So
-:meth:`Bundle.probe_exact` trains copies of the stacks two steps, with an evaluation between, in a mode and
-in ``loop``, and calls the mode exact only where every output, gradient and statistic is equal to the bit.
-``"auto"`` (the default, what sweeps use) times only exact candidates (:data:`AUTO_CANDIDATES`; ``loop``
-always is) and keeps the fastest; a mode asked for by name runs when inexact, saying so in one log
-line, with ``bundle_exact: false`` in its members' results, only with ``allow_inexact=True`` (``kdtune bench
---fuse-mode`` times them so); without it, it is refused in one line.
-``tests/test_bundle.py`` holds every fusable method's exact modes within 1e-4 relative of the lone run over
-3 epochs of 5 batches; ``kdtune bench --exactness`` prints the table per mode.
-
-Optimisers (:class:`StackedOptimizer`): SGD (momentum, Nesterov, weight decay; dampening 0) and AdamW
-(betas 0.9/0.999, eps 1e-8) with torch.optim's single-tensor arithmetic applied to each member's slices, with
-per-member lr, momentum, Nesterov flag and weight decay; the step and cosine schedules
-(:func:`~kdtune.engine.schedule.lr_factor`) are evaluated per member. Members must share the optimiser kind.
-
-For methods with trainable modules (IPWD's extra head) a member reads the teacher (and init) checkpoint again
-after creating its student, so the global RNG that initialises the module is where a lone run has it.
-
-Per-member state is kept in the lone Trainer's format (:meth:`Bundle.member_state`): a member's state.pt
-resumes in a lone run, and a lone run's state.pt in a bundle. :meth:`Bundle.drop` removes a member (e.g. one
-an early-stopping scheduler pruned) and repacks the stacks. Methods that cannot be fused say why in
-``Method.unfusable`` (DiSK) and a bundle refuses them.
+:class:`~kdtune.engine.trainer.Trainer` on the same data seed, bit for bit (:meth:`Bundle.probe_exact` decides
+per mode; ``loop`` always is). A mode asked for by name that is inexact runs only with ``allow_inexact=True``
+(``bundle_exact: false`` in its results); without it, it is refused in one line. A member's state is the
+lone Trainer's (:meth:`Bundle.member_state`); a method with ``Method.unfusable`` is refused.
+More: docs/bundle.md (the modes, the probe, the optimisers, resume), docs/exactness.md (why bit for bit).
 """
 
 from __future__ import annotations
@@ -81,20 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdtune.config import TrainConfig
+from kdtune.config import TrainConfig, as_config
 from kdtune.data import DataBundle
-from kdtune.engine.run import as_config
+from kdtune.engine.record import RunRecord, model_meta, record_epoch
 from kdtune.engine.schedule import lr_factor
 from kdtune.engine.trainer import (
     Trainer,
+    add_terms,
     apply_training_state,
-    atomic_torch_save,
     diverged_message,
     load_init_model,
     load_teacher_model,
-    model_meta,
-    read_state,
-    record_epoch,
     run_result,
     seed_everything,
     teacher_outputs,
@@ -267,25 +214,16 @@ def grouped_forward(wide: nn.Module, params: dict[str, Tensor], buffers: dict[st
     return out
 
 
-class Member:
-    """One run of a bundle: its config, method, history and best epoch (the bundle holds its weights)."""
+class Member(RunRecord):
+    """One run of a bundle: its record (config, history, best epoch), method and modules (the bundle holds its
+    weights)."""
 
     def __init__(self, key: Hashable, cfg: TrainConfig, student: nn.Module, method: Method, method_modules):
         self.key = key
-        self.cfg = cfg
+        self.start_record(cfg)
         self.student = student  # the member's weights are written here on demand (Bundle.sync_member)
         self.method = method
         self.method_modules: nn.ModuleDict = method_modules
-        self.epoch = 0
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {
-            "val_acc": -1.0,
-            "test_acc": -1.0,
-            "epoch": 0,
-            "test_acc_at_best_val": None,
-        }
-        self.train_time = 0.0
-        self.train_images = 0
         self.teacher_info: dict[str, Any] = {}
         self.init_info: dict[str, Any] = {}
         self.diverged: str | None = None
@@ -623,11 +561,11 @@ class Bundle:
         return x, params, {k: v.clone() for k, v in self.buffers.items()}
 
     def _probe_batch(self, n: int) -> Tensor:
-        """``n`` random images of the data's shape from a generator of their own (the global RNG is the
-        runs')."""
+        """``n`` random inputs of the data's shape (images, or vectors for the toys) from a generator of their
+        own (the global RNG is the runs')."""
         d = self.shared.data
-        return torch.randn(n, d.in_channels, d.image_size, d.image_size, device=self.device,
-                           generator=torch.Generator(self.device).manual_seed(0))  # fmt: skip
+        shape = (n, d.in_channels, d.image_size, d.image_size) if d.image_size else (n, d.in_channels)
+        return torch.randn(*shape, device=self.device, generator=torch.Generator(self.device).manual_seed(0))
 
     def _build_forward(self, mode: str) -> None:
         """The stacked student's forward in ``mode`` for the current members (again after :meth:`drop`: K
@@ -806,9 +744,7 @@ class Bundle:
                 terms = m.method.losses(out)
                 loss = sum(terms.values())
                 total_loss = loss if total_loss is None else total_loss + loss
-                for name, v in terms.items():
-                    v = v.detach().float()
-                    sums[k][name] = sums[k][name] + v if name in sums[k] else v.clone()
+                add_terms(sums[k], terms)
             self.optimizer.zero_grad()
             total_loss.backward()
             self.optimizer.step(self.lrs)
@@ -904,11 +840,23 @@ class Bundle:
         res["teacher_store"] = self.shared.store_report()
         return res
 
-    def save_model(self, key: Hashable, path: str | Path) -> None:
+    def save_model(self, key: Hashable, path: str | Path, durable: bool = True) -> None:
         from kdtune.models.checkpoint import save_model
 
         m, d = self.sync_member(key), self.shared.data
-        save_model(path, m.student, m.cfg.model, d.num_classes, d.in_channels, model_meta(m, d.name))
+        save_model(path, m.student, m.cfg.model, d.num_classes, d.in_channels, model_meta(m, d.name),
+                   durable=durable)  # fmt: skip
+
+    @property
+    def data(self):
+        return self.shared.data
+
+    def history(self, key: Hashable) -> list[dict[str, Any]]:
+        return self.member(key).history
+
+    def student(self, key: Hashable) -> nn.Module:
+        """Member ``key``'s own student module, its weights synced from the stacks."""
+        return self.sync_member(key).student
 
     def member_state(self, key: Hashable) -> dict[str, Any]:
         """Member ``key``'s resumable state in the lone Trainer's state.pt format (optimiser in torch form)."""
@@ -975,7 +923,7 @@ class Bundle:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kdtune_bundle") != BUNDLE_FORMAT:
             raise CheckpointError(
-                "this file is not a kdtune bundle state; pass the file Bundle.save_state wrote"
+                "this file is not a kdtune bundle state; pass a state Bundle.state_dict returned"
             )
         if list(state["keys"]) != self.keys:
             raise CheckpointError(
@@ -985,9 +933,3 @@ class Bundle:
         self._setup_done = False
         for key, st in zip(state["keys"], state["members"]):
             self.load_member_state(key, st)
-
-    def save_state(self, path: str | Path) -> None:
-        atomic_torch_save(self.state_dict(), Path(path))
-
-    def load_state(self, path: str | Path) -> None:
-        self.load_state_dict(read_state(path, self.device))

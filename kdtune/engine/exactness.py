@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from kdtune.config import as_config
 from kdtune.engine.bundle import Bundle
-from kdtune.engine.run import as_config
 from kdtune.engine.trainer import Trainer
 from kdtune.losses import METHODS
 

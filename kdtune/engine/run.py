@@ -9,22 +9,12 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-from kdtune.config import TrainConfig, dumps
+from kdtune.config import TrainConfig, as_config, dumps
 from kdtune.engine.trainer import Trainer, atomic_torch_save, read_state
 from kdtune.errors import ConfigError
 from kdtune.losses.base import METHOD_METRIC_PREFIX
 
 RUN_FILES = ("config.yaml", "train.log", "state.pt", "best.pt", "final.pt", "result.json")
-
-
-def as_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
-    if cfg is None:
-        return TrainConfig.from_dict(overrides)
-    if isinstance(cfg, TrainConfig):
-        return cfg.replace(**overrides) if overrides else cfg
-    if isinstance(cfg, dict):
-        return TrainConfig.from_dict({**cfg, **overrides})
-    raise ConfigError(f"expected a TrainConfig or a dict, got {type(cfg).__name__}")
 
 
 def epoch_line(m: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ after epoch k and resumed ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
 import platform
 import random
 import sys
@@ -26,10 +25,11 @@ from torch import Tensor, nn
 from kdtune.config import TrainConfig
 from kdtune.data import DataBundle, Split, load_data
 from kdtune.data.loader import DeviceLoader
+from kdtune.engine.record import RunRecord, model_meta, record_epoch
 from kdtune.engine.schedule import lr_factor
 from kdtune.errors import CheckpointError, ConfigError, KdtuneError
 from kdtune.losses import METHODS, Method, MethodContext, StepOutputs
-from kdtune.losses.base import METHOD_METRIC_PREFIX, probe_stage_shapes
+from kdtune.losses.base import probe_stage_shapes
 from kdtune.models import create_model
 
 STATE_FORMAT = 1
@@ -100,7 +100,15 @@ def teacher_outputs(teacher: nn.Module, x: Tensor, features: bool, i: int, store
     return t_logits.float().clone(), t_feats.float().clone() if t_feats is not None else None
 
 
-class Trainer:
+def add_terms(sums: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
+    """Add a step's loss terms into an epoch's running sums, on the device (no host sync): the one accumulator
+    of the Trainer and the Bundle, so a member's logged terms are the lone run's."""
+    for k, v in terms.items():
+        v = v.detach().float()
+        sums[k] = sums[k] + v if k in sums else v.clone()
+
+
+class Trainer(RunRecord):
     def __init__(
         self,
         cfg: TrainConfig,
@@ -146,9 +154,17 @@ class Trainer:
         self._make_loaders()
 
         self.teacher: nn.Module | None = None
+        self.teacher_heads: nn.Module | None = None  # the teacher's HSAKD branches (methods needing them)
         self.teacher_info: dict[str, Any] = {}
+        # a method that extends the teacher itself (hsakd_heads): the teacher is this run's model, frozen
+        self.frozen_student = bool(getattr(self.method_cls, "extends_teacher", False))
+        if self.frozen_student and cfg.init:
+            raise ConfigError(f"method={cfg.method} trains auxiliary heads on the teacher itself (teacher=, model=<its "
+                              "architecture>) and takes no init=; drop init=")  # fmt: skip
         if cfg.teacher:
             self._load_teacher(teacher_info)
+        if self.frozen_student:
+            self._teacher_as_model()
         self.init_info: dict[str, Any] = {}
         if cfg.init:
             self._load_init(init_info)
@@ -159,6 +175,8 @@ class Trainer:
         self.method = self.method_cls(dict(cfg.hp), self.method_context(self.student))
         self.method_modules = nn.ModuleDict(self.method.trainable_modules()).to(self.device)
         params = list(self.student.parameters()) + list(self.method_modules.parameters())
+        if self.frozen_student:  # the frozen network is not optimised (nor decayed): only the method's modules
+            params = list(self.method_modules.parameters())
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(
                 params,
@@ -171,18 +189,9 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.student_fwd: nn.Module = torch.compile(self.student) if cfg.compile else self.student
 
-        self.epoch = 0  # epochs completed
+        self.start_record(cfg)  # epochs completed, history, best epoch, timings (kdtune.engine.record)
         self.step = 0  # optimiser steps taken
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {
-            "val_acc": -1.0,
-            "test_acc": -1.0,
-            "epoch": 0,
-            "test_acc_at_best_val": None,
-        }
         self._setup_done = False
-        self.train_time = 0.0
-        self.train_images = 0
 
     # ------------------------------------------------------------------ construction helpers
     def _amp_dtype(self) -> torch.dtype | None:
@@ -271,7 +280,8 @@ class Trainer:
             teacher_feat_dim=getattr(self.teacher, "feat_dim", None) if self.teacher is not None else None,
             train_batches=self._plain_train_batches,
             init_error=self.init_info.get("train_error"),
-            extra={"data": d.name, "init_val_error": self.init_info.get("val_error"), "lr_factor": self._lr_factor},
+            extra={"data": d.name, "init_val_error": self.init_info.get("val_error"), "lr_factor": self._lr_factor,
+                   "channels_last": self.use_channels_last, "teacher_heads": self.teacher_heads},  # fmt: skip
         )
 
     def batches(self, e: int):
@@ -290,6 +300,8 @@ class Trainer:
     def _load_teacher(self, known: dict[str, Any] | None = None) -> None:
         cfg = self.cfg
         model, info = load_teacher_model(cfg, self.data)
+        if getattr(self.method_cls, "needs_teacher_heads", False):
+            self.teacher_heads = self._teacher_heads(model, info)
         model = model.to(self.device).eval()
         if self.use_channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -313,6 +325,34 @@ class Trainer:
             + (f", val acc {val['acc']:.2f}%" if val else "")
         )
 
+    def _teacher_heads(self, model: nn.Module, info: dict[str, Any]) -> nn.Module:
+        """The teacher's HSAKD branches from its checkpoint (frozen, eval mode, on the device); a plain teacher
+        checkpoint is refused in one line that gives the command making them."""
+        from kdtune.models.aux_heads import load_aux_heads, missing_heads_error
+
+        arch = info.get("arch") or type(model).__name__
+        if info.get("aux_heads") is None:
+            raise missing_heads_error(self.cfg.teacher, arch, self.data.name)
+        heads = load_aux_heads(model, info["aux_heads"], self.data.num_classes, self.cfg.teacher)
+        heads = heads.to(self.device).eval()
+        if self.use_channels_last:
+            heads = heads.to(memory_format=torch.channels_last)
+        for p in heads.parameters():
+            p.requires_grad_(False)
+        return heads
+
+    def _teacher_as_model(self) -> None:
+        """For a method that extends the teacher (``extends_teacher``: hsakd_heads): the loaded teacher becomes the
+        run's model, frozen (eval mode, no gradient, out of the optimiser), and the run has no separate teacher
+        (no second forward, no teacher store). ``model=`` must name the teacher's architecture."""
+        arch = self.teacher_info.get("arch")
+        if self.teacher is None:
+            raise ConfigError(f"method={self.cfg.method} trains on a teacher: pass teacher=<checkpoint>")
+        if arch is not None and arch != self.cfg.model:
+            raise ConfigError(f"method={self.cfg.method} trains the auxiliary heads of the teacher itself: model= must "
+                              f"be the teacher's architecture, model={arch} (got model={self.cfg.model})")  # fmt: skip
+        self.student, self.teacher = self.teacher, None
+
     # ------------------------------------------------------------------ teacher store
     def _open_store(self):
         """The teacher store this run reads and writes (kdtune.engine.teacher_store), or None: ``off``, no
@@ -322,6 +362,15 @@ class Trainer:
 
         cfg, d = self.cfg, self.data
         if self.teacher is None or cfg.teacher_store == "off" or (cfg.teacher_store == "auto" and not cfg.teacher_store_dir):
+            return None
+        m = self.method_cls
+        if m.transform_batch is not Method.transform_batch or self.teacher_heads is not None:
+            # the store keeps the teacher's outputs on the loader's views; a transformed batch (HSAKD's rotations)
+            # is another input, and a teacher's auxiliary heads are outputs the store does not keep
+            if cfg.teacher_store == "on":
+                raise ConfigError(f"teacher_store=on cannot serve method={cfg.method}: it transforms the batch (or "
+                                  "reads the teacher's auxiliary heads), which the store does not keep; use "
+                                  "teacher_store=off or auto")  # fmt: skip
             return None
         if self.method_cls.needs_teacher_stages:  # its maps come from the teacher's forward anyway
             if cfg.teacher_store == "on":
@@ -465,7 +514,7 @@ class Trainer:
         the host inside the loop: one sync at the end.
         """
         cfg, m = self.cfg, self.method_cls
-        self.student.train()
+        self.student.train(not self.frozen_student)  # a frozen network keeps its BN statistics (eval mode)
         self.method_modules.train()
         sums: dict[str, Tensor] = {}
         n_img = steps = 0
@@ -483,6 +532,7 @@ class Trainer:
                 mininterval=0.5,
             )
         stored, writer = self.store_epoch(e, total)
+        views = int(getattr(m, "views_per_image", 1))
         self._sync()
         t0 = time.perf_counter()
         for i, (x, y, index) in enumerate(self.batches(e)):
@@ -521,10 +571,8 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             steps += 1
-            n_img += y.shape[0]
-            for k, v in terms.items():
-                v = v.detach().float()
-                sums[k] = sums[k] + v if k in sums else v.clone()
+            n_img += y.shape[0] // views  # source images (HSAKD's batch holds four rotations of each)
+            add_terms(sums, terms)
             if bar is not None:
                 bar.update(1)
         self._sync()
@@ -606,8 +654,15 @@ class Trainer:
         from kdtune.models.checkpoint import save_model
 
         d = self.data
-        save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, self.model_meta(),
-                   durable=durable)  # fmt: skip
+        meta, heads = self.model_meta(), None
+        export = getattr(self.method, "export_heads", None)
+        if export is not None:  # hsakd_heads: the network and its auxiliary heads, in one file
+            from kdtune.models.aux_heads import heads_meta
+
+            heads = export()
+            meta["hsakd_heads"] = heads_meta(heads)
+        save_model(path, self.student, self.cfg.model, d.num_classes, d.in_channels, meta, durable=durable,
+                   aux_heads=heads.state_dict() if heads is not None else None)  # fmt: skip
 
 
 def _size(n: float) -> str:
@@ -652,57 +707,6 @@ def check_resume_config(cfg: TrainConfig, state: dict[str, Any]) -> None:
         )
 
 
-def record_epoch(
-    run: Any,
-    *,
-    lr: float,
-    term_means: dict[str, float],
-    val: dict[str, float] | None,
-    test: dict[str, float],
-    n_img: int,
-    train_s: float,
-    eval_s: float,
-    method_metrics: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """The metrics of the epoch ``run`` just finished; updates ``run.best`` and appends to ``run.history``.
-    ``method_metrics`` (the method's own per-epoch statistics) are added with the ``method_`` prefix.
-
-    ``run`` is a :class:`Trainer` or a bundle member: anything with ``cfg``, ``epoch`` (already counting this
-    epoch), ``best`` and ``history``.
-    """
-    metrics: dict[str, Any] = {
-        "epoch": run.epoch,
-        "epochs": run.cfg.epochs,
-        "lr": lr,
-        "train_loss": sum(term_means.values()),
-        **{f"loss_{k}": v for k, v in term_means.items()},
-        "val_acc": val["acc"] if val else None,
-        "val_loss": val["loss"] if val else None,
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
-        "train_images_per_s": n_img / max(train_s, 1e-9),
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "host_rss_mb": host_rss_mb(),
-        **{METHOD_METRIC_PREFIX + k: v for k, v in (method_metrics or {}).items()},
-    }
-    key = "val_acc" if val else "test_acc"
-    is_best = metrics[key] > run.best["val_acc"]
-    if is_best:
-        run.best = {
-            "val_acc": metrics[key],
-            "epoch": run.epoch,
-            "test_acc_at_best_val": test["acc"],
-            "test_acc": run.best.get("test_acc", -1.0),
-        }
-    run.best["test_acc"] = max(run.best.get("test_acc", -1.0), test["acc"])
-    metrics["best_val_acc"] = run.best["val_acc"] if val else None
-    metrics["best_test_acc"] = run.best["test_acc"]
-    metrics["is_best"] = is_best
-    run.history.append(metrics)
-    return metrics
-
-
 def diverged_message(epoch: int, term_means: dict[str, float]) -> str | None:
     """The DivergedError text when the summed loss of an epoch (1-based ``epoch``) is not finite, else None."""
     train_loss = sum(term_means.values())
@@ -738,19 +742,6 @@ def run_result(run: Any, *, data_resident_bytes: int, device: torch.device) -> d
         "environment": environment(device),
         "config": run.cfg.to_dict(),
         "history": run.history,
-    }
-
-
-def model_meta(run: Any, data_name: str) -> dict[str, Any]:
-    """The ``meta`` saved with a model checkpoint of ``run``."""
-    last = run.history[-1] if run.history else {}
-    return {
-        "data": data_name,
-        "method": run.cfg.method,
-        "epochs": run.epoch,
-        "test_acc": last.get("test_acc"),
-        "val_acc": last.get("val_acc"),
-        "seed": run.cfg.seed,
     }
 
 
@@ -809,19 +800,6 @@ def read_state(path: str | Path, device: torch.device) -> dict[str, Any]:
         ) from None
 
 
-def host_rss_mb() -> float | None:
-    """This process's resident host memory now, in MiB (Linux: /proc/self/statm); None where unknown.
-
-    Logged once per epoch: a trial's host memory should stay flat across epochs.
-    """
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """The training state, rewritten every epoch: all or nothing if the process is killed (no fsync)."""
     from kdtune.storage import atomic_write
@@ -831,10 +809,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    import kdtune
+    from kdtune.version import __version__
 
     env = {
-        "kdtune": kdtune.__version__,
+        "kdtune": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),

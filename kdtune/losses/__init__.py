@@ -39,10 +39,3 @@ __all__ = [
     "wttm",
 ]
 
-
-def get_method(name: str) -> type[Method]:
-    return METHODS.get(name)
-
-
-def list_methods() -> list[str]:
-    return METHODS.names()

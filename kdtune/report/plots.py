@@ -1,19 +1,16 @@
 """The report's plots (PNG; each file says what it shows in its PNG text: Title and Description).
 
-From the MLflow runs (matplotlib's Agg canvas, no global backend change):
+From the MLflow runs (matplotlib's Agg canvas, no global backend change): learning curves per teacher ->
+student pair (each method's best configuration, mean ± std over its seeds, teacher and CE baseline dashed),
+the loss terms per epoch of each method's best trial, and test accuracy per method beside the published
+number.
 
-- learning curves: one figure per teacher -> student pair, the sweep metric per epoch of each method's best
-  configuration (mean over its seeds, shaded ± sample std), with the teacher's and the CE baseline's value
-  drawn in as dashed lines (the teacher stage's run; the CE group's best, else the CE-student stage);
-- loss terms: the ``loss_*`` metrics (and ``train_loss``) per epoch of each method's best trial;
-- accuracy: test accuracy per method (mean ± std over seeds) beside the published number where one exists.
+From the Optuna studies the sweep mirrors into ``<experiment>/optuna.db`` (one per group), with Optuna's own
+``optuna.visualization.matplotlib``: hyperparameter importances (fANOVA, seeded; skipped below two complete
+trials), parallel coordinates and intermediate values. A method without a mirrored study gets its
+importances from its MLflow runs, put into an in-memory Optuna study.
 
-From the Optuna studies the sweep mirrors into ``<experiment>/optuna.db`` (one per group, study name = the
-group, user attrs ``method``/``student``), with Optuna's own ``optuna.visualization.matplotlib``:
-hyperparameter importances (fANOVA, seeded; the title says how many complete trials they rest on; skipped in
-one line below two), parallel coordinates and intermediate values (the per-epoch curves, PRUNED trials
-stopping early). A method without a mirrored study gets its importances from its MLflow runs, put into an
-in-memory Optuna study.
+More: docs/report.md §Plots (what each figure draws).
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdtune.report.table import SEED_KEYS, VOLATILE, Trial, _strip, hparam_keys
+from kdtune.report.table import SEED_KEYS, VOLATILE, Trial, hparam_keys, short_hparam
 from kdtune.tracking.client import slug
 
 
@@ -270,7 +267,7 @@ def study_from_trials(trials: list[Trial], metric: str, mode: str, method: str):
         for k, d in dists.items():
             if k in t.params:
                 v = _parse(t.params[k])
-                name = _strip(k, method)  # dkd.beta -> beta, as the mirrored studies name it
+                name = short_hparam(k, method)  # dkd.beta -> beta, as the mirrored studies name it
                 params[name] = str(v) if isinstance(d, CategoricalDistribution) else v
                 used[name] = d
         study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=t.metrics[metric]))

@@ -7,15 +7,10 @@ best configuration's test accuracy is reported beside it (mean ± sample std ove
 choose. Each trial's value is the last one it logged (Tune's default "last" scope). FAILED trials are
 left out; runs still RUNNING (an interrupted sweep) count with what they logged.
 
-Which runs are trials is :func:`kdtune.tracking.client.is_trial_run`'s one rule (not the parent, a stage,
-nor an orphan: the run of a trial a killed driver started that Tune no longer knows). What a trial run must
-carry, as MLflow params (or tags ``kdtune.<name>``, which win): ``method``, ``model`` (the student),
-``teacher_model`` (the teacher's architecture; a ``teacher`` that is a registered model name works too),
-``data`` and ``seed``. Its other params are its configuration.
-
-The hyperparameter cell of the text and Markdown tables shows what a person chose: the hyperparameters the
-group searched or the spec fixed, as the sweep recorded them (:func:`kdtune.tracking.views.group_hparams`);
-every hyperparameter of the configuration where no record says (runs of other tools). The CSV keeps all.
+Which runs are trials is :func:`kdtune.tracking.client.is_trial_run`'s one rule; a trial run carries
+``method``, ``model``, ``teacher_model``, ``data`` and ``seed`` as MLflow params (or tags ``kdtune.<name>``).
+The hyperparameter cell shows what a person chose (:func:`kdtune.tracking.views.group_hparams`); the CSV
+keeps all. More: docs/report.md §Table (the runs read, the hyperparameter cell).
 """
 
 from __future__ import annotations
@@ -184,7 +179,7 @@ def _declared_hparams(method: str) -> set[str]:
         return set()
 
 
-def _strip(key: str, method: str) -> str:
+def short_hparam(key: str, method: str) -> str:
     for prefix in ("hp.", f"{method}."):
         if key.startswith(prefix):
             return key[len(prefix) :]
@@ -213,7 +208,7 @@ def hparam_keys(method: str, trials: list[Trial]) -> list[str]:
     for k in sorted(values):
         if k in SEED_KEYS or k in VOLATILE or k in BOOKKEEPING or k.startswith("kdtune."):
             continue
-        if _strip(k, method) in declared or k != _strip(k, method) or len(values[k]) > 1:
+        if short_hparam(k, method) in declared or k != short_hparam(k, method) or len(values[k]) > 1:
             keys.append(k)
     return keys
 
@@ -258,8 +253,8 @@ def best_rows(
         recorded = [t.group for t in members if t.group in chosen]
         names = list(dict.fromkeys(n for g in dict.fromkeys(recorded) for n in chosen[g] if n not in SEED_KEYS))
         keys += [n for n in names if n not in keys]
-        hp = {_strip(k, method): pretty(best[0].params[k]) for k in keys if k in best[0].params}
-        shown = [_strip(n, method) for n in names if _strip(n, method) in hp] if recorded else None
+        hp = {short_hparam(k, method): pretty(best[0].params[k]) for k in keys if k in best[0].params}
+        shown = [short_hparam(n, method) for n in names if short_hparam(n, method) in hp] if recorded else None
         pub = published(None if data == "-" else data, None if teacher == "-" else teacher, student, method)
         rows.append(
             {

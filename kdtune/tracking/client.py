@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import numbers
 import os
 import random
@@ -436,10 +435,6 @@ def check_status(status: str) -> str:
     if s not in END_STATUSES:
         raise ValueError(f"status {status!r} is not one of {', '.join(END_STATUSES)}")
     return s
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
 
 
 @contextmanager

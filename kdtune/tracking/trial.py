@@ -97,11 +97,11 @@ def trial_params(
     - training fields as ``train.<field>`` (``train.lr``, ``train.weight_decay``), searched over base; the
       seed only as ``seed`` (the report tells seeds of one configuration apart by it).
 
-    A config key is read as the trainable reads it (:func:`kdtune.tune.trainable.split_config`).
+    A config key is read as the trainable reads it (:func:`kdtune.trial_config.split_config`).
     """
     from kdtune.config import TrainConfig
     from kdtune.losses import METHODS
-    from kdtune.tune.trainable import split_config
+    from kdtune.trial_config import split_config
 
     fields, hp = split_config(dict(config), method)
     out: dict[str, Any] = dict(extra)
@@ -121,7 +121,7 @@ def trial_params(
 def logged_names(method: str, names) -> list[str]:
     """The names :func:`trial_params` logs searched keys under (``beta`` of DKD: ``dkd.beta``; ``lr``:
     ``train.lr``), in the order given."""
-    from kdtune.tune.trainable import split_config
+    from kdtune.trial_config import split_config
 
     out = []
     for name in names:
@@ -282,15 +282,15 @@ class TrialTracker:
         """Log a file, or a directory's contents, under ``artifact_path`` of the run."""
         log_path(self.client, self.run_id, path, artifact_path)
 
-    def log_student(self, trainer, step: int = 0) -> str:
-        """The trained student as a LoggedModel named after the trial, with a signature (from one zero input
-        of the data's shape: the engine normalises images before the model, so the model takes floats)."""
+    def log_student(self, student, data, step: int = 0) -> str:
+        """The trained ``student`` as a LoggedModel named after the trial, with a signature (from one zero input
+        of ``data``'s shape: the engine normalises images before the model, so the model takes floats)."""
         import torch
         from mlflow.models import infer_signature
 
-        d = trainer.data
+        d = data
         shape = (2, d.in_channels, d.image_size, d.image_size) if d.image_size else (2, d.in_channels)
-        module = getattr(trainer.student, "_orig_mod", trainer.student)
+        module = getattr(student, "_orig_mod", student)
         x = torch.zeros(shape)
         was_training = module.training
         try:  # on the module itself (no copy): eval mode for the one forward, then as it was
@@ -301,7 +301,7 @@ class TrialTracker:
         finally:
             module.train(was_training)
         signature = infer_signature(x.numpy(), y.numpy())
-        return self.log_model(trainer.student, name=model_name(self.trial_name), step=step, signature=signature)
+        return self.log_model(student, name=model_name(self.trial_name), step=step, signature=signature)
 
     def log_model(self, model, name: str = "model", step: int = 0, input_example=None, signature=None) -> str:
         """Log ``model`` with ``mlflow.pytorch.log_model`` as a LoggedModel of this run; returns its URI.
@@ -314,7 +314,7 @@ class TrialTracker:
         import mlflow.pytorch
         import torch
 
-        from kdtune import __version__
+        from kdtune.version import __version__
 
         module = getattr(model, "_orig_mod", model)
         module = copy.deepcopy(module).to("cpu").eval()

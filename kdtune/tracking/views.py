@@ -1,28 +1,15 @@
 """Saved views of MLflow 3's runs table, so that a sweep opens in the UI with the columns a person compares.
 
-MLflow's UI (3.17) shows no parameter or metric column by default, and it keeps the column choice in the
-browser. What it does keep on the server is a *saved view*: an experiment tag
-``mlflow.sharedViewState.<id>`` whose value is ``{"name", "createdAt", "updatedAt", "state"}``, ``state``
-being the runs page's state as JSON (the UI itself writes it deflated, ``deflate;<base64>``, and reads plain
-JSON as well). The page opens one with ``#/experiments/<id>/runs?viewStateShareKey=<id>``, and lists them all
-under "Views". The format was read off the UI's own save (a view saved in the browser, its tag decoded); the
-browser test (``tests/test_ui_browser.py``) opens these views and checks the columns a person sees.
+A saved view is an experiment tag ``mlflow.sharedViewState.<id>`` holding ``{"name", "createdAt",
+"updatedAt", "state"}`` (``state``: the runs page's state as JSON); the page opens one with
+``#/experiments/<id>/runs?viewStateShareKey=<id>``. A sweep writes, once its plan is known (the driver owns
+the experiment's tags), ``kdtune-trials`` (every trial of the sweep, best first by the sweep's metric) and
+``kdtune-<group>`` per group (its trials with its chosen hyperparameters,
+:func:`kdtune.tune.runner.chosen_hparams`, under their logged names), and the same names per group as tag
+``kdtune.hparams.<group>`` (:func:`hparams_tags`), which ``kdtune report`` shows in its text and Markdown
+tables (:func:`group_hparams`). :func:`runs_url` carries ``workflowType=machine_learning``.
 
-A sweep writes, once its plan is known (the driver owns the experiment's tags):
-
-- ``kdtune-trials``: every trial of the sweep (no parent, no stage, no orphan: the runs of trials a killed
-  driver started that Tune no longer knows), best first by the sweep's metric, with
-  the metric, ``test_acc``, method, student, outcome and the epoch a pruned trial stopped at;
-- ``kdtune-<group>`` per group: that group's trials with its chosen hyperparameters (those its space searches,
-  then those the spec fixes: :func:`kdtune.tune.runner.chosen_hparams`), under their logged names
-  (``dkd.beta``, ``train.lr``), so that no column mixes two methods' meanings.
-
-Beside them, the same names per group as tag ``kdtune.hparams.<group>`` (a JSON list, :func:`hparams_tags`):
-``kdtune report`` shows these in its text and Markdown tables (:func:`group_hparams`), every other value of a
-trial staying in its CSV, ``results.json`` and MLflow.
-
-The UI's own mode switch (GenAI / Model training) decides what an experiment opens on, whatever the
-``mlflow.experimentKind`` tag says; :func:`runs_url` therefore carries ``workflowType=machine_learning``.
+More: docs/mlflow_views.md (the format and how it was read off the UI, each view's columns).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from kdtune.tune.fused import MEMBERS_KEY, member_results
-from kdtune.tune.search import GROUP_KEY, _name_metric, group_of
+from kdtune.tune.protocol import Outcome, finite, group_of, member_rows, members_of, shared_unit
+from kdtune.tune.search import name_metric
 
 
 class TrialNamer:
@@ -43,10 +43,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _dur(s: float) -> str:
@@ -82,9 +78,6 @@ class ProgressPrinter(Callback):
         self.__dict__.update(d)
         self.log = print
 
-    def _params(self, trial) -> str:
-        return " ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items() if k not in (GROUP_KEY, MEMBERS_KEY))
-
     def on_trial_start(self, iteration, trials, trial, **info):
         self._running[trial.trial_id] = {"group": group_of(trial.config) or "-", "epoch": 0, "value": None,
                                          "start": time.time()}  # fmt: skip
@@ -105,7 +98,7 @@ class ProgressPrinter(Callback):
         for tid, r in sorted(self._running.items(), key=lambda kv: kv[1]["group"]):
             left = (self.epochs - int(r.get("epoch") or 0)) * r["per_epoch"] if r.get("per_epoch") else None
             v, b = r.get("value"), self._best.get(r["group"])
-            rows.append((r["group"], tid, f"{r.get('epoch') or 0}/{self.epochs}", f"{v:.2f}" if _finite(v) else "-",
+            rows.append((r["group"], tid, f"{r.get('epoch') or 0}/{self.epochs}", f"{v:.2f}" if finite(v) else "-",
                          f"{b:.2f}" if b is not None else "-", _dur(left) if left is not None else "-"))  # fmt: skip
         lines = table(("group", "trial", "epoch", self.metric, "best", "ETA"), rows).splitlines()
         head = f"{self._done}/{self.total} trials done" if self.total else f"{self._done} trials done"
@@ -123,53 +116,35 @@ class ProgressPrinter(Callback):
         self.log(text)
 
     def _members_done(self, trial, failed: bool) -> None:
-        """A fused bundle ended: one line per member, each counted as a trial."""
-        rows = member_results(trial.last_result or {})
+        """A unit ended: one line per member, each counted as a trial."""
+        rows = member_rows(trial.trial_id, trial.config, trial.last_result, ended=True, error=failed,
+                           epochs=self.epochs)  # fmt: skip
         group = group_of(trial.config) or "-"
-        for m in trial.config[MEMBERS_KEY]:
-            r = rows.get(m["id"], {})
+        reason = ""
+        if failed:
+            lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
+            reason = lines[-1][:200] if lines else ""
+        for m in members_of(trial.trial_id, trial.config):
+            r = rows.get(m.id, {})
             self._done += 1
-            ep, val, outcome = r.get("epoch", "?"), r.get(self.metric), r.get("outcome")
-            how = {"completed": "done", "pruned": f"pruned at epoch {ep}/{self.epochs}"}.get(outcome, "FAILED")
-            if outcome == "running" and not failed:
-                how = f"pruned at epoch {ep}/{self.epochs}"
-            if _finite(val):
+            ep, val, outcome = r.get("epoch", "?"), r.get(self.metric), Outcome(r["outcome"])
+            how = {Outcome.COMPLETED: "done", Outcome.PRUNED: f"pruned at epoch {ep}/{self.epochs}"}.get(outcome, "FAILED")
+            if finite(val):
                 self._best[group] = max(self._best.get(group, -math.inf), float(val))
-            val_s = f"{self.metric} {val:.2f}" if _finite(val) else "no result"
+            val_s = f"{self.metric} {val:.2f}" if finite(val) else (reason or r.get("error") or "no result")
             test = r.get("test_acc")
-            test_s = f" (test {test:.2f})" if _finite(test) else ""
+            test_s = f" (test {test:.2f})" if finite(test) else ""
             count = f"[{self._done}/{self.total}] " if self.total else ""
-            params = " ".join(f"{k}={_fmt(v)}" for k, v in m["config"].items())
-            self._line(f"  {count}{group:<18} {m['id']}  {how:<20} {val_s}{test_s}  {params}")
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in m.config.items())
+            self._line(f"  {count}{group:<18} {m.id}  {how:<20} {val_s}{test_s}  {params}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._running.pop(trial.trial_id, None)
-        if MEMBERS_KEY in (trial.config or {}):
-            return self._members_done(trial, failed=False)
-        self._done += 1
-        r = trial.last_result or {}
-        group = group_of(trial.config) or "-"
-        ep = r.get("epoch", r.get("training_iteration", "?"))
-        val = r.get(self.metric)
-        how = "done" if ep == self.epochs else f"pruned at epoch {ep}/{self.epochs}"
-        if _finite(val):
-            self._best[group] = max(self._best.get(group, -math.inf), float(val))
-        val_s = f"{self.metric} {val:.2f}" if _finite(val) else "no result"
-        test = r.get("test_acc")
-        test_s = f" (test {test:.2f})" if _finite(test) else ""
-        count = f"[{self._done}/{self.total}] " if self.total else ""
-        self._line(f"  {count}{group:<18} {trial.trial_id}  {how:<20} {val_s}{test_s}  {self._params(trial)}")
+        self._members_done(trial, failed=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._running.pop(trial.trial_id, None)
-        if MEMBERS_KEY in (trial.config or {}):
-            return self._members_done(trial, failed=True)
-        self._done += 1
-        lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
-        reason = lines[-1][:200] if lines else ""
-        group = group_of(trial.config) or "-"
-        count = f"[{self._done}/{self.total}] " if self.total else ""
-        self._line(f"  {count}{group:<18} {trial.trial_id}  FAILED  {reason}  {self._params(trial)}")
+        self._members_done(trial, failed=True)
 
 
 def whole_optuna_db(path: Path) -> None:
@@ -235,7 +210,7 @@ class OptunaMirror(Callback):
                 storage=self.storage_url, study_name=group, load_if_exists=True,
                 direction="maximize" if self.mode == "max" else "minimize",
             )  # fmt: skip
-            _name_metric(study, self.metric)
+            name_metric(study, self.metric)
             for k, v in self.group_attrs.get(group, {}).items():
                 study.set_user_attr(k, v)
             self._studies[group] = study
@@ -245,15 +220,9 @@ class OptunaMirror(Callback):
         self._started.setdefault(trial.trial_id, time.time())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if MEMBERS_KEY in (trial.config or {}):
-            for mid, r in member_results(result).items():
-                if _finite(r.get(self.metric)) and r.get("epoch") is not None:
-                    self._curves.setdefault(mid, {})[int(r["epoch"])] = float(r[self.metric])
-            return
-        v = result.get(self.metric)
-        step = result.get("training_iteration")
-        if _finite(v) and step is not None:
-            self._curves.setdefault(trial.trial_id, {})[int(step)] = float(v)
+        for mid, r in member_rows(trial.trial_id, trial.config, result).items():
+            if finite(r.get(self.metric)) and r.get("epoch") is not None:
+                self._curves.setdefault(mid, {})[int(r["epoch"])] = float(r[self.metric])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._reconcile(group_of(trial.config), trials, trial)
@@ -297,90 +266,47 @@ class OptunaMirror(Callback):
             new.set_user_attr(k, v)
         new.add_trials(kept)
 
-    def _mirror_members(self, trial, group: str, failed: bool) -> None:
-        """A fused bundle ended: one Optuna trial per member (``tune_trial_id`` = the member id, ``bundle`` = the
-        Tune trial), with the member's own curve and outcome."""
+    def _mirror(self, trial, failed: bool) -> None:
+        """A unit ended: one Optuna trial per member (``tune_trial_id`` = the member id; ``bundle`` = the unit
+        when it has several), with the member's own curve and outcome."""
         import optuna
-        from optuna.trial import TrialState
 
+        group = group_of(trial.config)
+        if group is None:
+            return
         try:
             study = self.study(group)
             have = {t.user_attrs.get("tune_trial_id") for t in study.get_trials(deepcopy=False)}
-            rows = member_results(trial.last_result or {})
+            members = members_of(trial.trial_id, trial.config)
+            rows = member_rows(trial.trial_id, trial.config, trial.last_result, ended=True, error=failed,
+                               epochs=self.epochs)  # fmt: skip
             end = time.time()
-            start = self._started.pop(trial.trial_id, None) or end
+            start = self._started.pop(trial.trial_id, None) or end - float((trial.last_result or {}).get("time_total_s") or 0.0)
             space = self.spaces.get(group)
-            for m in trial.config[MEMBERS_KEY]:
-                mid, config = m["id"], m["config"]
-                if mid in have:
+            for m in members:
+                if m.id in have:
                     continue
                 params, dists = {}, {}
                 if space is not None:
-                    _, dists, _ = space.record(config)
-                    params = {k: config[k] for k in dists if k in config}
-                r = rows.get(mid, {})
-                value, epoch, outcome = r.get(self.metric), r.get("epoch"), r.get("outcome")
-                if not _finite(value) or outcome in ("diverged", "failed") or (failed and outcome == "running"):
-                    state, value = TrialState.FAIL, None
-                elif outcome == "completed":
-                    state, value = TrialState.COMPLETE, float(value)
-                else:
-                    state, value = TrialState.PRUNED, float(value)
-                attrs = {"tune_trial_id": mid, "bundle": trial.trial_id, "epochs_run": epoch,
-                         "test_acc": r.get("test_acc"), **{f"const.{k}": v for k, v in config.items() if k not in dists}}  # fmt: skip
+                    _, dists, _ = space.record(m.config)
+                    params = {k: m.config[k] for k in dists if k in m.config}
+                r = rows.get(m.id, {})
+                outcome, value = Outcome(r["outcome"]), r.get(self.metric)
+                value = float(value) if outcome.ok and finite(value) else None
+                attrs = {"tune_trial_id": m.id, "epochs_run": r.get("epoch"), "test_acc": r.get("test_acc"),
+                         **{f"const.{k}": v for k, v in m.config.items() if k not in dists}}  # fmt: skip
+                if shared_unit(trial.trial_id, members):
+                    attrs["bundle"] = trial.trial_id
                 ft = optuna.trial.create_trial(
-                    params=params, distributions={k: dists[k] for k in params}, value=value, state=state,
-                    user_attrs=attrs, intermediate_values=self._curves.pop(mid, {}),
+                    params=params, distributions={k: dists[k] for k in params}, value=value,
+                    state=outcome.optuna_state if value is not None or not outcome.ok else optuna.trial.TrialState.FAIL,
+                    user_attrs=attrs, intermediate_values=self._curves.pop(m.id, {}),
                 )  # fmt: skip
                 ft.datetime_start = _dt.datetime.fromtimestamp(start)
                 ft.datetime_complete = _dt.datetime.fromtimestamp(end)
                 study.add_trial(ft)
         except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
-            print(f"kdtune: warning: could not mirror bundle {trial.trial_id} into {self.storage_url}: {e}")
-
-    def _mirror(self, trial, failed: bool) -> None:
-        import optuna
-        from optuna.trial import TrialState
-
-        group = group_of(trial.config)
-        if group is None:
-            return
-        if MEMBERS_KEY in (trial.config or {}):
-            return self._mirror_members(trial, group, failed)
-        try:
-            study = self.study(group)
-            for t in study.get_trials(deepcopy=False):
-                if t.user_attrs.get("tune_trial_id") == trial.trial_id:
-                    return
-            config = {k: v for k, v in (trial.config or {}).items() if k != GROUP_KEY}
-            params, dists = {}, {}
-            space = self.spaces.get(group)
-            if space is not None:
-                _, dists, _ = space.record(config)
-                params = {k: config[k] for k in dists if k in config}
-            r = trial.last_result or {}
-            value = r.get(self.metric)
-            epoch = r.get("epoch", r.get("training_iteration"))
-            if failed or not _finite(value):
-                state, value = TrialState.FAIL, None
-            elif epoch is not None and int(epoch) < self.epochs:
-                state, value = TrialState.PRUNED, float(value)  # its last value, as Optuna records a pruned trial
-            else:
-                state, value = TrialState.COMPLETE, float(value)
-            end = time.time()
-            start = self._started.pop(trial.trial_id, None) or end - float(r.get("time_total_s") or 0.0)
-            attrs = {"tune_trial_id": trial.trial_id, "epochs_run": epoch, "test_acc": r.get("test_acc"),
-                     **{f"const.{k}": v for k, v in config.items() if k not in dists}}  # fmt: skip
-            ft = optuna.trial.create_trial(
-                params=params, distributions={k: dists[k] for k in params}, value=value, state=state,
-                user_attrs=attrs, intermediate_values=self._curves.pop(trial.trial_id, {}),
-            )  # fmt: skip
-            ft.datetime_start = _dt.datetime.fromtimestamp(start)
-            ft.datetime_complete = _dt.datetime.fromtimestamp(end)
-            study.add_trial(ft)
-        except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
             print(f"kdtune: warning: could not mirror trial {trial.trial_id} into {self.storage_url}: {e}")
-
 
 
 # A full disk ends the whole Tune run at once (every retry and every later trial would fail the same way).

@@ -113,7 +113,8 @@ def _sweep(args) -> int:
 
 def _resume(args) -> int:
     from kdtune.preflight import check_experiment
-    from kdtune.tune.runner import find_experiment, resume
+    from kdtune.tune.experiment import find_experiment
+    from kdtune.tune.runner import resume
 
     check_experiment(find_experiment(args.experiment, args.storage))  # damaged files: one line, before Ray
     result = resume(args.experiment, args.storage, log=_print)
@@ -141,13 +142,10 @@ def _dashboard(args) -> int:
 
 def _fallback_report(args) -> int:
     """The sweep's own summary (results/state.json) when the MLflow report module is not installed."""
-    from kdtune.tune.runner import find_experiment, read_state, spec_of
+    from kdtune.tune.experiment import find_experiment
+    from kdtune.tune.runner import result_of
 
-    exp = find_experiment(args.experiment, args.storage)
-    from kdtune.tune.runner import _Sweep
-
-    s = _Sweep(spec_of(exp), log=_print)
-    print(s._result_from_state(read_state(exp)).table())
+    print(result_of(find_experiment(args.experiment, args.storage)).table())
     return 0
 
 

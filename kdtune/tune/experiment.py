@@ -1,21 +1,12 @@
 """An experiment folder (``<storage>/<name>/``): the spec it began with, its spaces, its state, its results.
 
-Layout::
+Only the sweep driver that holds ``sweep.lock`` writes ``spec.yaml`` (the resolved spec; a changed spec is
+refused on resume), ``spaces/`` (the search-space sources a resumed sweep runs), ``state.json`` and
+``results.json``, each in one atomic write (:func:`kdtune.storage.atomic_write_text`). Beside them:
+``tune/`` (the Ray Tune experiments of the sweep and of the repeats), ``trials/<id>/``, ``optuna.db``, the
+embedded MLflow store and ``diverged/``.
 
-    spec.yaml        the resolved spec the sweep began with (a changed spec is refused on resume)
-    spaces/<m>.py    the search-space sources it uses (a resumed sweep runs these copies, not edited files)
-    state.json       status (running | interrupted | failed | finished), the stages, each group's summary
-    sweep.lock       pid and host of the driver running it
-    tune/sweep/      the one Ray Tune experiment of the sweep (all groups), restored by Tuner.restore
-    tune/repeats/    the Tune experiment of the repeats of each group's best configuration
-    trials/<id>/     each trial's own folder (checkpoints, done.json, events.jsonl)
-    optuna.db        finished trials mirrored into one Optuna study per group
-    mlflow.db, mlartifacts/   the embedded MLflow store (unless tracking.uri names another)
-    diverged/        markers of trials whose loss became NaN (their retries fail at once)
-    results.json     the summary of a finished sweep
-
-Only the sweep driver that holds ``sweep.lock`` writes ``spec.yaml``, ``spaces/``, ``state.json`` and
-``results.json``, each in one atomic write (:func:`kdtune.storage.atomic_write_text`).
+More: docs/sweep_storage.md §The experiment folder (the layout, file by file).
 """
 
 from __future__ import annotations

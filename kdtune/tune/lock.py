@@ -14,24 +14,9 @@ import time
 from pathlib import Path
 
 from kdtune.errors import ConfigError
+from kdtune.storage import pid_alive
 
 LOCK_NAME = "sweep.lock"
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class SweepLock:

@@ -48,12 +48,20 @@ class GroupPlan:
     needs_ce_error: bool = False
     fuse: int = 1  # members per fused bundle (one Tune trial); budget.fuse resolved (kdtune.tune.fused)
 
+    search_fn: Any = None  # the space the sweep searches (set once the stages it depends on are built)
+
     @property
     def units(self) -> int:
-        """Tune trials (scheduled units) of the group: its budget in bundles of ``fuse``."""
+        """Tune trials (scheduled units) of the group: its budget in units of ``fuse`` members."""
         from kdtune.tune.fused import units
 
         return units(self.budget, self.fuse)
+
+    @property
+    def prunes_members(self) -> bool:
+        """Whether its members are pruned inside their units (a fused group, which Tune runs FIFO) rather than
+        by Tune's scheduler stopping units of one."""
+        return self.fuse > 1
 
 
 @dataclass
@@ -78,6 +86,45 @@ class SweepPlan:
         """The group's search space (a picklable define-by-run function)."""
         return space_fn(self.spec, group.student, group.method, self.teacher_arch, ce_error, self.sources,
                         self.num_classes)  # fmt: skip
+
+    def trial_base(self, group: GroupPlan) -> dict:
+        """A group's trial config with the sweep's teacher store folder, ``<storage>/stages/teacher-store``
+        (shared by every sweep on that storage), unless the spec's ``train:`` names another; ``teacher_store``
+        (auto by default: on where the disk holds it) decides whether trials use it."""
+        base = group.base
+        if base.get("teacher") and not base.get("teacher_store_dir"):
+            return {**base, "teacher_store_dir": str(self.spec.stages_dir / "teacher-store")}
+        return base
+
+    def chosen_hparams(self, group: GroupPlan) -> list[str]:
+        """The hyperparameters a person chose for a group, under the names its trial runs log them
+        (``dkd.beta``, ``train.lr``): those its space searches, then those the spec fixes. The rest is every
+        trial's alike: the group's MLflow view shows these as columns, ``kdtune report`` in its cell."""
+        from kdtune.tracking.trial import logged_names
+
+        fixed = [k for k, o in self.spec.method(group.method).space.items() if o.kind == "fixed"]
+        return logged_names(group.method, list(dict.fromkeys([*group.parameters, *fixed])))
+
+    def searches(self) -> list:
+        """What the searcher is given per group (its space, budget, starting points and members per unit)."""
+        from kdtune.tune.search import GroupSearch
+
+        return [GroupSearch(g.name, g.search_fn or self.space(g), g.budget, g.starts, fuse=g.fuse) for g in self.groups]
+
+    def log_lines(self) -> list[str]:
+        """What a new sweep says it is about to do, one line per group and one for the whole."""
+        b = self.spec.budget
+        lines = []
+        for g in self.groups:
+            pair = f"{self.teacher_arch} -> {g.student}" if g.base.get("teacher") else g.student
+            what = f"{g.budget} trials" if g.parameters else "1 run (no search space)"
+            starts = f", {min(len(g.starts), g.budget)} from published starting points" if g.starts else ""
+            lines.append(f"  {g.name} ({pair}): {what}{starts}")
+        lines += [f"  {g.name}: fused, {g.fuse} trials per Tune trial ({g.units} bundles of one trial's resources "
+                  "each)" for g in self.groups if g.fuse > 1]  # fmt: skip
+        lines.append(f"{self.total_trials} trials x {b.epochs} epochs, {b.concurrency} at a time, all groups in one "
+                     "experiment")  # fmt: skip
+        return lines
 
     def describe(self) -> dict[str, Any]:
         """What ``kdtune validate`` prints: per group its parameters and starting points."""
@@ -151,6 +198,25 @@ def known_classes(data: str) -> int | None:
     return None if data in FOLDER_DATASETS else DATASET_SHAPES[data][0]
 
 
+def heads_stage(spec: SweepSpec, teacher_stage: StagePlan | None, teacher_path: str | None, arch: str | None,
+                stages: dict[str, StagePlan]) -> StagePlan | None:
+    """HSAKD's heads stage when a method needs the teacher's rotation heads: trained once on the frozen teacher
+    (the teacher stage, or the teacher checkpoint), keyed by the teacher's key (:mod:`kdtune.tune.stages`)."""
+    from kdtune.losses import METHODS
+    from kdtune.tune.stages import HEADS_STAGE, checkpoint_teacher, heads_stage_config, heads_stage_key
+
+    if not any(METHODS.get(m).needs_teacher_heads for _, m in spec.groups()) or teacher_path is None:
+        return None
+    teacher = teacher_stage
+    if teacher is None:  # a checkpoint: the heads stage inherits the sweep's data and execution fields
+        config = {**spec.train, "epochs": spec.budget.epochs, **spec.data_fields(), "model": arch, "seed": spec.seed}
+        teacher = checkpoint_teacher(teacher_path, config)
+    cfg = heads_stage_config(teacher)
+    key = heads_stage_key(teacher.key, cfg)
+    st = stages[HEADS_STAGE] = StagePlan(HEADS_STAGE, cfg, key, Path(spec.stages_dir) / key)
+    return st
+
+
 def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | None = None) -> SweepPlan:
     """The sweep ``spec`` describes, decided: stages, and per group its base config, space, starts, budget."""
     from kdtune.config import TrainConfig
@@ -175,6 +241,7 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
         teacher_stage = stage("teacher", spec.teacher_stage_config())
         teacher_path = str(teacher_stage.model_path)
     ce = {s: stage(f"ce-{s}", spec.ce_student_config(s)) for s in spec.students} if spec.needs_ce_student else {}
+    heads = heads_stage(spec, teacher_stage, teacher_path, arch, stages)
 
     groups = []
     for student, method in spec.groups():
@@ -187,6 +254,10 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
                 base["teacher_model"] = spec.teacher.model
             if teacher_stage is not None:
                 needs.append(teacher_stage.name)
+        if cls.needs_teacher_heads and heads is not None:  # HSAKD: the teacher with its rotation heads
+            base["teacher"] = str(heads.model_path)
+            base.pop("teacher_model", None)
+            needs.append(heads.name)
         if cls.needs_init:
             base["init"] = str(ce[student].model_path)
             needs.append(ce[student].name)

@@ -74,6 +74,10 @@ def train_stage(cfg_dict: dict, out: str, threads: int) -> dict:
     torch.set_num_threads(max(1, int(threads)))
     cfg = TrainConfig.from_dict({**cfg_dict, "out": out, "overwrite": True})
     result = train(cfg)
+    from kdtune.losses import METHODS
+
+    if getattr(METHODS.get(cfg.method), "extends_teacher", False):  # a teacher with new heads: no student to probe
+        return {k: v for k, v in result.items() if k != "history"}
     probe = Trainer(cfg.replace(init=str(Path(out) / "final.pt"), out=None, overwrite=False))
     result["train_error"] = probe.init_info["train_error"]
     result["val_error"] = probe.init_info.get("val_error")
@@ -103,14 +107,16 @@ def ensure_stage(
     resources: dict | None = None,
     log=print,
     runner: Callable[[dict, str, int], dict] | None = None,
+    key: str | None = None,
 ) -> Stage:
     """The cached stage for ``cfg_dict``, trained now if missing (as a Ray task with ``resources``, or by
-    ``runner(cfg_dict, out_dir, threads)``), once among every process that shares ``root``."""
+    ``runner(cfg_dict, out_dir, threads)``), once among every process that shares ``root``. ``key``: the
+    stage's folder name (default :func:`kdtune.spec.stage_key` of the config)."""
     from kdtune.config import TrainConfig
     from kdtune.storage import artifact_path, build_once
 
     cfg = TrainConfig.from_dict(cfg_dict)
-    key = stage_key(cfg)
+    key = key or stage_key(cfg)
     final = artifact_path(root, key)
     what = f"{cfg.model} ({cfg.method}, {cfg.epochs} epochs on {cfg.data})"
     threads = max(1, int((resources or {}).get("num_cpus", 1)))
@@ -133,3 +139,93 @@ def ensure_stage(
     else:
         log(f"stage {name}: {what} cached at {final} ({acc})")
     return Stage(name, key, final, cfg.to_dict(), result, cached=not built)
+
+
+# ---------------------------------------------------------------------------------------------- HSAKD heads
+
+HEADS_STAGE = "hsakd-heads"
+# What the heads stage takes over from its teacher's stage: the data, the seed and how it runs; the optimisation
+# is HSAKD's own (preset hsakd_heads), never the teacher's.
+HEADS_INHERITED = ("data", "data_root", "download", "val_fraction", "data_seed", "augment", "seed", "device",
+                   "amp", "channels_last", "compile", "num_workers", "eval_batch_size")  # fmt: skip
+
+
+def heads_stage_config(teacher, *, epochs: int | None = None, overrides: dict | None = None) -> dict:
+    """The TrainConfig dict of the HSAKD heads stage on ``teacher`` (a :class:`Stage`, or anything with its
+    ``config`` dict and ``model_path``: the plan's ``StagePlan``): ``method=hsakd_heads`` on the teacher's
+    architecture and final.pt, with the data, seed and execution fields of the teacher's config and HSAKD's heads
+    recipe (``preset=hsakd_heads``: SGD Nesterov 0.9, wd 5e-4, lr 0.05, batch 64, x0.1 at 30/60/90 % of the
+    epochs). ``epochs`` defaults to the teacher stage's (the sweep's configured length; the official run is 100
+    epochs against the teacher's 240); ``overrides`` sets any other field (e.g. ``batch_size``)."""
+    base = {k: teacher.config[k] for k in HEADS_INHERITED if k in teacher.config}
+    n = int(epochs if epochs is not None else teacher.config.get("epochs") or 100)
+    return {**base, "model": teacher.config["model"], "method": "hsakd_heads", "teacher": str(teacher.model_path),
+            "preset": "hsakd_heads", "epochs": n, **(overrides or {})}  # fmt: skip
+
+
+def heads_stage_key(teacher_key: str, cfg_dict: dict) -> str:
+    """``<teacher key>-hsakd-heads-<16 hex of the heads config>``: the heads stage's folder names its teacher's
+    stage, and a new teacher (or another heads recipe) is another folder. The hash reads the teacher as its key,
+    not its path, so a storage moved elsewhere keeps its keys."""
+    from kdtune.config import TrainConfig
+
+    ident = TrainConfig.from_dict(cfg_dict).identity()
+    ident["teacher"] = f"stage:{teacher_key}"
+    return f"{teacher_key}-{HEADS_STAGE}-{stage_key(ident)}"
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """What the heads stage needs of its teacher: a key, the config it inherits from and the checkpoint."""
+
+    key: str
+    config: dict
+    model_path: Path
+
+
+def checkpoint_teacher(path: str | Path, config: dict) -> TeacherRef:
+    """A teacher given as a checkpoint (a spec's ``teacher: {checkpoint: ...}``) as the heads stage's teacher:
+    keyed by the sha256 of the file's bytes (``ckpt`` and 16 hex), ``config`` the data and execution fields the
+    heads stage inherits plus ``model`` (the teacher's architecture) and ``epochs``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return TeacherRef(f"ckpt{h.hexdigest()[:16]}", dict(config), Path(path))
+
+
+def ensure_heads_stage(
+    teacher: Stage | TeacherRef,
+    root: Path,
+    *,
+    epochs: int | None = None,
+    overrides: dict | None = None,
+    resources: dict | None = None,
+    log=print,
+    runner: Callable[[dict, str, int], dict] | None = None,
+) -> Stage:
+    """The HSAKD heads stage of ``teacher`` (the sweep's ``"teacher"`` :class:`Stage`, or
+    :func:`checkpoint_teacher` of a checkpoint): its auxiliary branches trained on the frozen teacher, built once
+    (``storage.build_once``, as every stage) and cached under ``root/<heads_stage_key>``. Its ``final.pt`` holds
+    the teacher's weights, unchanged, and the branches, so it is the ``teacher=`` of every ``method=hsakd``
+    trial. A second call with the same teacher and recipe returns the cached stage (``cached=True``).
+
+    How the sweep driver uses it (``kdtune/tune/driver.py``, ``Driver.build_stages`` / ``contexts``; formerly
+    ``runner.py``'s ``_build_stages``): once the teacher stage is built, if a group's method declares
+    ``needs_teacher_heads`` (hsakd)::
+
+        heads = built[HEADS_STAGE] = ensure_heads_stage(built["teacher"], self.spec.stages_dir,
+                                                       resources=res, log=self.log)
+
+    (recorded like the other stages: state.json, MLflow ``log_stage``), and that group's trials take
+    ``teacher=str(heads.model_path)`` instead of the teacher's final.pt, with ``teacher_info=heads.teacher_info()``
+    (the same teacher, its accuracy measured by the heads run). Alternatively the plan names the stage up front,
+    since its key depends only on the teacher stage's key and config: ``cfg = heads_stage_config(teacher_plan)``,
+    ``key = heads_stage_key(teacher_plan.key, cfg)``, a ``StagePlan(HEADS_STAGE, cfg, key, stages_dir / key)``
+    after the teacher's, the hsakd groups' ``base["teacher"]`` its ``final.pt`` and ``HEADS_STAGE`` in their
+    ``stages``; then ``build_stages`` must pass ``key=sp.key`` to :func:`ensure_stage`."""
+    cfg = heads_stage_config(teacher, epochs=epochs, overrides=overrides)
+    return ensure_stage(HEADS_STAGE, cfg, root, resources=resources, log=log, runner=runner,
+                        key=heads_stage_key(teacher.key, cfg))  # fmt: skip

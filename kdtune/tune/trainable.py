@@ -1,52 +1,36 @@
-"""The Ray Tune function trainable: one trial = one engine run, reported once per epoch with a checkpoint.
+"""The one Ray Tune trainable: a unit of K ≥ 1 members (:mod:`kdtune.tune.protocol`) trained by one engine
+unit (:func:`kdtune.engine.units.open_unit`: the plain Trainer for K = 1, a fused Bundle for K > 1), reported
+to Tune once per epoch.
 
-The trial's config holds only the searched hyperparameters (and constants of the space); everything shared by
-the trials of a group (the base TrainConfig, the teacher and warm-start paths, tracking) travels in a
-:class:`TrialContext`, and the preloaded :class:`~kdtune.data.DataBundle` through ``tune.with_parameters``.
-
-Per trial:
-
-1. ``TrainConfig`` = the group's base + the config (a key names a method hyperparameter when the method has
-   one of that name, else a TrainConfig field);
-2. restore the engine's full state: a retried or resumed trial goes on from its last epoch, not from scratch;
-3. per epoch: save ``state.pt`` (and ``best.pt`` when validation improves), log the metrics to the trial's
-   MLflow run, ``tune.report(metrics, checkpoint=...)``; the time all this takes is measured
-   (:class:`OrchestrationClock`) and reported as ``orch_s`` and ``orch_frac`` of the trial's wall time;
-4. after the last epoch, before its report (Tune may end the process once it has the final result): the best
-   checkpoint and the final student as MLflow artifacts, the run ended FINISHED, ``done.json`` written. A
-   trial stopped by the scheduler (ASHA) ends FINISHED with the reason; a diverged one (NaN loss) FAILED
-   with the reason, and a marker keeps its retries from training again. The driver closes any run a killed
-   process left open (:func:`kdtune.tune.runner.close_open_runs`).
-
-Each trial keeps a folder of its own, ``<experiment>/trials/<trial id>/``, on the experiment's (shared)
-storage: ``ckpt/`` (``state.pt``, ``best.pt``, ``progress.json``; also what each report hands to Tune as
-the checkpoint), ``done.json`` (the final result) and ``events.jsonl`` (an append-only log of each start,
-with the epoch restored, and each epoch: the audit trail the kill-and-resume test reads). Tune restores a
-trial from the checkpoint of its last experiment snapshot, which lags the trial by up to a snapshot period
-after a driver is killed (or has none yet); the trial's own folder is never behind, so a restored trial
-continues from its newest state, and a trial that had finished reports its final result again without
-training. (A sweep resumed with ``failures.on_resume: restart`` clears the folders of its errored trials.)
+Per epoch: every live member's state is committed (:func:`commit_states`), its metrics logged to its MLflow run
+and its ``epoch`` event written (:class:`~kdtune.tune.record.TrialRecord`); then each member is decided
+(completed at the last epoch, pruned by the group's member rule when it has one) and closed before the unit's
+report, because Tune may end the process once it has a final result. A member whose loss diverged is closed
+``diverged`` and leaves the unit; the unit goes on with the others. Tune stopping the unit early (its
+scheduler) closes the live members ``pruned``; an error closes them ``failed`` and is raised (Tune retries).
+A restarted unit (a retried worker, a resumed driver) goes on from the committed epoch; members with a
+``done.json`` are not trained again. The time spent on all this is measured (:class:`OrchestrationClock`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
-# Result keys reported to Tune: numbers only (the scheduler and searcher read them).
-_SKIP = ("is_best",)
+from kdtune.tune.protocol import GROUP_KEY, Member, Outcome, finite, members_of, report_rows, shared_unit
+from kdtune.tune.record import TrialRecord, numeric, trial_folder, write_event, write_json
+
+COMMIT_FILE = "commit.json"
+PENDING = "state.pending.pt"
 
 
 @dataclass
 class TrialContext:
-    """What every trial of one (student, method) group shares; pickled to the trial by Ray."""
+    """What every trial of one group shares; pickled to the trial by Ray."""
 
     group: str
     method: str
@@ -60,117 +44,22 @@ class TrialContext:
     params: dict = field(default_factory=dict)  # extra MLflow params (student, teacher, data, ...)
     teacher_info: dict | None = None  # the teacher's accuracy, measured once by its stage
     init_info: dict | None = None  # the warm start's errors, measured once by the CE stage
-    fuse: dict | None = None  # a fused group's member early stopping (kdtune.tune.fused): metric, mode, rungs
-
-
-@dataclass
-class SharedData:
-    """A DataBundle put in Ray's object store once per sweep and shared by every group's trials (passing the
-    bundle itself through ``tune.with_parameters`` would store one copy per group)."""
-
-    ref: Any
-
-    def get(self):
-        import ray
-
-        return ray.get(self.ref)
-
-
-def split_config(config: dict[str, Any], method: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(TrainConfig fields, method hyperparameters) of a trial config. A name that is both (IPWD's
-    ``momentum``) is the hyperparameter; ``train.<field>`` forces the field."""
-    from kdtune.losses import METHODS
-
-    hps = METHODS.get(method).hparams
-    fields: dict[str, Any] = {}
-    hp: dict[str, Any] = {}
-    for k, v in config.items():
-        if k.startswith("train."):
-            fields[k[len("train.") :]] = v
-        elif k in hps:
-            hp[k] = v
-        else:
-            fields[k] = v
-    return fields, hp
+    metric: str = "val_acc"
+    mode: str = "max"
+    # The group's member rule (:func:`kdtune.tune.fused.member_early_stopping`): rungs and reduction factor,
+    # when members are pruned inside their unit (a group whose units Tune's scheduler runs FIFO).
+    member_rule: dict | None = None
 
 
 def trial_config(ctx: TrialContext, config: dict[str, Any]):
-    from kdtune.config import TrainConfig
+    from kdtune.trial_config import trial_train_config
 
-    fields, hp = split_config(config, ctx.method)
-    base = dict(ctx.base)
-    base_hp = dict(base.pop("hp", None) or {})
-    return TrainConfig.from_dict({**base, **fields, "hp": {**base_hp, **hp}})
-
-
-def diverged_marker(ctx: TrialContext, trial_id: str) -> Path:
-    return Path(ctx.experiment_dir) / "diverged" / f"{trial_id}.txt"
-
-
-def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
-    return Path(experiment_dir) / "trials" / trial_id
-
-
-def read_events(folder: Path) -> list[dict]:
-    """The events of a trial folder (``trial_folder(...)``), oldest first."""
-    try:
-        lines = (folder / EVENTS_FILE).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [json.loads(ln) for ln in lines if ln.strip()]
-
-
-def _event(folder: Path, **kw) -> None:
-    kw.setdefault("time", time.time())
-    kw.setdefault("pid", os.getpid())
-    kw.setdefault("host", socket.gethostname())
-    try:
-        with open(folder / EVENTS_FILE, "a") as f:
-            f.write(json.dumps(kw, default=str) + "\n")
-    except OSError:
-        pass
-
-
-def _recover_epoch_events(folder: Path, history: list[dict], trial_id: str) -> None:
-    """A process killed after it saved an epoch's state but before it wrote the epoch's event trained that
-    epoch once: the restored state holds it. Its event is written now, marked ``recovered``, so the audit
-    trail (one ``epoch`` event per epoch trained) matches the state the trial goes on from."""
-    seen = {e.get("epoch") for e in read_events(folder) if e.get("event") == "epoch"}
-    for h in history:
-        if h.get("epoch") not in seen:
-            _event(folder, event="epoch", epoch=h.get("epoch"), trial_id=trial_id, recovered=True)
-
-
-def _epoch_of(ckpt_dir: Path) -> int:
-    try:
-        return int(json.loads((ckpt_dir / "progress.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
-def _write_json(path: Path, obj: Any, durable: bool = True) -> None:
-    from kdtune.storage import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, default=str), durable=durable)
-
-
-def _numeric(m: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in m.items():
-        if k in _SKIP or v is None or isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)):
-            out[k] = v
-    return out
+    return trial_train_config(ctx.method, ctx.base, config)
 
 
 class OrchestrationClock:
-    """Seconds a trial spends on everything but training and evaluation: checkpoint writes, MLflow logging,
-    ``tune.report`` (and the wait for Tune to take the result), between one epoch's end and the next's start.
-
-    ``figures()`` gives ``orch_s`` (all bookkeeping of the epochs before, plus this epoch's so far) and
-    ``orch_frac``, that over the trial's wall time since its training loop began (in this process).
-    """
+    """Seconds a unit spends on everything but training and evaluation (checkpoints, MLflow, reports).
+    ``figures()``: ``orch_s`` so far and ``orch_frac`` of the wall time since the training loop began."""
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
@@ -194,213 +83,230 @@ class OrchestrationClock:
 
 def run_trial(config: dict[str, Any], ctxs: dict[str, TrialContext] | None = None, data=None,
               ctx: TrialContext | None = None) -> None:
-    """The function trainable (wrap with ``tune.with_parameters(run_trial, ctxs={group: ctx}, data=...)``):
-    the trial's group, under ``kdtune.group`` in its config, picks its context (or give one ``ctx``)."""
+    """The function trainable (``rayrt.make_trainable(run_trial, ctxs, data, budget)``): the unit's group,
+    under ``kdtune.group`` in its config, picks its context (or give one ``ctx``)."""
     import torch
     from ray import tune
 
-    from kdtune.engine.trainer import DivergedError
-    from kdtune.tune.search import GROUP_KEY
-
-    config = dict(config)
-    group = config.pop(GROUP_KEY, None)
+    group = config.get(GROUP_KEY)
     if ctx is None:
         assert ctxs is not None and group in ctxs, f"run_trial has no TrialContext for group {group!r}"
         ctx = ctxs[group]
     torch.set_num_threads(max(1, int(ctx.threads)))
     tctx = tune.get_context()
-    trial_id, trial_name, trial_dir = tctx.get_trial_id(), tctx.get_trial_name(), tctx.get_trial_dir()
-    from kdtune.tune.fused import MEMBERS_KEY, run_bundle
+    uid = tctx.get_trial_id()
+    Unit(ctx, uid, tctx.get_trial_name(), members_of(uid, config), data).run()
 
-    if MEMBERS_KEY in config:  # a fused bundle of K members (budget.fuse): one Tune trial, K trials
-        return run_bundle(config, ctx, data, trial_id, trial_name)
 
-    marker = diverged_marker(ctx, trial_id)
-    if marker.exists():
-        # A diverged trial retried by Ray (max_failures) or resumed with resume_errored: it would diverge again.
-        raise DivergedError(marker.read_text().strip())
+def commit_states(folder: Path, states: dict[str, tuple[Path, dict]], epoch: int) -> None:
+    """Write each member's state so that all resume at one epoch: one member replaces its ``state.pt``
+    atomically; several write ``state.pending.pt`` each, then ``commit.json`` names the epoch, then each
+    pending file replaces ``state.pt`` (:func:`restore_states` rolls a committed epoch forward)."""
+    from kdtune.engine.trainer import atomic_torch_save
 
-    folder = trial_folder(ctx.experiment_dir, trial_id)
-    ck = folder / "ckpt"
-    ck.mkdir(parents=True, exist_ok=True)
-    done = folder / "done.json"
-    _event(folder, event="open", trial_id=trial_id, nice=os.nice(0))  # this process now owns the trial's run and folder
+    if not states:
+        return
+    if len(states) == 1:
+        (ck, st), = states.values()
+        atomic_torch_save(st, ck / "state.pt")
+        return
+    for ck, st in states.values():
+        atomic_torch_save(st, ck / PENDING)
+    write_json(folder / COMMIT_FILE, {"epoch": epoch, "members": list(states)})
+    for ck, _ in states.values():
+        (ck / PENDING).replace(ck / "state.pt")
+
+
+def restore_states(folder: Path, cks: dict[str, Path], device) -> dict[str, dict]:
+    """The members' states as committed: pending files of the committed epoch rolled forward, others dropped."""
+    from kdtune.engine.trainer import read_state
+    from kdtune.errors import CheckpointError
+
     try:
-        if done.exists():
-            # Finished before the driver died, but after Tune's last snapshot: report the final result again.
-            final = json.loads(done.read_text())
-            _event(folder, event="start", epoch=final.get("epoch"), finished=True, trial_id=trial_id)
-            tune.report(final)
-            return
-        _run(config, ctx, data, trial_id, trial_name, trial_dir, folder, ck, marker)
-    finally:
-        # The driver touches this trial's run only after this event (or once this process is gone).
-        _event(folder, event="closed", trial_id=trial_id)
-
-
-def _run(config, ctx, data, trial_id, trial_name, trial_dir, folder: Path, ck: Path, marker: Path) -> None:
-    from ray import tune
-
-    from kdtune.engine.trainer import DivergedError, Trainer
-    from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
-
-    tracker = None
-    if ctx.tracking_uri:
-        from kdtune.tracking import TrialTracker
-
-        tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, trial_id, trial_name,
-                               background=True, system_metrics=True)  # fmt: skip
-        seed = config.get("train.seed", config.get("seed", ctx.base.get("seed")))
-        tracker.log_trial_params(ctx.method, config, ctx.base, {**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed})
-        tracker.set_tags({"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
-                          "kdtune.trial_dir": str(folder), TAG_OUTCOME: "running"})  # fmt: skip
-
-    trainer = None
-    cfg = None
-    try:
-        if isinstance(data, SharedData):
-            data = data.get()
-        cfg = trial_config(ctx, config)
-        trainer = Trainer(cfg, data=data, teacher_info=ctx.teacher_info, init_info=ctx.init_info)
-        tune_ckpt = tune.get_checkpoint()
-        if tune_ckpt is not None:
-            with tune_ckpt.as_directory() as d:
-                if _epoch_of(Path(d)) > _epoch_of(ck):  # our folder is never behind, unless it was lost
-                    for f in Path(d).iterdir():
-                        if f.is_file():
-                            shutil.copy2(f, ck / f.name)
-        if (ck / "state.pt").is_file():
-            trainer.load_state(ck / "state.pt")
-            if tracker is not None and trainer.history:
-                tracker.backfill(trainer.history)
-            _recover_epoch_events(folder, trainer.history, trial_id)
-        _event(folder, event="start", epoch=trainer.epoch, epochs=cfg.epochs, trial_id=trial_id)
-
-        if trainer.epoch >= cfg.epochs and trainer.history:
-            # Restored after its last epoch, before it closed: close the run, report the final result again.
-            final = _numeric(trainer.history[-1])
-            _finish(tracker, trainer, folder, final, trial_id)
-            tune.report(final)
-        orch = OrchestrationClock()
-        report_ms = 0.0
-        for m in trainer.run():
-            orch.begin()
-            t_save = time.perf_counter()
-            trainer.save_state(ck / "state.pt")
-            if m["is_best"]:
-                trainer.save_model(ck / "best.pt", durable=False)
-            _write_json(ck / "progress.json", {"epoch": trainer.epoch}, durable=False)
-            # Tune's checkpoint is a pointer (the epoch): the state lives in the trial's own folder, on the
-            # experiment's storage, so nothing is copied per epoch.
-            pointer = folder / "tune-ckpt"
-            pointer.mkdir(exist_ok=True)
-            _write_json(pointer / "progress.json", {"epoch": trainer.epoch, "folder": str(folder)}, durable=False)
-            save_ms = 1000 * (time.perf_counter() - t_save)
-            result = {**_numeric(m), **orch.figures()}
-            if tracker is not None:
-                tracker.log_metrics(result, step=m["epoch"])
-            # the audit trail, with where this epoch's bookkeeping went (the report's share: the one before)
-            _event(folder, event="epoch", epoch=m["epoch"], trial_id=trial_id, orch_s=result["orch_s"],
-                   save_ms=round(save_ms, 1), report_ms=round(report_ms, 1))  # fmt: skip
-            if trainer.epoch >= cfg.epochs:
-                # Close the run before the last report: once Tune has the final result it may end this
-                # process at any moment.
-                _finish(tracker, trainer, folder, result, trial_id, orch)
-            t_report = time.perf_counter()
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(pointer)))
-            report_ms = 1000 * (time.perf_counter() - t_report)
-            orch.end()
-    except DivergedError as e:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(e))
-        _event(folder, event="diverged", reason=str(e), trial_id=trial_id)
-        if tracker is not None:
-            tracker.set_tags({TAG_OUTCOME: "diverged", TAG_STOPPED_EPOCH: trainer.epoch if trainer else 0})
-            tracker.end("FAILED", f"diverged: {e}")
-        raise
-    except SystemExit:
-        # Tune ends a trial by raising SystemExit in tune.report: after its last epoch (already closed above),
-        # or earlier when the scheduler (ASHA) stops it: complete by design, at lower fidelity.
-        epoch = trainer.epoch if trainer is not None else 0
-        total = cfg.epochs if cfg is not None else None
-        if total is None or epoch < total:
-            _event(folder, event="stopped", epoch=epoch, trial_id=trial_id)
-            if tracker is not None and not tracker.ended:
-                _log_best(tracker, ck)
-                tracker.set_tags({TAG_OUTCOME: "pruned", TAG_STOPPED_EPOCH: epoch,
-                                  "kdtune.stop_reason": f"stopped by the scheduler after epoch {epoch}/{total}"})
-                tracker.end("FINISHED")
-        raise
-    except BaseException as e:
-        if tracker is not None and not tracker.ended:
+        committed = int(json.loads((folder / COMMIT_FILE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        committed = -1
+    states = {}
+    for mid, ck in cks.items():
+        pending = ck / PENDING
+        if pending.is_file():
             try:
-                tracker.set_tags({TAG_OUTCOME: "failed", TAG_STOPPED_EPOCH: trainer.epoch if trainer else 0})
-                tracker.end("FAILED", f"{type(e).__name__}: {e}")
-            except Exception:  # noqa: BLE001 - the trial's own error is the one to report (a full disk refuses
-                pass  # both); its run stays open and the driver, or the resumed trial, ends it
-        raise
+                ok = int(read_state(pending, device)["epoch"]) == committed
+            except CheckpointError:
+                ok = False
+            pending.replace(ck / "state.pt") if ok else pending.unlink()
+        if (ck / "state.pt").is_file():
+            states[mid] = read_state(ck / "state.pt", device)
+    epochs = {mid: int(s["epoch"]) for mid, s in states.items()}
+    if states and (len(states) != len(cks) or len(set(epochs.values())) != 1):
+        raise CheckpointError(
+            f"unit {folder.name}: its members' states are at different epochs ({epochs}, committed {committed}); "
+            "restart it with failures.on_resume: restart"
+        )
+    return states
 
 
-def _finish(tracker, trainer, folder: Path, final: dict, trial_id: str, orch=None) -> None:
-    """The end of a complete trial: artifacts, the run closed, ``done.json`` (the final result, whose
-    orchestration figures then include the artifact uploads)."""
-    if tracker is not None:
+class Unit:
+    """One Tune trial: its members' records, the engine unit that trains them, the reports."""
+
+    def __init__(self, ctx: TrialContext, uid: str, name: str, members: list[Member], data):
+        self.ctx, self.uid, self.data = ctx, uid, data
+        self.shared = shared_unit(uid, members)  # None: the unit is its one member (one folder, one record)
+        self.records = {m.id: TrialRecord(ctx, m.id, m.config, unit=self.shared,
+                                          name=f"{name}-m{i}" if self.shared else name)
+                        for i, m in enumerate(members)}  # fmt: skip
+        self.folder = trial_folder(ctx.experiment_dir, uid)
+        self.final: dict[str, dict] = {}
+        self.engine = None
+        self.pruner = None
+        self.epochs = int(ctx.base.get("epochs") or 0)
+
+    # ------------------------------------------------------------------ ownership
+    def run(self) -> None:
+        own = [self.folder] if self.shared else []  # a shared unit's own folder: its process's open/closed
+        for f in own:
+            f.mkdir(parents=True, exist_ok=True)
+            write_event(f, event="open", trial_id=self.uid, members=list(self.records))
+        for rec in self.records.values():
+            rec.open()
         try:
-            _log_best(tracker, folder / "ckpt")
-            tracker.log_student(trainer, step=trainer.epoch)
-        except Exception as e:  # noqa: BLE001 - a tracking failure never costs a trained trial
-            _event(folder, event="unrecorded", what="artifacts", reason=f"{type(e).__name__}: {e}"[:500],
-                   trial_id=trial_id)
-    if orch is not None:
-        final.update(orch.figures())
-        if tracker is not None:
-            tracker.log_metrics({k: final[k] for k in ("orch_s", "orch_frac")}, step=trainer.epoch)
-    if tracker is not None:
-        from kdtune.tracking.client import TAG_OUTCOME
+            self._run()
+        finally:
+            for rec in self.records.values():
+                rec.closed()
+            for f in own:
+                write_event(f, event="closed", trial_id=self.uid)
 
+    def _run(self) -> None:
+        for mid, rec in self.records.items():
+            done = rec.done()
+            if done is not None:
+                self.final[mid] = done
+        live = [mid for mid in self.records if mid not in self.final]
+        if not live:  # finished before the driver died, but after Tune's last snapshot: report again
+            for mid, rec in self.records.items():
+                rec.event(event="start", epoch=self.final[mid].get("epoch"), finished=True)
+            return self.report(final=True)
+        from kdtune.tune.rayrt import SharedData
+
+        data = self.data.get() if isinstance(self.data, SharedData) else self.data
         try:
-            tracker.set_tags({TAG_OUTCOME: "completed"})
-            tracker.end("FINISHED")
-        except Exception as e:  # noqa: BLE001 - the trial is trained: the driver records its run afterwards
-            _event(folder, event="unrecorded", what="run", reason=f"{type(e).__name__}: {e}"[:500],
-                   trial_id=trial_id)  # fmt: skip
-    _write_json(folder / "done.json", final)
-    _event(folder, event="done", epoch=trainer.epoch, trial_id=trial_id)
+            self._train(live, data)
+        except SystemExit:
+            # Tune ends a unit by raising SystemExit in tune.report: after its last epoch (members closed
+            # already), or earlier when its scheduler (ASHA) stops it: complete at lower fidelity.
+            for mid in self._open():
+                last = self.records[mid].last or {}
+                if int(last.get("epoch") or 0) < self.epochs:
+                    ep = last.get("epoch") or 0
+                    self._close(mid, last, Outcome.PRUNED, f"stopped by the scheduler after epoch {ep}/{self.epochs}")
+            raise
+        except BaseException as e:
+            for mid in self._open():
+                try:
+                    self.records[mid].close(Outcome.FAILED, self.records[mid].last or {}, f"{type(e).__name__}: {e}")
+                except Exception:  # noqa: BLE001 - the unit's own error is the one to report
+                    pass
+            raise
 
+    def _open(self) -> list[str]:
+        return [mid for mid in self.records if mid not in self.final]
 
-def _log_best(tracker, ck: Path) -> None:
-    best = ck / "best.pt"
-    if best.is_file():
-        tracker.log_artifact(best, "checkpoints")
+    # ------------------------------------------------------------------ training
+    def _train(self, live: list[str], data) -> None:
+        from kdtune.engine.units import open_unit
+        from kdtune.tune.fused import MemberPruner
 
+        ctx = self.ctx
+        rule = ctx.member_rule or {}
+        if rule.get("rungs"):
+            self.pruner = MemberPruner(Path(ctx.experiment_dir) / "fuse" / ctx.group / "rungs.jsonl", rule["rungs"],
+                                       float(rule.get("reduction_factor", 2.0)), ctx.mode)  # fmt: skip
+        for mid in live:
+            self.records[mid].open_run()
+        cfgs = [trial_config(ctx, self.records[mid].config) for mid in live]
+        self.epochs = cfgs[0].epochs
+        unit = self.engine = open_unit(cfgs, data=data, keys=live, teacher_info=ctx.teacher_info,
+                                       init_info=ctx.init_info)  # fmt: skip
+        states = restore_states(self.folder, {mid: self.records[mid].ck for mid in live}, unit.device)
+        for mid, st in states.items():
+            unit.load_member_state(mid, st)
+        start = unit.epoch
+        for mid in live:
+            self.records[mid].event(event="start", epoch=start, epochs=self.epochs, bundle_size=unit.size)
+            if self.records[mid].tracker is not None:  # how the unit ran: lone, or a fused bundle's mode
+                self.records[mid].tracker.set_tags({"kdtune.bundle_mode": unit.mode})
+        if self.shared:
+            write_event(self.folder, event="start", trial_id=self.uid, epoch=start, members=list(unit.keys),
+                        mode=unit.mode, exact=unit.exact, mode_exact=unit.mode_exact,
+                        mode_ms={m: round(1e3 * t, 2) for m, t in unit.mode_timings.items()})  # fmt: skip
+        if start > 0:  # a committed epoch whose bookkeeping a kill cut short: events, metrics, decisions
+            for mid in live:
+                self.records[mid].restore(unit.history(mid))
+            self._decide({mid: unit.history(mid)[-1] for mid in live if unit.history(mid)})
+            if not unit.size or unit.epoch >= self.epochs:
+                return self.report(final=True)
+        orch = OrchestrationClock()
+        for ms in unit.run():
+            orch.begin()
+            self._epoch(ms, orch)
+            orch.end()
+            if not unit.size:
+                break
 
-def trial_gone(folder: Path) -> bool:
-    """Whether the process that last ran this trial has let go of its records (MLflow run, folder): it wrote
-    its ``closed`` event after its last ``open``, or it is dead (checked on this host only). A trial that
-    never started here is gone too."""
-    from kdtune.tune.lock import pid_alive
+    def _epoch(self, ms: list[dict], orch: OrchestrationClock) -> None:
+        unit = self.engine
+        by = {m["member"]: m for m in ms}
+        for mid, m in by.items():  # diverged members first: out of the unit already, and out of the commit
+            if m.get("diverged"):
+                self._close(mid, m, Outcome.DIVERGED, m["error"])
+        live = [mid for mid in unit.keys if mid in by]
+        t_save = time.perf_counter()
+        commit_states(self.folder, {mid: (self.records[mid].ck, unit.member_state(mid)) for mid in live}, unit.epoch)
+        for mid in live:
+            if by[mid].get("is_best"):
+                unit.save_model(mid, self.records[mid].ck / "best.pt", durable=False)
+        save_ms = round(1000 * (time.perf_counter() - t_save), 1)
+        figures = orch.figures()
+        merged = {}
+        for mid in live:
+            merged[mid] = {**numeric(by[mid]), **figures}
+            self.records[mid].epoch(merged[mid], save_ms=save_ms)
+        self._decide(merged)
+        self.report(figures)
 
-    last_start = None
-    closed = False
-    for ev in read_events(folder):
-        if ev.get("event") == "open":
-            last_start, closed = ev, False
-        elif ev.get("event") == "closed" and last_start is not None and ev.get("pid") == last_start.get("pid"):
-            closed = True
-    if last_start is None or closed:
-        return True
-    if last_start.get("host") == socket.gethostname():
-        return not pid_alive(int(last_start.get("pid", -1)))
-    return False
+    def _decide(self, by: dict[str, dict]) -> None:
+        """Per live member after a committed epoch: complete (last epoch), pruned (the member rule), or go on."""
+        for mid, m in by.items():
+            epoch = int(m["epoch"])
+            if epoch >= self.epochs:
+                self._close(mid, m, Outcome.COMPLETED)
+            elif self.pruner is not None and self.pruner.prune(mid, epoch, m.get(self.ctx.metric)):
+                self._close(mid, m, Outcome.PRUNED, f"stopped by ASHA's rule for members after epoch {epoch}/{self.epochs}")
+                self.engine.drop(mid)
 
+    def _close(self, mid: str, m: dict, outcome: Outcome, reason: str | None = None) -> None:
+        unit, rec = self.engine, self.records[mid]
+        model = None
+        if outcome is Outcome.COMPLETED and unit is not None:
+            unit.save_model(mid, rec.ck / "final.pt")
+            model = unit.student(mid)
+        self.final[mid] = rec.close(outcome, m, reason, model=model, data=unit.data if unit is not None else None)
 
-def wait_trials_gone(folders: list[Path], timeout_s: float = 60.0, poll_s: float = 0.2) -> list[Path]:
-    """Poll until every trial folder is :func:`trial_gone`; returns those still held after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(folders)
-    while pending:
-        pending = [f for f in pending if not trial_gone(f)]
-        if not pending or time.monotonic() > deadline:
-            break
-        time.sleep(poll_s)
-    return pending
+    # ------------------------------------------------------------------ reports
+    def report(self, figures: dict | None = None, final: bool = False) -> None:
+        """One Tune report: the best live value of the metric (what Tune's scheduler reads), the epoch, and every
+        member's row; with a pointer checkpoint (the epoch) so a restored unit keeps Tune's iteration count."""
+        from ray import tune
+
+        rows = {mid: self.final.get(mid) or self.records[mid].last or {} for mid in self.records}
+        vals = [r.get(self.ctx.metric) for r in rows.values() if finite(r.get(self.ctx.metric))]
+        best = (max(vals) if self.ctx.mode == "max" else min(vals)) if vals else math.nan
+        epoch = max([int(r.get("epoch") or 0) for r in rows.values()], default=0)
+        live = len(self._open())
+        result = {self.ctx.metric: best, "epoch": epoch, "trial_id": self.uid, "bundle_size": live,
+                  **(figures or {}), **report_rows(rows)}  # fmt: skip
+        pointer = self.folder / "tune-ckpt"
+        pointer.mkdir(parents=True, exist_ok=True)
+        write_json(pointer / "progress.json", {"epoch": epoch, "folder": str(self.folder)}, durable=False)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(pointer)))

@@ -1,22 +1,16 @@
 """The file system Tune writes a sweep's experiment to: the local disk, with every file written whole or not at
 all.
 
-Tune writes its experiment snapshot (``experiment_state-*.json``, the searcher's and search generator's
-pickles, the callbacks' state) in a local staging folder and then *copies* it to the storage path
-(``<experiment>/tune/<name>/``) with ``pyarrow.fs.copy_files``; the copy writes each destination file in
-place. A driver killed during that copy leaves a truncated file behind, and the next ``kdtune resume`` then
-reads half a pickle (``EOFError``) or half a JSON document, and Tune starts the experiment over. The same
-copy uploads the trials' Tune checkpoints.
-
 :func:`atomic_local_fs` is a ``pyarrow.fs.PyFileSystem`` over the local disk whose output streams write to a
 hidden temporary file beside the target (``.<name>.<pid>.<random>.tmp``, which no Tune pattern matches) and
 rename it over the target when closed, after an fsync: a reader sees the old file or the new one, never a
 part. Everything else is fsspec's local file system, as Ray itself uses it (``_ExcludingLocalFilesystem``).
-Written here because neither pyarrow nor fsspec offers atomic writes on a local file system.
 
 Each file is whole; the files of one snapshot may still come from two snapshots (the driver killed between
 two of them). That is why a resumed searcher is rebuilt from the restored trial list rather than trusted
 (:meth:`kdtune.tune.search.GroupedOptunaSearch.rebuild`).
+
+More: docs/sweep_storage.md §Tune's file system (why: Tune's copy of its snapshot writes in place).
 """
 
 from __future__ import annotations

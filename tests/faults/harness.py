@@ -194,7 +194,7 @@ def wait_quiet(exp: Path, quiet_s: float = 3.0, timeout: float = 90) -> dict[str
 
 
 def events(exp: Path) -> dict[str, list[dict]]:
-    from kdtune.tune.trainable import read_events
+    from kdtune.tune.record import read_events
 
     d = exp / "trials"
     return {f.name: read_events(f) for f in d.glob("*") if f.is_dir()} if d.is_dir() else {}

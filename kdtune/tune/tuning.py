@@ -1,0 +1,159 @@
+"""The sweep's Tune experiments: the search over every group (one Tuner, restored when it exists) and the
+repeats of each group's best configuration, with the run settings both share (storage, callbacks, failures).
+
+A fit that returned with units still pending was interrupted (Ctrl-C); a unit that failed on a full disk ends
+the whole fit at once, in one line (:class:`~kdtune.tune.callbacks.DiskFullStop`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+from kdtune.errors import DiskFullError, disk_full_message
+from kdtune.spec import SweepSpec
+from kdtune.tune.plan import SweepPlan
+from kdtune.tune.protocol import GROUP_KEY, expand_members
+from kdtune.tune.results import repeat_stats
+
+TUNE_NAME = "sweep"
+REPEATS_NAME = "repeats"
+
+
+def disk_full_error(exp: Path) -> DiskFullError:
+    return DiskFullError(disk_full_message(exp, f"kdtune resume {exp}"))
+
+
+class Tuning:
+    def __init__(self, spec: SweepSpec, exp: Path, log=print):
+        self.spec, self.exp, self.log = spec, exp, log
+
+    def disk_full(self) -> DiskFullError:
+        return disk_full_error(self.exp)
+
+    def fit(self, p: SweepPlan, ctxs: dict, shared):
+        from ray import tune
+
+        from kdtune.tune.rayrt import make_trainable
+        from kdtune.tune.repairs import clear_errored
+        from kdtune.tune.trainable import run_trial
+        from kdtune.tune.tunefs import atomic_local_fs
+
+        spec = self.spec
+        path = self.exp / "tune" / TUNE_NAME
+        trainable = make_trainable(run_trial, ctxs, shared, spec.budget)
+        if tune.Tuner.can_restore(str(path), storage_filesystem=atomic_local_fs()):
+            on = spec.failures.on_resume
+            self.log(f"resuming its {p.total_trials} trials ({len(p.groups)} groups)")
+            if on == "restart":
+                clear_errored(path, self.exp)
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=on == "resume", restart_errored=on == "restart",
+                                       storage_filesystem=atomic_local_fs())  # fmt: skip
+        else:
+            for line in p.log_lines():
+                self.log(line)
+            tuner = self.new_tuner(p, trainable)
+        return self.tune_fit(tuner, p.total_units, path)
+
+    def new_tuner(self, p: SweepPlan, trainable):
+        from ray import tune
+
+        from kdtune.tune.callbacks import OptunaMirror, ProgressPrinter, TrialNamer
+        from kdtune.tune.search import (
+            GroupedOptunaSearch,
+            GroupedScheduler,
+            GroupedSearchGenerator,
+            make_scheduler,
+        )
+
+        spec = self.spec
+        searches = p.searches()
+        searcher = GroupedOptunaSearch(searches, spec.metric, spec.mode, spec.budget.epochs, seed=spec.seed,
+                                       max_concurrent=spec.budget.concurrency)  # fmt: skip
+        scheduler = GroupedScheduler(partial(make_scheduler, spec), spec.metric, spec.mode,
+                                     fifo_groups=tuple(g.name for g in p.groups if g.prunes_members))  # fmt: skip
+        mirror = OptunaMirror(f"sqlite:///{self.exp / 'optuna.db'}", spec.metric, spec.mode, spec.budget.epochs,
+                              {s.name: s.space for s in searches},
+                              {g.name: {"method": g.method, "student": g.student, "experiment": spec.name}
+                               for g in p.groups})  # fmt: skip
+        printer = ProgressPrinter(spec.metric, spec.budget.epochs, total=p.total_trials, log=self.log)
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=GroupedSearchGenerator(searcher, on_resume=spec.failures.on_resume),
+                scheduler=scheduler, metric=spec.metric, mode=spec.mode, num_samples=p.total_units,
+                reuse_actors=True, trial_name_creator=TrialNamer(), trial_dirname_creator=TrialNamer(with_id=True),
+            ),
+            run_config=self.run_config(TUNE_NAME, [printer, mirror]),
+        )  # fmt: skip
+
+    def run_config(self, name: str, callbacks: list):
+        from ray import tune
+
+        from kdtune.tune.callbacks import DiskFullStop, DiskFullWatch
+        from kdtune.tune.tunefs import atomic_local_fs
+
+        # Every Tune checkpoint is kept (a pointer: one small progress.json per epoch): a driver killed between
+        # two snapshots restores a unit from the checkpoint its snapshot names, which must still exist.
+        return tune.RunConfig(
+            name=name, storage_path=str(self.exp / "tune"), storage_filesystem=atomic_local_fs(), verbose=0,
+            callbacks=[*callbacks, DiskFullWatch()], stop=DiskFullStop(),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            failure_config=tune.FailureConfig(max_failures=self.spec.failures.max_failures),
+        )  # fmt: skip
+
+    def tune_fit(self, tuner, expected: int, path: Path):
+        """``tuner.fit()``, ended at once, with one line, by a unit that failed on a full disk; a fit that
+        returned with units still pending was interrupted (Ctrl-C): the sweep stops here."""
+        from kdtune.tune.callbacks import disk_full_trials, reset_disk_full
+
+        reset_disk_full()
+        results = tuner.fit()
+        if disk_full_trials():
+            raise self.disk_full()
+        if len(results) < expected or results.num_terminated + results.num_errors < len(results):
+            raise KeyboardInterrupt(f"Tune run {path.name} was interrupted")
+        return results
+
+    def repeats(self, summaries: list[dict], ctxs: dict, shared) -> list:
+        """Each group's best configuration again with ``repeats - 1`` more seeds (one Tune experiment for all
+        groups); each summary gets mean ± std over all of its seeds. Returns the repeats' Tune results."""
+        from ray import tune
+        from ray.tune.search import BasicVariantGenerator
+
+        from kdtune.tune.callbacks import ProgressPrinter, TrialNamer
+        from kdtune.tune.rayrt import make_trainable
+        from kdtune.tune.trainable import run_trial
+        from kdtune.tune.tunefs import atomic_local_fs
+
+        spec, b = self.spec, self.spec.budget
+        path = self.exp / "tune" / REPEATS_NAME
+        seeds = [spec.seed + k for k in range(1, b.repeats)]
+        rctxs = {f"{g}-repeats": replace(c, group=f"{g}-repeats", phase="repeat", member_rule=None)
+                 for g, c in ctxs.items()}  # fmt: skip
+        trainable = make_trainable(run_trial, rctxs, shared, b)
+        points = [{**s["best"]["config"], GROUP_KEY: f"{s['group']}-repeats", "train.seed": seed}
+                  for s in summaries if s.get("best") for seed in seeds]  # fmt: skip
+        if not points:
+            return []
+        if tune.Tuner.can_restore(str(path), storage_filesystem=atomic_local_fs()):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=atomic_local_fs())  # fmt: skip
+        else:
+            self.log(f"repeating each group's best configuration with seeds {seeds}")
+            tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+                search_alg=BasicVariantGenerator(points_to_evaluate=points), num_samples=len(points),
+                max_concurrent_trials=b.concurrency, reuse_actors=True, trial_name_creator=TrialNamer(),
+                trial_dirname_creator=TrialNamer(with_id=True)),
+                run_config=self.run_config(REPEATS_NAME, [ProgressPrinter(spec.metric, b.epochs, total=len(points),
+                                                                          log=self.log)]))  # fmt: skip
+        results = self.tune_fit(tuner, len(points), path)
+        members = expand_members(results, b.epochs)
+        for s in summaries:
+            if s.get("best"):
+                mine = [m for m in members if m.config.get(GROUP_KEY) == f"{s['group']}-repeats"]
+                s["repeats"] = repeat_stats(s, mine, [spec.seed, *seeds])
+        return list(results)
+
