@@ -1,19 +1,13 @@
 """``kdtune bench``: images/s of kdtune's training step against a reference-style loop, side by side.
 
-The reference loop is what the public CRD / mdistiller code does: a torchvision-style dataset that turns each
-uint8 image into a PIL image, ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``,
-``Normalize`` in DataLoader workers, fp32, the teacher under ``no_grad``, SGD. kdtune's loop is the engine's own
-``Trainer.train_pass``: the data set resident on the device as uint8, crops and flips there, the teacher under
-``inference_mode``, bf16 autocast and channels_last on CUDA, optional ``torch.compile``.
-
 Both loops train the same teacher/student pair with the same method (vanilla KD) and batch, on the same
 images (synthetic CIFAR-shaped data unless ``--data`` names a real data set). Each is timed over ``--repeats``
 passes of ``--steps`` steps after ``--warmup`` steps; the table gives the median, min and max images/s, the
-FLOPs per image (teacher forward + student forward and backward, counted by torch's FlopCounterMode) and, on
-a GPU, the fraction of the device's bf16 dense peak reached. ``--fuse 1 4 8 16`` adds fused bundles
-(:mod:`kdtune.engine.bundle`) of K KD students measured in the same run: each member's images/s, the bundle's
-total images/s (member-images per second) and its ratio to K = 1, the K's repeats interleaved. Imports nothing of Ray,
-Optuna or MLflow.
+FLOPs per image and, on a GPU, the fraction of the device's bf16 dense peak reached. ``--fuse 1 4 8 16`` adds
+fused bundles (:mod:`kdtune.engine.bundle`) of K KD students, measured in the same run. Imports nothing of
+Ray, Optuna or MLflow.
+
+More: docs/bench.md (what each loop does, how the FLOPs are counted, the fused columns).
 """
 
 from __future__ import annotations
@@ -405,7 +399,11 @@ def run(args) -> list[dict]:
         if not bundle.in_memory:
             raise ConfigError(f"--data {args.data} is a folder data set; bench measures in-memory data sets")
     else:
-        bundle = synthetic_bundle(min(max(need, 4096), 50_000))
+        from kdtune.losses import METHODS
+
+        # CRD draws 16384 negatives of other classes per sample: a CIFAR-sized split for methods with indices
+        full = any(METHODS.get(m).needs_indices for m in getattr(args, "method", None) or [])
+        bundle = synthetic_bundle(50_000 if full else min(max(need, 4096), 50_000))
     in_shape = tuple(bundle.train.x.shape[1:])
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,8 @@ MODEL_NAMES = (
     "toy_interval_teacher", "toy_mlp_student", "toy_mlp_teacher", "vgg11", "vgg13", "vgg16", "vgg19", "vgg8",
     "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
 )  # fmt: skip
-METHOD_NAMES = ("at", "cc", "ce", "disk", "dist", "dkd", "fitnet", "ipwd", "kd", "ls", "mse", "pkt", "rkd", "sp", "ttm", "vid",
-                "wttm")
+METHOD_NAMES = ("at", "cc", "ce", "crd", "disk", "dist", "dkd", "fitnet", "hsakd", "hsakd_heads", "ipwd", "kd", "ls",
+                "mse", "pkt", "reviewkd", "rkd", "sp", "ttm", "vid", "wttm")
 # data set -> (number of classes, input channels): what a checkpoint must fit before any data is read.
 DATASET_SHAPES = {
     "cifar10": (10, 3),

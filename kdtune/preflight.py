@@ -2,23 +2,9 @@
 
 :func:`kdtune.spec.load_spec` checks the spec itself (fields, names, ranges, every method's hyperparameters
 and their combinations). :func:`preflight` checks what the spec points at, so that a sweep that cannot
-succeed is refused in the driver before Ray starts, instead of failing every trial:
+succeed is refused in the driver before Ray starts, instead of failing every trial, each problem in one line.
 
-- the teacher checkpoint: readable, a torch checkpoint, of the architecture ``teacher.model`` names, with
-  the data set's class count and input channels (what each trial would otherwise find out);
-- every method's constraints on the run it joins (DiSK's ``K`` at most the number of classes, a teacher
-  with features, ...): each group's method is built, as a trial would build it, from its starting points
-  (the published ones, bounded by the data's class count, with the spec's fixed values) on the real
-  student and teacher architectures, without data or training;
-- the data: an in-memory data set (digits, CIFAR, the toys) is read once unless ``download: true``, so a
-  missing or damaged folder is named now (folder data sets are scanned by the sweep: a scan of ImageNet is
-  too slow for a check);
-- the storage: a directory (or a place one can be made) that is writable;
-- an existing experiment's files: ``optuna.db`` / ``mlflow.db`` are SQLite databases, ``state.json`` is
-  JSON, ``spec.yaml`` is YAML, an unfinished trial's ``ckpt/state.pt`` a sound archive (a damaged one would
-  fail the resume half-way).
-
-``kdtune validate`` and ``kdtune sweep`` call it; every problem found is one line of the ConfigError.
+What it checks, one by one: docs/preflight.md §Preflight.
 """
 
 from __future__ import annotations
@@ -65,6 +51,7 @@ def _teacher_checkpoint(spec) -> None:
 
 def _method_constraints(spec) -> None:
     if spec.data in FOLDER_DATASETS:
+        _index_methods_on_folders(spec)
         return  # the class count is known once the folders are scanned
     import torch
 
@@ -75,10 +62,23 @@ def _method_constraints(spec) -> None:
 
     classes, channels = DATASET_SHAPES[spec.data]
     teacher_arch = spec.teacher.model if spec.teacher is not None else None
+    split: dict = {}  # the training split's size and labels, read once for the methods with needs_indices
     for student, method in spec.groups():
         cls = METHODS.get(method)
+        if getattr(cls, "extends_teacher", False):
+            raise ConfigError(f"methods.{method} trains a teacher's auxiliary heads, a stage the sweep builds for the "
+                              "methods that need it (hsakd), not a method to compare; drop it from methods")  # fmt: skip
         if cls.needs_teacher and teacher_arch is None:
             continue  # a checkpoint without teacher.model: its architecture is checked when it is read
+        if cls.needs_indices:
+            if spec.download:
+                continue  # the data is fetched when the sweep starts; CRD's nce_k is checked by each trial
+            if not split:
+                from kdtune.data import load_data
+
+                d = load_data(spec.data, root=spec.data_root, download=False, val_fraction=spec.val_fraction,
+                              seed=spec.data_seed)  # fmt: skip
+                split = {"num_train": len(d.train), "train_targets": d.train.y}
         ms = spec.method(method)
         ctx = SpaceContext(method=method, data=spec.data, student=student,
                            teacher=teacher_arch if cls.needs_teacher else None, epochs=spec.budget.epochs,
@@ -103,10 +103,25 @@ def _method_constraints(spec) -> None:
                     init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
                     train_batches=_no_batches,  # what a method needs to be built; nothing is trained here
                     **_stage_shapes(cls, s_model, t_model, channels, DATASET_IMAGE_SIZES.get(spec.data)),
+                    **(split if cls.needs_indices else {}),
+                    extra=_teacher_heads(cls, t_model, classes),
                 )
                 cls(hp, mctx)
             except KdtuneError as e:
                 raise ConfigError(f"methods.{method} ({student} on {spec.data}): {e}") from None
+
+
+def _index_methods_on_folders(spec) -> None:
+    """A method that reads each sample's index (CRD) on ImageNet, whose folder loader gives none: refused now
+    rather than by every trial (Tiny-ImageNet is held in memory and gives indices)."""
+    from kdtune.losses import METHODS
+
+    if spec.data != "imagenet":
+        return
+    for method in dict.fromkeys(m for _, m in spec.groups()):
+        if METHODS.get(method).needs_indices:
+            raise ConfigError(f"methods.{method}: method={method} needs each sample's index, which the folder "
+                              f"loader of 'imagenet' does not give; use an in-memory data set")  # fmt: skip
 
 
 def _stage_shapes(cls, s_model, t_model, channels: int, size: int | None) -> dict:
@@ -123,6 +138,17 @@ def _stage_shapes(cls, s_model, t_model, channels: int, size: int | None) -> dic
     if cls.needs_teacher_stages and t_model is not None:
         out["teacher_stages"] = probe_stage_shapes(t_model, channels, size or 32, cpu)
     return out
+
+
+def _teacher_heads(cls, t_model, classes: int) -> dict:
+    """For a method that reads the teacher's HSAKD branches: branches of the teacher's shape (untrained: the sweep
+    trains them in its heads stage), so the method is built as a trial builds it; a teacher family without
+    branches raises its one-line error."""
+    if not getattr(cls, "needs_teacher_heads", False) or t_model is None:
+        return {}
+    from kdtune.models.aux_heads import build_aux_heads
+
+    return {"teacher_heads": build_aux_heads(t_model, classes)}
 
 
 def _no_batches():

@@ -450,3 +450,15 @@ def test_bench_exactness_prints_each_mode_against_the_lone_run(tmp_path, capsys)
     assert "ce 1 epochs grouped not exact: " in printed and "(not exact)" in printed.splitlines()[-1]
     assert "performance drop" not in printed
     assert main(["bench", "--exactness", "ce", "--exact-epochs", "0"]) == 2
+
+
+def test_a_bundle_of_vector_data_probes_and_trains_exactly():
+    """The exactness probe's inputs take the data's shape: the toys are vectors, not images (a fused sweep on
+    disk-gaussians failed in the probe, found while writing tests/data/legacy-be29ea7.tar.gz)."""
+    cfgs = [TrainConfig.from_dict(dict(data="disk-gaussians", model="toy_mlp_student", method="ce", epochs=2, lr=lr,
+                                       seed=0, device="cpu", batch_size=64)) for lr in (0.05, 0.1)]  # fmt: skip
+    bundle = Bundle(cfgs, mode="auto")
+    assert len(list(bundle.run())) == 2 and bundle.exact
+    lone = Trainer(cfgs[1])
+    list(lone.run())
+    assert max_rel(bundle.sync_member(1).student.state_dict(), lone.student.state_dict()) <= EXACT_RTOL

@@ -1,7 +1,8 @@
-"""The seven feature methods of the teacher-training seed's table (AT, PKT, SP, CC, RKD, VID) and FitNet, end to
-end: every one trains on the generated CIFAR-100 for the CRD pairs that exercise each connector kind, a sweep
-with KD, DKD and the seven finishes through `kdtune sweep` (one MLflow run per trial, each method's loss terms
-under their own names), and what cannot hold is refused in one line before anything trains."""
+"""The stateless feature methods of the teacher-training seed's table (AT, PKT, SP, CC, RKD, VID) and FitNet, end
+to end: every one trains on the generated CIFAR-100 for the CRD pairs that exercise each connector kind, a sweep
+of the seed's eleven methods (KD, DKD, those six, CRD, ReviewKD, HSAKD) and FitNet finishes through
+`kdtune sweep` (one MLflow run per trial, each method's loss terms under their own names; HSAKD's heads stage
+built once), and what cannot hold is refused in one line before anything trains."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from kdtune.models.checkpoint import save_model
 from tests.datagen import write_tiny_cifar100
 
 FEATURE_METHODS = ("at", "pkt", "sp", "cc", "rkd", "vid", "fitnet")
+SEED_PART2 = ("crd", "reviewkd", "hsakd")  # with KD, DKD and the seven above but FitNet: the seed's eleven
 # each method's own loss terms, logged as loss_<term> beside loss_ce
 OWN_TERMS = {"at": {"at"}, "sp": {"sp"}, "vid": {"vid"}, "fitnet": {"hint"}, "pkt": {"pkt"},
              "rkd": {"rkd_dist", "rkd_angle"}, "cc": {"cc"}}
@@ -103,10 +105,12 @@ def feature_sweep(tmp_path_factory):
     from tests.faults.harness import env
 
     tmp = tmp_path_factory.mktemp("feature-sweep")
-    methods = ["kd", "dkd", *FEATURE_METHODS]
+    methods = ["kd", "dkd", *FEATURE_METHODS, *SEED_PART2]
     spec = {
         "name": "feat", "data": "digits", "teacher": {"model": "resnet20", "train": {"epochs": 1}},
-        "students": ["resnet8"], "methods": {m: {"trials": 1} for m in methods},
+        "students": ["resnet8"],
+        # digits' 1,295 training images: fewer negatives than CRD's published 16384 (refused in one line otherwise)
+        "methods": {m: {"trials": 1, **({"space": {"nce_k": 512}} if m == "crd" else {})} for m in methods},
         "budget": {"trials": 1, "epochs": 1, "concurrency": 2, "cpus_per_trial": 1},
         "scheduler": "none", "train": {"device": "cpu", "batch_size": 64},
         "storage": str(tmp / "runs"), "tracking": {"enabled": True}, "seed": 0,
@@ -119,7 +123,7 @@ def feature_sweep(tmp_path_factory):
     return tmp / "runs" / "feat", methods
 
 
-def test_a_sweep_of_kd_dkd_and_the_seven_through_kdtune_sweep(feature_sweep):
+def test_a_sweep_of_the_seeds_eleven_methods_and_fitnet_through_kdtune_sweep(feature_sweep):
     from mlflow import MlflowClient
 
     exp, methods = feature_sweep
@@ -128,6 +132,7 @@ def test_a_sweep_of_kd_dkd_and_the_seven_through_kdtune_sweep(feature_sweep):
     groups = {g: s for g, s in state["groups"].items()}
     assert set(groups) == {f"resnet8-{m}" for m in methods}
     assert all(s["completed"] == 1 and s["errored"] == 0 for s in groups.values())
+    assert "hsakd-heads" in state["stages"]  # HSAKD's teacher: the teacher stage with its heads, built by the sweep
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
     eid = client.get_experiment_by_name("feat").experiment_id
     runs = [r for r in client.search_runs([eid]) if r.data.tags.get("kdtune.role") == "trial"]

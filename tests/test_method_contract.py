@@ -87,11 +87,14 @@ def stage_teacher():
     return net
 
 
-CASES = [(name, {}) for name in METHODS.names()]
+# crd: the harness's 64 samples are its whole training split, too few for the published 16384 negatives
+CASES = [(name, {"nce_k": 16} if name == "crd" else {}) for name in METHODS.names()]
 if "ipwd" in METHODS:
     CASES.append(("ipwd", {"weighting": "class"}))
 if "dist" in METHODS:
     CASES.append(("dist", {"tau_sq": False}))
+if "reviewkd" in METHODS:  # its official warm-up factor is 0 in epoch 0, the harness's epoch: ramp off here
+    CASES = [(n, {"warmup": 0.0} if n == "reviewkd" else ov) for n, ov in CASES]
 IDS = [name + "".join(f"-{k}={v}" for k, v in ov.items()) for name, ov in CASES]
 
 
@@ -136,6 +139,13 @@ class Harness:
 
             shapes = {"student_stages": probe_stage_shapes(self.student, 1, 8, torch.device("cpu")),
                       "teacher_stages": probe_stage_shapes(self.teacher, 1, 8, torch.device("cpu"))}  # fmt: skip
+        if self.cls.needs_indices:  # the harness's batch is the whole training split (CRD)
+            shapes.update(num_train=BATCH, train_targets=y)
+        if self.cls.needs_teacher_heads:  # HSAKD: the teacher's rotation heads, frozen, as the engine loads them
+            from kdtune.models.aux_heads import build_aux_heads
+
+            heads = build_aux_heads(self.teacher, NUM_CLASSES).eval().requires_grad_(False)
+            shapes["extra"] = {"teacher_heads": heads}
         return MethodContext(
             num_classes=NUM_CLASSES,
             epochs=3,
@@ -187,6 +197,7 @@ class Harness:
             images=self.x,
             student_stages=s_stages if cls.needs_student_stages else None,
             teacher_stages=t_stages if cls.needs_teacher_stages else None,
+            indices=torch.arange(BATCH) if cls.needs_indices else None,
         )
         return method.losses(out)
 

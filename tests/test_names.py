@@ -44,7 +44,7 @@ def test_unknown_name_is_refused_with_a_short_list_and_the_command():
     assert names.check_name("model", "tv_resnet18") == "tv_resnet18"
     with pytest.raises(ConfigError, match="unknown model 'tv_nosuch'"):
         names.check_name("model", "tv_nosuch")
-    with pytest.raises(ConfigError, match="valid methods: at, cc, ce, disk"):
+    with pytest.raises(ConfigError, match="valid methods: at, cc, ce, crd, disk"):
         names.check_name("method", "kdd")
 
 

@@ -1,27 +1,17 @@
 """DiSK's two toy problems, generated as appendix A.1-A.2 of Kag et al. ("Scaffolding a Student to Instill
 Knowledge", ICLR 2023 submission) write them.
 
-1-D intervals (A.1): features ``x`` in [0, 9], labels red (0) / blue (1). The labelling function is
-``f* = h(x; 2, 3) + h(x; 5, 7)`` of the 2-interval class (``h(x; a, b) = sigma_k(x - a) - sigma_k(x - b)``,
-blue clusters [2, 3] and [5, 7] as section 2 states); ``x`` is red if ``f*(x) < 0.5``, else blue. "Sampled with
-balanced data from both classes": ``x`` is drawn uniformly on [0, 9], labelled by ``f*``, and kept until each
-class holds half of the split (rejection sampling, so each class is uniform on its own region). 1000 train,
-100 test and an independent 100-point validation draw.
-
-2-D Gaussians (A.2): six centres, two per class -- red (0): (0, 0), (3, 1.5); blue (1): (1.5, 0), (0, 1.5);
-green (2): (3, 0), (1.5, 1.5) -- and ``x`` drawn from "a Gaussian ball with radius r = 0.05 around the centre",
-read as standard deviation ``r`` per coordinate. (The appendix also writes the law as ``N(c, r I)``, which
-taken literally is a covariance ``r I``, standard deviation ``sqrt(0.05) = 0.224``: ``std=`` /
-``--gauss-std 0.2236`` of the reproduction gives that reading; the clusters, 1.5 apart, stay separated either
-way, but the 8-16 teacher then reaches about 99.5 % instead of 100 %.) "Equal
-representation from all three classes": each class gets ``n/3`` points (the first ``n mod 3`` classes one
-more), each point around one of its class's two centres chosen uniformly at random. 1000 train, 1000 test,
-and an independent validation draw.
+- 1-D intervals (A.1): ``x`` in [0, 9], labelled red (0) / blue (1) by ``f* = h(x; 2, 3) + h(x; 5, 7)``,
+  balanced classes; 1000 train, 100 test and an independent 100-point validation draw.
+- 2-D Gaussians (A.2): six centres, two per class, ``x`` drawn with standard deviation ``r = 0.05`` per
+  coordinate (``std=`` changes it), equal class sizes; 1000 train, 1000 test and a validation draw.
 
 The registered data sets (``disk-intervals``, ``disk-gaussians``) hold float32 ``(N, D)`` features with
 ``in_channels = D`` and ``image_size = None``; ``seed`` picks the draw (train, validation and test come from one
 generator, so they are independent and disjoint draws) and ``val_fraction`` the size of the validation draw
 relative to the training set (0.1: the paper's 100 points).
+
+More: docs/toys.md §Data (the labelling function, the sampling, the centres, the reading of ``N(c, r I)``).
 """
 
 from __future__ import annotations

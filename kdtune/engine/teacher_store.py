@@ -1,29 +1,18 @@
 """The teacher store: a teacher's outputs for every training view, computed once, read by every run that
 shows that teacher the same views.
 
-A view is a function of (data seed, epoch, example) (:mod:`kdtune.data.loader`), and so is the batch order;
-the teacher is frozen and in eval mode. Runs that share the teacher's weights, the data set and split, the
-data seed, the augmentation, the batch size and the arithmetic (device kind, autocast dtype, layout, torch
-version) therefore compute the very same teacher outputs, batch for batch. The store keeps them, one file per
-epoch, in the order the loader yields the batches; a run reads batch ``i``'s rows instead of running the
-teacher. The rows are the teacher's own output tensors, in its output dtype (fp32, or bf16 under autocast),
-so a run that reads the store computes exactly what a run with the online teacher computes (bit for bit).
+Runs that share the teacher's weights, data, data seed, augmentation, batch size and arithmetic compute the
+same teacher outputs batch for batch; the store keeps them (one file per epoch, the loader's batch order, the
+teacher's output dtype), so a run that reads it computes bit for bit what the online teacher gives.
 
-Contract:
+- **Key.** :func:`store_key` lists all of it (on the CPU with the thread count); the folder is
+  ``<root>/<name>-<sha of the key>/`` with ``key.json``. Anything that changes one output bit changes it.
+- **Written once, whole.** Only a run that trained the whole epoch publishes ``epoch-<e>.kdts``, fsynced
+  and linked into place with an exclusive ``link``; a killed writer leaves a temporary file, never read.
+- **Verified on every read.** Size and sha256 are checked before use; a damaged file is moved aside in one
+  log line and that epoch is computed online and published anew.
 
-- **Key.** :func:`store_key` lists everything above (on the CPU with the thread count); the store's folder is ``<root>/<name>-<sha of the
-  key>/`` with ``key.json``. Anything that would change one output bit changes the folder.
-- **Written once, whole.** The first run to train an epoch the store lacks records the outputs while it runs
-  the teacher as usual and, if it trained the whole epoch, publishes ``epoch-<e>.kdts``: a header (shapes,
-  dtype, sha256 of the payload) and the payload, written to a temporary file, fsynced, and linked into
-  place with an exclusive ``link`` (two runs finishing the same epoch at once: the second one's copy is
-  dropped). A run killed while writing leaves only a temporary file, never read.
-- **Verified on every read.** Size and sha256 are checked before use; a damaged file (truncated, another
-  checksum) is moved aside in one log line and the run computes that epoch online, publishing it anew.
-- **Read cheaply.** On the CPU the payload is memory-mapped; on a GPU the epoch's rows go to the device
-  once (CIFAR-100 at bf16: 9 MB an epoch).
-
-Free of Ray and MLflow. Measurements: README, "Teacher store".
+Free of Ray and MLflow. More: docs/teacher_store.md; measurements: README, "Teacher store".
 """
 
 from __future__ import annotations

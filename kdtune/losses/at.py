@@ -9,13 +9,8 @@ flattened and L2-normalised per sample; the loss is the mean squared difference 
 teacher's normalised maps, summed over the paired stages (the post-activation stage outputs f1..fL, RepDistiller's
 ``feat[1:-1]``, paired by position and truncated to the shorter list). No trainable module, no state.
 
-Paper vs code (kdtune follows the code, whose weight beta = 1000 the CRD table and Hamidi et al.'s supplement
-use): the paper's eq. 2 is ``beta/2 sum_j || Q_S^j/||Q_S^j||_2 - Q_T^j/||Q_T^j||_2 ||_p``; the official code has
-**no /2**, **squares** the difference and **averages** it over the batch and the H*W positions (so each stage's
-term carries a factor 1/(H*W)), and takes the mean over channels where the paper sums (the same after the L2
-normalisation). When the two maps of a pair differ in resolution, the **larger feature map** is
-``adaptive_avg_pool2d``-ed to the smaller size **before** the attention is computed (RepDistiller; the
-official repository only pairs equal sizes).
+kdtune follows the code (weight beta = 1000), not the paper's eq. 2 (both in :func:`at_loss`); a larger map is
+pooled to the smaller size before the attention (:func:`at_pair`). More: docs/methods.md §AT (paper vs code).
 """
 
 from __future__ import annotations
@@ -57,7 +52,12 @@ def at_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], p: f
     Zagoruyko & Komodakis 2017, eq. 2 (the official code's form: no 1/2, squared, averaged over batch and
     positions; see the module docstring). Stages are paired by position and truncated to the shorter list
     (RepDistiller's ``zip``); the teacher's maps are targets (detached). Unweighted: the method multiplies by
-    beta."""
+    beta.
+
+    The paper's eq. 2 is ``beta/2 sum_j || Q_S^j/||Q_S^j||_2 - Q_T^j/||Q_T^j||_2 ||_p``; the official code has
+    **no /2**, **squares** the difference and **averages** it over the batch and the H*W positions (so each
+    stage's term carries a factor 1/(H*W)), and takes the mean over channels where the paper sums (the same
+    after the L2 normalisation)."""
     pairs = list(zip(student_maps, teacher_maps))
     if not pairs:
         raise ValueError("at_loss needs at least one pair of stage maps")

@@ -5,39 +5,14 @@ equation in its docstring) and a small :class:`Method` subclass that the engine 
 registered once with ``@register_method`` and declares its hyperparameters with :class:`HParam`, which gives
 ``kdtune methods`` its listing and the config parser its range checks.
 
-The engine calls, in order:
-
-1. ``Method(hparams, ctx)`` once, after the student (and teacher) exist. ``ctx`` is a :class:`MethodContext`.
-2. ``trainable_modules()`` -- extra modules trained by the engine's optimiser together with the student
-   (e.g. IPWD's extra head). They are moved to the device by the engine.
-3. ``setup()`` once before the first epoch of a fresh run (not on resume): may read the training data through
-   ``ctx.train_batches()`` (e.g. DiSK fits the student temperature).
-4. per epoch ``on_epoch_start(epoch)`` (epochs count from 0), then per step ``losses(out)`` which returns a
-   dict of *already weighted* scalar loss terms; the engine back-propagates their sum and logs every term.
-   A method with its own optimiser (DiSK's guide) steps it inside ``losses`` on detached inputs.
-   After the epoch's steps, ``epoch_metrics()`` returns the method's own statistics of the epoch (floats), which
-   the engine adds to the epoch's metrics as ``method_<name>`` (so they reach MLflow and the epoch line); a
-   method accumulates them on the device in ``losses`` and syncs once, there.
-5. ``state_dict()`` / ``load_state_dict()`` for checkpoints: the modules of ``trainable_modules()`` are saved
-   by the engine; anything else (own optimisers, schedules, fitted values) belongs in ``state_dict``.
-
-What a method declares it needs (class flags) and then finds in ``StepOutputs`` and ``MethodContext``:
-
-- ``needs_student_features`` / ``needs_teacher_features``: the pooled penultimate vector ``h``;
-- ``needs_student_stages`` / ``needs_teacher_stages``: the stage maps of ``forward_stages``
-  (:class:`kdtune.models.common.Stages`: stem, post-activation stage outputs, their pre-activation versions,
-  pooled ``h``); the student's keep their graph, the teacher's are computed without one (detached). Their
-  shapes are probed before the method (and the optimiser) exists: ``ctx.student_stages`` /
-  ``ctx.teacher_stages`` (:class:`StageShapes`), so connectors, regressors and embeddings are created in
-  ``__init__`` and returned by ``trainable_modules()``: the student's optimiser trains them, weight decay
-  included (RepDistiller's ``trainable_list``). A model without stages is refused in one line.
-- ``needs_indices``: ``out.indices``, each sample's index into the training split, with ``ctx.num_train`` and
-  ``ctx.train_targets`` (the split's labels, on the device).
-- randomness of its own: ``self.generator(epoch, step)``, seeded by (run seed, epoch, step), so a resumed or
-  fused run draws what a lone run draws; the global RNG is the engine's.
-- ``transform_batch(x, y)``: a batch transform applied before both forwards (HSAKD's rotations); identity by
-  default.
-- losses in fp32 under autocast: compute inside ``with fp32():`` on ``.float()`` inputs.
+The engine calls, in order: ``Method(hparams, ctx)`` (``ctx`` a :class:`MethodContext`),
+``trainable_modules()`` (trained by the student's optimiser), ``setup()`` (fresh runs only), then per epoch
+``on_epoch_start(epoch)``, per step ``losses(out)`` (a dict of *already weighted* scalar terms, which the
+engine sums and back-propagates) and ``epoch_metrics()`` (logged as ``method_<name>``); ``state_dict()`` /
+``load_state_dict()`` hold all state but the trainable modules'. What a method needs it declares in class
+flags (``needs_*``) and finds in :class:`StepOutputs` and ``ctx``; its randomness comes from
+``self.generator(epoch, step)``; losses run in fp32 under autocast (``with fp32():``).
+More: docs/methods.md §The method contract (every call and flag in detail).
 """
 
 from __future__ import annotations
@@ -217,6 +192,7 @@ class Method:
     needs_student_stages: ClassVar[bool] = False
     needs_teacher_stages: ClassVar[bool] = False
     needs_indices: ClassVar[bool] = False
+    needs_teacher_heads: ClassVar[bool] = False  # HSAKD: the teacher's rotation heads, in ctx.extra["teacher_heads"]
     needs_init: ClassVar[bool] = False  # requires a warm-start student checkpoint (init=...)
     # Why the method cannot train in a fused bundle (kdtune.engine.bundle); empty: it can.
     unfusable: ClassVar[str] = ""

@@ -2,23 +2,14 @@
 **as the CRD benchmark code computes it** (RepDistiller ``distiller_zoo/CC.py`` "Correlation", with
 ``LinearEmbed`` heads built in ``train_student.py`` and applied in ``helper/loops.py``; mdistiller has no CC):
 ``CE + beta * L_CC`` with ``beta = 0.02`` (``-b 0.02``, CE weight 1, no KD term) on 128-d linear embeddings of
-both networks' pooled penultimate vectors.
-
-Paper vs code: the paper matches correlation matrices between the samples of a batch (a Gaussian RBF kernel
-approximated by a Taylor series on L2-normalised embeddings, its MSE over the ``B^2`` entries); the code that
-produced the CRD table (and, through its weight 0.02, the teacher-training supplement's) is the authors'
-simplified version (RepDistiller issue #15: "almost as good as their full version on CIFAR"), which is what
-kdtune implements. The paper's kernel form is not offered: its CIFAR-100 weight, kernel parameters and whether it
-reads the embeddings are not in the sources at hand (only third-party re-implementations with gamma 0.4,
-order 2), and it would need no embeddings, so one hyperparameter set could not give both forms sensible
-defaults.
+both networks' pooled penultimate vectors; the term is :func:`cc`. The paper's kernel form is not offered.
 
 Both embeddings (``embed_s``: student width -> 128, ``embed_t``: teacher width -> 128; one ``nn.Linear`` each,
 PyTorch's default init, no normalisation, created in that order as RepDistiller does) are trainable modules:
 the student's optimiser trains them with its lr, momentum and weight decay (RepDistiller's ``trainable_list``).
-The teacher's vector comes detached; only ``embed_t`` gets its gradient. With both heads trainable and
-unnormalised the term can be lowered by shrinking both embeddings (weight decay helps), so CC acts as a weak
-regulariser: its published numbers sit near the students trained alone.
+The teacher's vector comes detached; only ``embed_t`` gets its gradient.
+
+More: docs/methods.md §CC (paper vs code, why CC acts as a weak regulariser).
 """
 
 from __future__ import annotations

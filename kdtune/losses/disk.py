@@ -7,67 +7,11 @@ on examples it cannot learn; a budget keeps the help to about ``delta`` of the d
 are trained alternately (Algorithm 1): the guide on ``(1 - alpha) L_dist + lambda L_budget`` (the part of eq. 5
 that depends on ``g``), the student on ``alpha L_CE + (1 - alpha) L_dist`` (not on the budget, section 3.2).
 
-Formulas (``s^T = softmax(z_s / T)``, ``t^T = softmax(z_t / T)``; every function here takes any leading
-dimensions ``(..., B, C)`` and reduces over the batch dimension ``B``, so the toy reproduction can train an
-ensemble of students at once):
-
-- eq. 4  ``L_dist = -(tau_t tau_s / N) sum_i sum_y t^{tau_t}_y(x_i) log(s^{tau_s}_y(x_i) + 1[y in topK(t(x_i))] g(x_i))``
-  -- the cross-entropy form the paper writes (it differs from the KL form by the teacher's entropy, a constant
-  in ``s`` and ``g``). The helped vector ``s + 1_K g`` sums to ``1 + K g``.
-- eq. 3  ``L_budget = ( (1/N) sum_i g(x_i) (-log s^1_{y_i}(x_i)) - delta )_+`` -- the indicator of a student
-  mistake in the constraint of eq. 2 relaxed to the student's cross-entropy with the label.
-- Algorithm 1 line 8  ``lambda = lambda_min + (lambda_max - lambda_min) (1 - cos(pi (r mod Lambda_T) / Lambda_T)) / 2``
-  per epoch ``r``; "for the final period, we increase lambda monotonically": the final period starts at the last
-  period boundary ``r_0`` that leaves a whole period (``r_0 = Lambda_T (R // Lambda_T - 1)``) and rises as
-  ``(1 - cos(pi (r - r_0) / (R - 1 - r_0))) / 2`` to exactly ``lambda_max`` on the last epoch, with no drop.
-- Student temperature ``tau_s = argmin_T sum_i KL(t^{tau_t}(x_i) || s^T(x_i))`` over the training set, fitted in
-  ``setup()`` with the warm-started student (section 3.2). In ``beta = 1/T`` the objective is convex, so it is
-  found by bisection on its derivative.
-
-A guide that selects. Measured on the toy problems (``kdtune reproduce disk-toys``): with eq. 4's help added
-unnormalised, more help lowers ``L_dist`` on *every* example, so the guide's ``g`` goes to 1 everywhere (the
-student's mistakes included) unless the budget stops it, and what the budget of eq. 3 stops first is the help
-on the mistakes, whose cross-entropy is large: the opposite of censoring. The official code
-(``anilkagak2/DiSK_Distilling_Scaffolded_Knowledge``) adds ``mean(l_nll log(1 + K g))`` to the guide's loss.
-Since the teacher target sums to 1, ``tau_t tau_s log(1 + K g)`` per example is exactly the renormalisation of
-the helped vector, ``(s + 1_K g) / (1 + K g)``: with it, help lowers ``L_dist`` only where the student's
-distribution is far from the teacher's (its mistakes) and raises it where they agree. Hence:
-
-- ``help_norm="renorm"`` (default): the guide's ``L_dist`` on the renormalised helped distribution; the student's
-  gradient is the same as eq. 4's (``1 + K g`` does not depend on the student), so the student's loss is eq. 4.
-  ``"code"``: eq. 4 plus the official ``(1 - alpha) mean log(1 + K g)`` (weight ``l_nll``, without the
-  ``tau_t tau_s`` of ``L_dist``: too weak to stop the help, measured g = 1 everywhere). ``"eq4"``: as written.
-- ``budget_relax="indicator"`` (default): the guide's budget is eq. 2's own constraint,
-  ``((1/N) sum_i g(x_i) 1[y_i != argmax s(x_i)] - delta)_+``. It is linear, so differentiable, in ``g``, and the
-  student never sees the budget (section 3.2), so the relaxation of eq. 3 is not needed for any gradient.
-  ``"ce"`` is eq. 3: with ``lambda`` up to 50 its cost ``lambda CE_i`` on confident mistakes drives the sigmoid of
-  every example to 0, where its gradient vanishes (measured: mean g 0.001 on the intervals). ``budget_norm=
-  "mistakes"`` divides by the number of mistakes as the official code does; ``budget_ce_cap=5`` caps eq. 3's CE.
-- ``delta``: the CE-trained student's training error (A.5; ``delta_offset`` shifts it), so that the guide may
-  help about as many examples as that student gets wrong.
-
-Alternation. ``alternate="passes"`` (default; A.5: "we replace the arg min in Algorithm 1 with three SGD steps over
-the entire dataset", the official code: 3 guide epochs, then 3 student epochs): at the start of every round of
-``round_epochs`` student epochs the guide makes ``guide_epochs`` passes over the training set (unaugmented,
-``ctx.train_batches``) with the student and teacher fixed, plus ``guide_warmup`` guide-only passes before the first
-round (official code: 5); during the student's epochs the guide is fixed (eval mode). ``alternate="batch"``:
-``guide_steps`` guide steps on each batch before the student's step. The guide's learning rate follows the
-student's schedule (``guide_schedule="student"``; A.5 uses the cosine schedule for both), or stays constant.
-Lambda changes per student epoch.
-
-Statistics. Every student step adds, on the device, the sums of ``g``, of ``g`` on the batch's mistakes and right
-answers of the student, and the count of ``g > 0.5``; ``epoch_metrics()`` turns them into ``g_mean``, ``g_wrong``,
-``g_right``, ``helped_frac`` (and ``lambda``, ``delta``, ``guide_lr``) with one host sync per epoch: the engine
-logs them as ``method_*`` metrics (MLflow) and on the epoch line.
-
-Other deviations of the official code, offered as options: a fixed student temperature 3.5 (``student_T=3.5``);
-a teacher target restricted to the top-K classes (``target=topk``, renormalised; the official code multiplies
-the teacher's logits by the top-K mask before its softmax). Not reproduced: its dual updates of lambda and its
-budget schedule from 0.6 to 0.4.
-
-Trap of eq. 4 with ``K < C`` (found on the 2-D toy): where ``g`` is near 1 the helped top-K terms lose their
-gradient and the only remaining terms, of the classes outside the top K, pull the student towards the
-teacher's least likely classes. ``target=topk`` (or ``K = C``) avoids it.
+The formulas are their functions' (:func:`disk_distill` eq. 4, :func:`budget_loss` eq. 3,
+:func:`lambda_schedule`, :func:`fit_student_temperature`); every function here takes any leading dimensions
+``(..., B, C)`` and reduces over the batch dimension ``B``. The defaults (``help_norm="renorm"``,
+``budget_relax="indicator"``, ``alternate="passes"``) make a guide that selects; the paper's literal forms and
+the official code's are options. More: docs/methods.md §DiSK (why, as measured on the toys; every option).
 """
 
 from __future__ import annotations
@@ -140,6 +84,10 @@ def disk_distill(
 ) -> Tensor:
     """Eq. 4: ``-tau_t tau_s sum_y t^{tau_t}_y log(s^{tau_s}_y + 1[y in topK] g)``, mean over the batch.
 
+    ``L_dist = -(tau_t tau_s / N) sum_i sum_y t^{tau_t}_y(x_i) log(s^{tau_s}_y(x_i) + 1[y in topK(t(x_i))] g(x_i))``
+    -- the cross-entropy form the paper writes (it differs from the KL form by the teacher's entropy, a
+    constant in ``s`` and ``g``). The helped vector ``s + 1_K g`` sums to ``1 + K g``.
+
     ``normalize=True`` uses the helped vector renormalised, ``(s + 1_K g) / (1 + K g)``: the same as adding
     ``tau_t tau_s log(1 + K g)`` per example (the target sums to 1), the official code's extra guide term. It
     leaves the student's gradient unchanged and changes only the guide's.
@@ -180,6 +128,9 @@ def budget_loss(
     relax: str = "ce",
 ) -> Tensor:
     """Eq. 3: ``( (1/N) sum_i g(x_i) (-log s^1_{y_i}(x_i)) - delta )_+`` over the batch (the last dimension of g).
+
+    The indicator of a student mistake in the constraint of eq. 2 relaxed to the student's cross-entropy with
+    the label.
 
     ``norm="mistakes"`` divides the sum by the number of the student's mistakes in the batch instead of ``N``
     (the official code; at least 1), which makes ``delta`` a share of the mistakes rather than of the data.
@@ -245,6 +196,12 @@ def guide_objective(
 
 def lambda_schedule(epoch: int, epochs: int, lambda_min: float, lambda_max: float, period: int) -> float:
     """Algorithm 1 line 8, with a monotone final period (see the module docstring). ``epoch`` counts from 0.
+
+    ``lambda = lambda_min + (lambda_max - lambda_min) (1 - cos(pi (r mod Lambda_T) / Lambda_T)) / 2``
+    per epoch ``r``; "for the final period, we increase lambda monotonically": the final period starts at the
+    last period boundary ``r_0`` that leaves a whole period (``r_0 = Lambda_T (R // Lambda_T - 1)``) and rises
+    as ``(1 - cos(pi (r - r_0) / (R - 1 - r_0))) / 2`` to exactly ``lambda_max`` on the last epoch, with no
+    drop.
 
     The final period starts at the last period boundary that leaves at least one whole period, so lambda
     restarts only where the cosine schedule restarts anyway and then rises without a drop to the end.

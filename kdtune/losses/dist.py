@@ -1,29 +1,15 @@
 """DIST, knowledge distillation from a stronger teacher (Huang, You, Wang, Qian & Xu, NeurIPS 2022).
 
-arXiv:2205.14589, section 3 (the equations as on the authors' slides, ``papers/dist_*``). With
-``Y = softmax(Z / tau)`` row-wise (``B x C``) and the Pearson distance ``d_p(u, v) = 1 - rho_p(u, v)``,
-``rho_p`` the cosine of the mean-centred vectors:
+arXiv:2205.14589, section 3: Pearson distances between the student's and the teacher's tempered
+probabilities, per sample over the classes (inter-class) and per class over the batch (intra-class); the
+formulas are :func:`dist`'s. kdtune follows the official code (hunto/DIST_KD, also used for the CIFAR-100
+numbers): each relation term is multiplied by ``tau^2`` (``tau_sq=False`` drops it), and a constant row or
+column counts as correlation 0, never NaN.
 
-- inter-class relation: ``L_inter = 1/B sum_i d_p(Y^s[i, :], Y^t[i, :])`` (rows: one sample's
-  distribution over the classes);
-- intra-class relation: ``L_intra = 1/C sum_j d_p(Y^s[:, j], Y^t[:, j])`` (columns: one class's
-  probabilities over the batch);
-- training loss: ``L_tr = alpha * CE + beta * L_inter + gamma * L_intra``.
-
-kdtune follows the official code (hunto/DIST_KD, also used for the CIFAR-100 numbers): each relation term
-is multiplied by ``tau^2`` (the paper's pseudocode has no ``tau^2``; ``tau_sq=False`` drops it) and
-``rho = <u_c, v_c> / (|u_c| |v_c| + 1e-8)``, so a constant row or column counts as correlation 0, never NaN.
-
-Invariance (slides, "relaxed match"): ``rho_p(m1*u + n1, m2*v + n2) = rho_p(u, v)`` for ``m1*m2 > 0``. Hence
-``L_inter`` is unchanged when each *row* of ``Y^s`` (and, separately, of ``Y^t``) is mapped by its own
-positive affine map, ``L_intra`` when each *column* is, and the whole loss under one positive affine map of
-all entries. It is invariant neither to per-column maps of rows nor to negative scales.
-
-The intra term depends on the whole batch: it is computed on the batch the method is given. Under
-data-parallel training each device sees only its shard, so the term is a per-shard mean unless the logits
-are gathered first. Degenerate shapes: with fewer than 2 rows the columns have no variance and ``L_intra``
-is undefined, so only the inter term is returned; with fewer than 2 classes nothing is defined and the loss
-is an exact 0 (still attached to the graph).
+The intra term depends on the whole batch: it is computed on the batch the method is given (under
+data-parallel training a per-shard mean unless the logits are gathered first). With fewer than 2 rows only the
+inter term is returned; with fewer than 2 classes the loss is an exact 0.
+More: docs/methods.md §DIST (the invariances, the degenerate shapes).
 """
 
 from __future__ import annotations
@@ -64,6 +50,19 @@ def dist(
     tau_sq: bool = True,
 ) -> Tensor:
     """DIST distillation term, Huang et al. NeurIPS 2022 (``L_tr`` without the CE), official-code convention.
+
+    arXiv:2205.14589, section 3 (the equations as on the authors' slides, ``papers/dist_*``). With
+    ``Y = softmax(Z / tau)`` row-wise (``B x C``) and the Pearson distance ``d_p(u, v) = 1 - rho_p(u, v)``,
+    ``rho_p`` the cosine of the mean-centred vectors:
+
+    - inter-class relation: ``L_inter = 1/B sum_i d_p(Y^s[i, :], Y^t[i, :])`` (rows: one sample's
+      distribution over the classes);
+    - intra-class relation: ``L_intra = 1/C sum_j d_p(Y^s[:, j], Y^t[:, j])`` (columns: one class's
+      probabilities over the batch);
+    - training loss: ``L_tr = alpha * CE + beta * L_inter + gamma * L_intra``.
+
+    The official code's ``rho = <u_c, v_c> / (|u_c| |v_c| + 1e-8)``, so a constant row or column counts as
+    correlation 0, never NaN.
 
     ``tau^2 * (beta * L_inter + gamma * L_intra)`` on ``softmax(logits / tau)``, float32 inside;
     ``tau_sq=False`` gives the paper's ``beta * L_inter + gamma * L_intra``. With ``B < 2`` only the inter

@@ -1,29 +1,13 @@
 """Decoupled knowledge distillation, DKD (Zhao, Cui, Song, Qiu & Liang, CVPR 2022).
 
-With ``p = softmax(z / T)`` and the label ``y``, the paper splits the classic KD loss (its eq. 1-4):
+The classic KD loss split into a target-class term (TCKD) and a non-target-class term (NCKD), weighted
+independently (eq. 5); the formulas are :func:`dkd_terms`' and :func:`dkd`'s. Unlike the official mdistiller
+code, the target class is removed with a boolean mask, the two-bin log-probabilities are evaluated in log
+space (finite for any finite logits, no clamp), and everything is computed in float32 whatever the input
+dtype. ``logit_std=True`` z-scores each sample's logits of teacher and student first (Sun et al., CVPR 2024,
+:func:`kdtune.losses.base.logit_standardize`).
 
-- binary target/non-target probabilities ``b = [p_y, 1 - p_y]``;
-  **TCKD** ``= KL(b^t || b^s)`` (target-class knowledge distillation);
-- the distribution over the ``C - 1`` non-target classes, renormalised, ``p_hat_i = p_i / (1 - p_y)``;
-  **NCKD** ``= KL(p_hat^t || p_hat^s)`` (non-target-class knowledge distillation);
-- eq. 4: ``KL(p^t || p^s) = TCKD + (1 - p^t_y) * NCKD`` per sample, with the *teacher's* target probability;
-- eq. 5 (DKD): ``alpha * TCKD + beta * NCKD``, which frees NCKD from the ``(1 - p^t_y)`` factor.
-
-Implementation notes (traps of the official mdistiller code, which kdtune avoids):
-
-- the target class is removed with a boolean mask (``-inf`` logit, then exact zeros), not by subtracting 1000
-  from its logit;
-- the two-bin log-probabilities are evaluated in log space, ``log p_y = z_y - logsumexp(z)`` and
-  ``log(1 - p_y) = logsumexp(z_{i != y}) - logsumexp(z)``. They are finite for any finite logits, so the
-  ``torch.log`` of a probability that underflows to 0 (the official ``log(cat_mask(softmax))``, which turns
-  into ``-inf``/NaN in half precision) never happens; this replaces a clamp, which would also silence the
-  gradient exactly where the student is most wrong;
-- everything is computed in float32 whatever the input dtype.
-
-Logit standardisation (Sun et al., CVPR 2024): ``logit_std=True`` z-scores each sample's logits of teacher and
-student before the tempered softmax (:func:`kdtune.losses.base.logit_standardize`). The official code
-(sunshangquan/logit-standardization-KD, ``--logit-stand --base-temp 2 --kd-weight 9``) then sets
-``alpha = 1 * 9``, ``beta = 8 * 9`` and ``T = 2`` for resnet32x4->resnet8x4, the published starting point.
+More: docs/methods.md §DKD (the traps of the official code, the published logit-standardisation setting).
 """
 
 from __future__ import annotations
@@ -43,6 +27,15 @@ def dkd_terms(
     student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float, logit_std: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Per-sample ``(TCKD, NCKD)`` of Zhao et al. 2022, eq. 2-4, at temperature ``T``, without ``T^2``.
+
+    With ``p = softmax(z / T)`` and the label ``y``, the paper splits the classic KD loss (its eq. 1-4):
+
+    - binary target/non-target probabilities ``b = [p_y, 1 - p_y]``;
+      **TCKD** ``= KL(b^t || b^s)`` (target-class knowledge distillation);
+    - the distribution over the ``C - 1`` non-target classes, renormalised, ``p_hat_i = p_i / (1 - p_y)``;
+      **NCKD** ``= KL(p_hat^t || p_hat^s)`` (non-target-class knowledge distillation);
+    - eq. 4: ``KL(p^t || p^s) = TCKD + (1 - p^t_y) * NCKD`` per sample, with the *teacher's* target
+      probability.
 
     Returns two float32 tensors of shape ``(B,)``. With ``C == 2`` the non-target distribution has one
     class and NCKD is exactly 0. ``logit_std=True`` standardises both logits per sample first (Sun et al.).
@@ -87,6 +80,8 @@ def dkd(
     logit_std: bool = False,
 ) -> Tensor:
     """DKD loss, Zhao et al. CVPR 2022, eq. 5 with the official ``T^2`` factor.
+
+    Eq. 5 (DKD): ``alpha * TCKD + beta * NCKD``, which frees NCKD from the ``(1 - p^t_y)`` factor of eq. 4.
 
     ``T^2 * (alpha * mean_b TCKD + beta * mean_b NCKD)``: batch mean of the distillation term only (no
     cross-entropy, no warm-up factor). Float32 inside; see :func:`dkd_terms` and the module docstring for

@@ -4,22 +4,14 @@ Nets", ICLR 2015, arXiv:1412.6550), as the CRD benchmark code trains it (HobbitL
 identical; fact sheet ``FEATURE_METHODS.md`` section 2).
 
 A convolutional regressor ``R`` (trainable, :class:`ConvReg`) maps the student's guided layer to the shape of the
-teacher's hint layer, and the loss is the mean squared error between them: ``L = mean_{b,c,h,w} (R(f_s) - f_t)^2``
-(``nn.MSELoss``). Both layers are the same index of RepDistiller's feature list, ``hint_layer``: 0 is the stem
-output f0 (kdtune ``Stages.stem``), 1..L the post-activation stage outputs f1..fL (``Stages.post[l - 1]``);
-default 2 (``--hint_layer 2``).
+teacher's hint layer, and the loss is the mean squared error between them (:func:`hint_loss`). Both layers
+are the same index of RepDistiller's feature list, ``hint_layer``: 0 is the stem output f0 (kdtune
+``Stages.stem``), 1..L the post-activation stage outputs f1..fL (``Stages.post[l - 1]``); default 2
+(``--hint_layer 2``).
 
-Paper vs code (kdtune follows the code, whose weight beta = 100 the CRD table reports): the paper trains in two
-stages (first the student up to the guided layer plus the regressor on the hint loss alone, eq. 3, which is
-``1/2 ||u_h - r(v_g)||^2``; then the whole student with KD); the benchmark code trains **one stage**,
-``CE + 100 * MSE`` from the first epoch, no KD term, mean instead of the halved sum (mdistiller issue #29: the
-maintainers confirm it follows CRD's code). The regressor is RepDistiller's ``ConvReg`` (with its BatchNorm and a
-final ReLU, which cannot match signed targets such as a WRN teacher's raw residual sums: faithful to the code).
-It is built in ``__init__`` from the probed stage shapes (RepDistiller probes ``randn(2, 3, 32, 32)`` before
-building its optimiser), PyTorch's default init from the run's global RNG, and returned by
-``trainable_modules()``: the student's optimiser trains it with its lr, momentum and weight decay
-(RepDistiller's ``trainable_list``), and every checkpoint carries it (``method_modules``), so resume continues
-with it (its BatchNorm running statistics included).
+One stage, ``CE + 100 * MSE`` from the first epoch (the code, not the paper's two stages). The regressor is
+built in ``__init__`` from the probed stage shapes, trained by the student's optimiser and carried by every
+checkpoint (``method_modules``). More: docs/methods.md §FitNet (paper vs code, the regressor).
 """
 
 from __future__ import annotations

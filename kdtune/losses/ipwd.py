@@ -1,39 +1,14 @@
 """IPWD, inverse probability weighting distillation (Niu, Chen, Zhou & Zhang, "Respecting Transfer Gap in
 Knowledge Distillation", NeurIPS 2022, arXiv:2210.12787).
 
-The paper treats the teacher's soft labels as a "machine domain" whose knowledge is imbalanced over the
-transfer set, estimates for each training sample the propensity ``P(x | machine)`` of being represented
-there, and weighs the sample's KD term by its inverse. The estimate comes from two outputs of the student
-(appendix 2.4): ``y^kd`` from its original head (trained with the usual KD loss, labels included) and
-``y^cls`` from an extra linear head on the same backbone features, trained with cross-entropy only. The
-public summary of the estimator is ``w_x = 1 / P(x | machine) = 1 + H(y^cls, y) / H(y^kd, y)``, ``H`` the
-cross-entropy with the label. No official code exists, so kdtune fixes the following, each a hyperparameter
-where it is a choice:
-
-- ``H(y^kd, y)`` is the per-sample cross-entropy of the student's normal logits (untempered, ``T = 1``),
-  ``H(y^cls, y)`` that of the extra head; both **detached** (the weights are treated as constants of the
-  step, as inverse-propensity weights are);
-- ``weighting="sample"`` (default, the summary's ``w_x``): ``w_i = 1 + H_cls,i / max(H_kd,i, 1e-8)``.
-  ``weighting="class"``: ``H_cls`` and ``H_kd`` are replaced by exponential moving averages per label
-  class (``ema_c <- momentum * ema_c + (1 - momentum) * batch mean over the samples of class c``, set to
-  the batch mean the first time class ``c`` is seen, updated before use), so all samples of a class share
-  ``w_c = 1 + ema_cls[c] / ema_kd[c]``. The class statistics are method state (``state_dict``);
-- ``clip``: the raw weight (``>= 1`` by construction) is capped at ``clip`` before normalisation, so a
-  sample the KD head already fits almost perfectly (``H_kd -> 0``) cannot take the whole batch;
-- ``normalize`` (default on): weights are divided by their batch mean, so ``mean_b w = 1`` and the KD
-  term keeps the scale of plain KD (``w_kd`` keeps its meaning);
-- the KD term is Hinton's per sample, ``L = w_ce * CE(s, y) + w_kd * mean_b(w_b * T^2 * KL(p_t^T || p_s^T))
-  + w_cls * CE(head(f), y)``, with the CRD-recipe defaults ``T = 4``, ``w_ce = 0.1``, ``w_kd = 0.9`` (the
-  paper follows Tian et al.'s training details);
-- ``detach_features`` (default **off**): the extra head's CE trains the shared backbone too. The appendix says
-  only that IPWD* differs from IPWD "in whether the visual backbone is shared": in IPWD the two heads share a
-  backbone that both train; IPWD* estimates ``y^cls`` with a separate CE-trained student. Detaching (on) makes
-  ``y^cls`` a linear probe of the KD-trained features, which is neither. Measured (digits, resnet8x4 teacher
-  trained 15 epochs, resnet8 IPWD students 15 epochs, seeds 0-2, ``kdtune train data=digits model=resnet8
-  teacher=... method=ipwd detach_features=...``): test accuracy 98.06 / 98.61 / 98.33 % detached against
-  99.72 / 98.89 / 99.17 % shared (mean 98.33 vs 99.26 %, shared better for every seed; a small data set near
-  its ceiling, so a weak but consistent measurement; part of the gain may be the head's label term reaching
-  the backbone, which is what sharing it means).
+Each training sample's KD term is weighted by the inverse of its estimated propensity of being represented in
+the teacher's "machine domain", ``w = 1 + H(y^cls, y) / H(y^kd, y)`` (:func:`inverse_propensity_weights`):
+``y^kd`` from the student's own head, ``y^cls`` from an extra linear head (a trainable module) trained with CE
+only. ``L = w_ce * CE(s, y) + w_kd * mean_b(w_b * T^2 * KL(p_t^T || p_s^T)) + w_cls * CE(head(f), y)``, with
+``T = 4``, ``w_ce = 0.1``, ``w_kd = 0.9`` by default. The weights are detached. No official code exists: the
+choices kdtune fixes are hyperparameters (``weighting`` per ``"sample"`` or per ``"class"``, the class
+averages being method state; ``clip``; ``normalize``; ``detach_features``).
+More: docs/methods.md §IPWD (each choice, and the measurement behind ``detach_features=False``).
 """
 
 from __future__ import annotations

@@ -5,22 +5,12 @@ Distillation for Knowledge Transfer", CVPR 2019), as the CRD benchmark code comp
 
 VID maximises a variational lower bound of the mutual information between teacher and student stage maps:
 a Gaussian ``q(t | s)`` whose mean is a small network of the student's map and whose variance is one learnt
-value per teacher channel. Its negative log-likelihood, summed over the paired stages, is the loss.
+value per teacher channel. Its negative log-likelihood, summed over the paired stages, is the loss
+(:func:`vid_nll`, :func:`vid`).
 
-Trainable state, per paired stage (:class:`VIDRegressor`, built in ``__init__`` from the probed stage shapes):
-the mean regressor ``conv1x1(C_s, C_t) - ReLU - conv1x1(C_t, C_t) - ReLU - conv1x1(C_t, C_t)`` (no biases,
-PyTorch's default init, drawn from the run's global RNG after student and teacher exist, as RepDistiller) and
-the variance parameters ``alpha`` (C_t values). Both are returned by ``trainable_modules()``, so the student's
-optimiser trains them with its lr, momentum and weight decay (RepDistiller's ``trainable_list``: weight decay
-5e-4 on ``alpha`` too) and every checkpoint (``method_modules`` in state.pt) carries them, so a resumed run
-continues with the learnt variances.
-
-**Size warning.** The regressors have ``C_s C_t + 2 C_t^2`` weights per stage, so they grow with the square
-of the teacher's widths: a resnet50 teacher (stages of 256, 512, 1024, 2048 channels) with a mobilenetv2
-student adds 11.5 M parameters (8.7 M of them at the 2048-channel stage: ``160 * 2048 + 2 * 2048^2``), 14
-times the student's 0.8 M, plus their momentum buffers and 1x1 convolutions over full maps at every step. Pairs
-whose student and teacher both have four stages (vgg, resnet50, mobilenetv2) get four regressors, the others
-three.
+Trainable state (per paired stage a :class:`VIDRegressor`: the mean regressor and the variance parameters
+``alpha``) is returned by ``trainable_modules()`` and carried by every checkpoint. The regressors grow with
+the square of the teacher's widths. More: docs/methods.md §VID (the regressor, the size warning).
 """
 
 from __future__ import annotations

@@ -9,17 +9,7 @@
 ``torch.hub.load_state_dict_from_url``): tensors and plain containers only, never arbitrary pickled
 objects. It accepts
 
-- the kdtune format above (``arch``, ``num_classes``, ``in_channels`` default to the file's);
-- a plain state_dict (``arch`` required; ``num_classes`` and ``in_channels`` read from the shapes of the
-  classifier and of the first conv when not given);
-- the wrapped dicts of the public KD code: ``{"model": state_dict, "epoch": ..., "optimizer": ...}``
-  (CRD/RepDistiller and mdistiller teachers), ``{"net": ...}``, ``{"state_dict": ...}``,
-  ``{"model_state_dict": ...}``.
-
-Key prefixes added by ``nn.DataParallel``/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are
-stripped. Anything that does not fit (another architecture, class count or input channels, missing,
-unexpected or mis-shaped keys) raises :class:`~kdtune.errors.CheckpointError` in one line naming what
-differs, the first offending key and its shapes, and the fix.
+More: docs/models.md §Checkpoints.
 """
 
 from __future__ import annotations
@@ -45,6 +35,8 @@ WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 _MAX_ERR = 300
 ZIP_MAGIC = b"PK\x03\x04"
+AUX_KEY = "aux_heads"  # the HSAKD auxiliary heads' state_dict in a kdtune checkpoint
+HSAKD_PARTS = ("backbone.", "auxiliary_classifier.")  # an official HSAKD *_aux network's two modules
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -90,12 +82,14 @@ def save_model(
     in_channels: int,
     meta: dict | None = None,
     durable: bool = True,
+    aux_heads: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``model`` in the kdtune format to ``path`` atomically; return the path (``durable=False``: no
     fsync, for a file rewritten every epoch; see :func:`kdtune.storage.atomic_write`).
 
     Tensors are saved on the CPU, without DataParallel/compile prefixes. ``meta`` must be JSON-able
     (numpy/torch scalars and paths are converted); it comes back as ``info["meta"]`` from :func:`load_model`.
+    ``aux_heads``, the state_dict of the model's HSAKD auxiliary heads, is saved beside it (``info["aux_heads"]``).
     """
     if arch not in MODELS:
         raise CheckpointError(
@@ -115,6 +109,8 @@ def save_model(
         "state_dict": sd,
         "meta": meta,
     }
+    if aux_heads is not None:
+        payload[AUX_KEY] = clean_state_dict(OrderedDict((k, v.detach().cpu()) for k, v in aux_heads.items()))
     from kdtune.storage import atomic_write
 
     path = Path(path)
@@ -243,6 +239,20 @@ def unwrap(obj: Any, role: str, source: str) -> tuple[OrderedDict, dict | None, 
     )
 
 
+def split_aux_heads(obj: Any, sd: OrderedDict, header: dict | None) -> tuple[OrderedDict, OrderedDict | None]:
+    """``(model state_dict, auxiliary heads' state_dict or None)``: a kdtune file's ``aux_heads``, or the two
+    parts of an official HSAKD network (``backbone.*`` and ``auxiliary_classifier.*``, nothing else)."""
+    if header is not None:
+        aux = obj.get(AUX_KEY) if isinstance(obj, Mapping) else None
+        return sd, (clean_state_dict(aux) if _is_state_dict(aux) else None)
+    backbone, aux = HSAKD_PARTS
+    if any(k.startswith(aux) for k in sd) and all(k.startswith(HSAKD_PARTS) for k in sd):
+        model = OrderedDict((k[len(backbone) :], v) for k, v in sd.items() if k.startswith(backbone))
+        heads = OrderedDict((k[len(aux) :], v) for k, v in sd.items() if k.startswith(aux))
+        return model, heads
+    return sd, None
+
+
 # ------------------------------------------------------------------------------------------------ fitting
 
 
@@ -351,11 +361,13 @@ def load_model(
     otherwise). ``role`` and ``data`` only word the errors, e.g. ``role="teacher checkpoint",
     data="cifar100"``. The file is read onto the CPU; the model is then moved to ``map_location`` when that
     is a device (string or ``torch.device``). ``info`` holds ``arch``, ``num_classes``, ``in_channels``,
-    ``meta`` (``{}`` for foreign checkpoints), ``source`` and ``format``.
+    ``meta`` (``{}`` for foreign checkpoints), ``source``, ``format`` and ``aux_heads`` (the state_dict of the
+    model's HSAKD auxiliary heads the file carries, or None; checked against the heads when they are built).
     """
     src = os.fspath(source)
     obj = read_checkpoint(src, map_location="cpu", role=role)
     sd, header, fmt = unwrap(obj, role, src)
+    sd, aux_heads = split_aux_heads(obj, sd, header)
 
     if header is not None:
         file_arch = str(header["arch"])
@@ -414,5 +426,6 @@ def load_model(
         "meta": meta,
         "source": src,
         "format": fmt,
+        "aux_heads": aux_heads,
     }
     return model, info

@@ -38,7 +38,7 @@ SETTING = [
 STAGE_BLOCKS = (1, 2, 4, 6)
 
 
-def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
+def conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False),
         nn.BatchNorm2d(oup),
@@ -80,7 +80,7 @@ class MobileNetV2(KDModel):
     def __init__(self, num_classes: int, in_channels: int = 3, width_mult: float = 0.5, expansion: int = 6):
         super().__init__()
         input_channel = int(32 * width_mult)
-        self.conv1 = _conv_bn_relu(in_channels, input_channel, 3, 2)
+        self.conv1 = conv_bn_relu(in_channels, input_channel, 3, 2)
         blocks = []
         for t, c, n, s in SETTING:
             t = expansion if t != 1 else 1
@@ -92,7 +92,7 @@ class MobileNetV2(KDModel):
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
         self.feat_dim = int(1280 * width_mult) if width_mult > 1.0 else 1280
-        self.conv2 = _conv_bn_relu(input_channel, self.feat_dim, 1, 1)
+        self.conv2 = conv_bn_relu(input_channel, self.feat_dim, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.feat_dim, num_classes))
         init_normal_fan_out(self, linear_std=0.01)
 

@@ -1,32 +1,17 @@
 """The function classes of DiSK's toy problems (Kag et al., "Scaffolding a Student to Instill Knowledge",
 ICLR 2023 submission, appendix A.1-A.2).
 
-- 1-D intervals (A.1): ``h(x; a, b) = sigma_k(x - a) - sigma_k(x - b)`` with ``sigma_k(z) = 1 / (1 + e^{-k z})``
-  is the student's 1-interval class H; the teacher's 2-interval class F is ``f = h(x; a, b) + h(x; c, d)``.
-  ``f(x)`` is read as the probability of the class "blue" (label 1); the logits are
-  ``[log(1 - f), log f]`` (computed exactly in log space, then floored at ``log(1e-6)``) so that
-  ``softmax(logits) = [1 - f, f]`` wherever both exceed 1e-6. The order ``a < b (< c < d)`` is kept by sorting
-  the raw end points instead of projecting the parameters. Two choices the paper leaves open shape the loss
-  landscape, and so Table 1: the sigmoid scale ``k`` (kdtune: ``k = 10``, ``h`` an interval indicator up to
-  +-0.3 on the [0, 9] axis) and the floor, which caps a mistake's CE at ``-log(1e-6) = 13.8`` and so silences
-  mistakes farther than ``13.8 / k = 1.4`` from an end point. Without a floor (exact log-linear tails) every
-  mistake pulls the ends with the same force and all CE students end on one compromise interval (about
-  [3.2, 7]); with ``k = 30`` the forces are so local that no method leaves the minimum of its start.
-- 2-D Gaussians (A.2): H is ``h(x) = W2 phi(W1 x)`` with ``W1`` 2x2, F is ``f(x) = W3 phi(W2 phi(W1 x))`` with
-  8 and 16 hidden units; ``phi`` is batch norm followed by ReLU. The hidden layers have no bias (batch norm's
-  shift plays that role, as the paper's formulas write); the classifier keeps a bias as ``nn.Linear`` does
-  (the paper's formula omits it; without it the three class regions would be cones through the origin).
+- 1-D intervals (A.1): unions of soft intervals ``h(x; a, b) = sigma_k(x - a) - sigma_k(x - b)`` (``k = 10``),
+  one for the student, two for the teacher; ``f(x)`` is the probability of "blue" (label 1), the logits
+  ``[log(1 - f), log f]``, computed in log space and floored at ``log(1e-6)``.
+- 2-D Gaussians (A.2): MLPs with batch norm then ReLU, 2 hidden units (student), 8 and 16 (teacher).
 
 Features (the ``return_features=True`` contract): the MLPs return the input of the classifier; the interval
 models return the per-interval activations ``h_j(x)`` ``(B, n_intervals)``, from which the logits follow by
 the fixed map above (not a linear layer: the toy exception to the contract). No stage features:
-``has_stages`` is False and ``forward_stages`` raises ConfigError.
-
-Every class here also builds an *ensemble* of independent copies (``ensemble=S``): parameters get a leading
-dimension ``S``, inputs ``(B, D)`` or ``(S, B, D)`` give outputs ``(S, B, C)``, and batch norm normalises over
-each member's own batch. ``kdtune reproduce disk-toys`` trains 100 seeds at once this way; member ``i`` of an
-ensemble initialised with :meth:`init_members` equals a single model initialised with the same seed.
-Inputs are float vectors ``(B, D)`` (``in_channels`` is ``D``), not images.
+``has_stages`` is False and ``forward_stages`` raises ConfigError. ``ensemble=S`` builds S independent copies
+(outputs ``(S, B, C)``); member ``i`` after :meth:`init_members` equals a single model of the same seed.
+Inputs are float vectors ``(B, D)`` (``in_channels`` is ``D``), not images. More: docs/toys.md §Models.
 """
 
 from __future__ import annotations

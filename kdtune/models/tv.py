@@ -1,21 +1,15 @@
 """Every torchvision classification model, registered as ``tv_<name>`` (``tv_resnet18``, ``tv_vit_b_16``).
 
 Built with ``torchvision.models.get_model(name, weights=None, num_classes=...)`` (random init; kdtune trains
-or loads its own teachers, see :mod:`kdtune.models.checkpoint`). GoogLeNet and Inception-v3 are built
-without their auxiliary classifiers (``aux_logits=False``), so the model returns one logits tensor in
-training mode too, and with ``init_weights=True`` (their historical init, stated to silence a warning).
-Extra keyword arguments of ``create_model`` go to the torchvision builder (e.g. ``image_size`` for ViTs).
+or loads its own teachers, see :mod:`kdtune.models.checkpoint`); extra keyword arguments of ``create_model``
+go to the torchvision builder (e.g. ``image_size`` for ViTs). GoogLeNet and Inception-v3 are built without
+their auxiliary classifiers, so every model returns one logits tensor in training mode too.
 
 Features: the model keeps its torchvision class (as a thin subclass), so its ``state_dict`` keys are
-torchvision's and torchvision's ImageNet weights load as a plain state dict. A forward hook on the final
-classifier stashes its input: ``model(x, return_features=True)`` returns ``(logits, features)`` with
-features the input of the last ``nn.Linear`` (``fc``, ``classifier[-1]``, ``heads.head``, ...), and
-``feat_dim`` its ``in_features``. SqueezeNet has no linear classifier (a 1x1 conv, ReLU and global average
-pooling make its logits); there the features are the globally averaged input of that final conv
-(``feat_dim`` 512), and the logits are not a linear function of them.
-
-Only 3-channel inputs are supported (``in_channels`` other than 3 raises ConfigError). Input sizes follow
-torchvision: ViTs need their ``image_size`` (224 by default), Inception-v3 at least 75x75 pixels.
+torchvision's; ``model(x, return_features=True)`` returns ``(logits, features)`` with features the input of
+the last ``nn.Linear`` (a forward hook), ``feat_dim`` its ``in_features`` (SqueezeNet: the globally averaged
+input of its final conv). Only 3-channel inputs are supported (``in_channels`` other than 3 raises
+ConfigError); input sizes follow torchvision. More: docs/models.md §torchvision models.
 """
 
 from __future__ import annotations

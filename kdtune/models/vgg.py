@@ -31,7 +31,7 @@ CFG = {
 POOL3_MIN_SIZE = 64
 
 
-def _stage(widths: list[int], in_ch: int) -> nn.Sequential:
+def vgg_stage(widths: list[int], in_ch: int) -> nn.Sequential:
     """conv3x3(bias)-BN-ReLU repeated, without the last ReLU (applied in ``forward``), as in the CRD code."""
     layers: list[nn.Module] = []
     for w in widths:
@@ -50,11 +50,11 @@ class VGG(KDModel):
 
     def __init__(self, cfg: list[list[int]], num_classes: int, in_channels: int = 3):
         super().__init__()
-        self.block0 = _stage(cfg[0], in_channels)
-        self.block1 = _stage(cfg[1], cfg[0][-1])
-        self.block2 = _stage(cfg[2], cfg[1][-1])
-        self.block3 = _stage(cfg[3], cfg[2][-1])
-        self.block4 = _stage(cfg[4], cfg[3][-1])
+        self.block0 = vgg_stage(cfg[0], in_channels)
+        self.block1 = vgg_stage(cfg[1], cfg[0][-1])
+        self.block2 = vgg_stage(cfg[2], cfg[1][-1])
+        self.block3 = vgg_stage(cfg[3], cfg[2][-1])
+        self.block4 = vgg_stage(cfg[4], cfg[3][-1])
         self.feat_dim = cfg[4][-1]
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         init_normal_fan_out(self, linear_std=0.01)

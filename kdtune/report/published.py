@@ -1,34 +1,15 @@
 """Published CIFAR-100 top-1 test accuracies (%) per method and teacher -> student pair, with their source.
 
 Only numbers printed in the papers kept in ``shared/papers/`` (and, for SP and CC, in the CRD benchmark's
-README) are here, each with its table:
-
-- [TTM] Zheng & Yang, "Knowledge Distillation Based on Transformed Teacher Matching", ICLR 2024:
-  Table 1 (same-architecture pairs, mean of 5 runs) and Table 3 (different architectures, mean of 3 runs),
-  standard deviations from Tables 11 and 12; CRD recipe (240 epochs). DKD's numbers there are the DKD
-  paper's (no std); some DIST numbers are TTM's re-implementation (its Tables 1 and 3 say so). The same
-  tables give the teachers and the students trained from scratch (CE), which are CRD's numbers.
-- [IPWD] Niu et al., "Respecting Transfer Gap in Knowledge Distillation", NeurIPS 2022, appendix Table 1.
-- [DiSK] "Distilling selective knowledge" (ICLR 2023 submission): Table 4 (standard pairs) and Table 3
-  (its ResNet10 family); CE students from Table 5. DiSK's own recipe: students warm-started from a CE
-  student, CE and KD baselines well above the CRD recipe's (its KD for resnet32x4 -> resnet8x4 is 76.25
-  against TTM's 73.33), so its numbers compare only with each other. DiSK's KD numbers are used only for
-  pairs that TTM does not cover (the ResNet10 family).
-
-- [CRD] The feature methods of the CRD benchmark (Tian et al., "Contrastive Representation Distillation",
-  ICLR 2020, Tables 1 and 2; RepDistiller's code, last-epoch accuracy, CE weight 1 and no KD term): FitNet,
-  AT, VID, RKD and PKT as printed in TTM Tables 1 and 3 (the CRD numbers, identical to RepDistiller's
-  ``README.md``) with the standard deviations of TTM Tables 11 and 12; SP and CC, which TTM leaves out, from
-  RepDistiller's ``README.md`` (HobbitLong/RepDistiller @ b84f547, "Benchmark Results on CIFAR-100", the CRD
-  paper's tables), the one source here that is not in ``shared/papers/``, without std. Caveats: FitNet is the
-  benchmark's single-stage variant (hint + CE from the first epoch, not the paper's two stages); CC is the code
-  RepDistiller runs (products of consecutive residuals of two trainable linear embeddings), not the paper's
-  kernel correlation matrices; the MobileNetV2 columns are CRD's width-0.5 ``mobile_half`` (AT and FitNet end
-  below its CE baseline of 64.60 there).
+README) are here, each with its table: [TTM] (Zheng & Yang, ICLR 2024), [IPWD] (Niu et al., NeurIPS 2022),
+[DiSK] (ICLR 2023 submission; its own recipe, so its numbers compare only with each other) and [CRD] (the
+feature methods of the CRD benchmark, Tian et al., ICLR 2020).
 
 Model names are kdtune's registry names (``wrn_40_2``, ``resnet32x4``, ``mobilenetv2`` = CRD's width-0.5
 ``mobile_half``, ``shufflev1``, ``shufflev2``, ``resnet50``, ``resnet10_m`` ...). DiSK's "MobileNetV2x2"
 (width 2) is not kdtune's ``mobilenetv2`` and is left out.
+
+More: docs/report.md §Published numbers (each source's tables, runs and caveats).
 """
 
 from __future__ import annotations
@@ -56,6 +37,10 @@ DISK_T4 = "DiSK (ICLR 2023 submission) Table 4; DiSK's recipe (CE warm start), n
 DISK_T3 = "DiSK (ICLR 2023 submission) Table 3; DiSK's recipe (CE warm start)"
 DISK_T5 = "DiSK (ICLR 2023 submission) Table 5, CE accuracy"
 CRD_T1 = "CRD (Tian et al., ICLR 2020) as printed in TTM/WTTM (Zheng & Yang, ICLR 2024) Table 1, std Table 11"
+IPWD_T2_REVIEWKD = ("ReviewKD (Chen et al., CVPR 2021) as printed in IPWD (Niu et al., NeurIPS 2022) appendix "
+                    "Table 2; its official recipe (teacher in train mode, lr 0.1, batch 128); no std")
+HSAKD_README = ("HSAKD README (winycg/HSAKD @ 28c8dc2), frozen-backbone teacher; mean ± std of 3 runs, best epoch, "
+                "CRD/SSKD teachers: not comparable to CRD's table")
 CRD_T3 = "CRD (Tian et al., ICLR 2020) as printed in TTM/WTTM (Zheng & Yang, ICLR 2024) Table 3, std Table 12"
 CRD_README_SAME = "RepDistiller README @ b84f547, same-architecture table (= CRD paper Table 1); no std"
 CRD_README_DIFF = "RepDistiller README @ b84f547, different-architecture table (= CRD paper Table 2); no std"
@@ -101,6 +86,7 @@ _T1_CRD = {
     "vid": ([74.11, 73.30, 70.38, 70.16, 72.61, 73.09, 71.23], [0.24, 0.13, 0.14, 0.39, 0.28, 0.21, 0.06]),
     "rkd": ([73.35, 72.22, 69.61, 69.25, 71.82, 71.90, 71.48], [0.09, 0.20, 0.06, 0.05, 0.34, 0.11, 0.05]),
     "pkt": ([74.54, 73.45, 70.34, 70.25, 72.61, 73.64, 72.88], [0.04, 0.19, 0.04, 0.04, 0.17, 0.18, 0.09]),
+    "crd": ([75.48, 74.14, 71.16, 71.46, 73.48, 75.51, 73.94], [0.09, 0.22, 0.17, 0.09, 0.13, 0.18, 0.22]),
 }
 _T3_CRD = {
     "fitnet": ([64.14, 63.16, 70.69, 73.59, 73.54, 73.73], [0.50, 0.47, 0.22, 0.15, 0.22, 0.32]),
@@ -108,6 +94,7 @@ _T3_CRD = {
     "vid": ([65.56, 67.57, 70.30, 73.38, 73.40, 73.61], [0.42, 0.28, 0.31, 0.09, 0.17, 0.12]),
     "rkd": ([64.52, 64.43, 71.50, 72.28, 73.21, 72.21], [0.45, 0.42, 0.07, 0.39, 0.28, 0.16]),
     "pkt": ([67.13, 66.52, 73.01, 74.10, 74.69, 73.89], [0.30, 0.33, 0.14, 0.25, 0.34, 0.16]),
+    "crd": ([69.73, 69.11, 74.30, 75.11, 75.65, 76.05], [0.42, 0.28, 0.14, 0.32, 0.10, 0.14]),
 }
 # SP and CC: RepDistiller's README only (TTM does not list them), no std.
 _T1_README = {
@@ -223,6 +210,26 @@ def _build() -> dict[tuple[str, str, str], Published]:
         for student, (kd, disk) in rows.items():
             table[(teacher, student, "kd")] = Published(kd, None, DISK_T3)
             table[(teacher, student, "disk")] = Published(disk, None, DISK_T3)
+    # ReviewKD: the five pairs a paper kept here prints (its vgg13/resnet50 -> mobilenetv2 numbers, flagged in the
+    # fact sheet, are in no paper here and are left out)
+    for (teacher, student), acc in {
+        ("wrn_40_2", "wrn_16_2"): 76.12,
+        ("resnet56", "resnet20"): 71.89,
+        ("resnet110", "resnet32"): 73.89,
+        ("resnet32x4", "shufflev2"): 77.78,
+        ("wrn_40_2", "shufflev1"): 77.14,
+    }.items():
+        table[(teacher, student, "reviewkd")] = Published(acc, None, IPWD_T2_REVIEWKD)
+    # HSAKD: its README's rows (its stride-1 MobileNetV2 rows left out: not kdtune's mobilenetv2)
+    for (teacher, student), (acc, std) in {
+        ("wrn_40_2", "wrn_16_2"): (77.20, 0.17),
+        ("wrn_40_2", "wrn_40_1"): (77.00, 0.21),
+        ("resnet56", "resnet20"): (72.58, 0.33),
+        ("resnet32x4", "resnet8x4"): (77.26, 0.14),
+        ("wrn_40_2", "shufflev1"): (78.51, 0.20),
+        ("resnet32x4", "shufflev2"): (79.93, 0.11),
+    }.items():
+        table[(teacher, student, "hsakd")] = Published(acc, std, HSAKD_README)
     return table
 
 

@@ -2,44 +2,15 @@
 ICLR 2023 submission) on its two toy problems, appendix A.1-A.2.
 
 For each problem a teacher is trained once, then a student is trained from many seeds with CE, KD and DiSK,
-and the table counts how often each method lands in each minimum, next to the paper's Table 1.
-
-Protocol, as the appendix writes it: SGD, momentum 0.9, learning rate 0.1, weight decay 0.01, 200 epochs, for
-teacher and students ("similar training setup as the teacher"). Not given by the paper, chosen here: batch
-size 200 (A.5), constant learning rate (A.1/A.2 name no schedule), the interval sigmoid scale ``k = 10``, the
-teacher kept from the best of ``--teacher-restarts`` random starts by training loss (the paper only says the
-teacher recovers ``f*``), student end points / weights initialised uniformly (``nn.Linear``'s rule), and
-KD with T = 4 (A.5) and CE weight 0.1. KD and DiSK start from the same seed's CE-trained student
-(``--init ce``, the warm start of A.4, which "benefits both DiSK and KD"); ``--init random`` starts them from
-the seed's random initialisation instead. DiSK uses the defaults A.1 gives for both toys: tau_t = 7,
-lambda_min = 0.1, lambda_max = 50, Lambda_T = 50; alpha = 0.1 (the official script's CE weight); the student
-temperature fitted on the warm-started student (section 3.2); K = the number of classes (A.1's default K = 2 on
-the binary problem; on the 3-class problem K = 2 with eq. 4's full teacher target pulls helped examples towards
-the teacher's third class -- see kdtune.losses.disk -- so K = 3, inside A.1's scan {1, 2, 3}); the guide has the
-student's capacity (A.1: "similar capacity as the student"): one hidden layer of 2 units with batch norm and ReLU
-on the teacher's features and soft predictions. The guide is kdtune.losses.disk's default, the one that selects:
-renormalised help, eq. 2's mistake budget, and the budget delta = each seed's CE student's training error (A.5;
-A.1 writes "delta = 0.0 (approximate error of the global minima)", but the global minimum of either problem
-errs on about 1/6 of the data, and with delta = 0 the guide may help nobody). Alternation by passes (A.5: "three
-SGD steps over the entire dataset"): 3 guide passes over the training set, then 3 student epochs, per round;
-the guide's lr is constant like the students' (``--alternate batch`` gives 3 guide steps per student step).
-
-"Lands in a minimum", as the paper identifies its minima:
-
-- 1-D intervals (Figure 1: the student's single interval on the blue cluster [2, 3] (A), spanning both
-  clusters and the red gap (B), or on the cluster [5, 7] (C, the global minimum)): a run is in a minimum when
-  both end points of its interval lie within 0.3 of the minimum's end points, else "other". (Coverage of the
-  test points alone would count an interval like [2.7, 6.9] as C.)
-- 2-D Gaussians (Figure 2): a run's minimum is the set of clusters it covers (more than half of a cluster's test
-  points classified right), counted by size: 6/6 (global), 5/6, 4/6, other. The paper's 70/80/90/100 % minima
-  cannot occur with the appendix's data: its six clusters have equal sizes, so a minimum's accuracy is k/6.
-
-Each cell of the table is the number of runs in that minimum with their mean test accuracy; the paper's Table 1
-is printed beside it. ``--json FILE`` writes the same numbers and DiSK's guide statistics at the end of training
-(mean g on the training examples the CE student gets wrong and right, fraction with g > 0.5, the budget).
+and the table counts how often each method lands in each minimum, next to the paper's Table 1. Each cell is
+the number of runs in that minimum with their mean test accuracy; ``--json FILE`` writes the same numbers and
+DiSK's guide statistics at the end of training.
 
 All seeds train at once as one ensemble (parameters with a leading seed dimension, see
 :mod:`kdtune.models.toys`); run ``i`` depends only on its seed ``i``, not on how many seeds run.
+
+More: docs/toys.md §Reproduction (the protocol, what the paper leaves open and what kdtune chose, how a
+run's minimum is identified).
 """
 
 from __future__ import annotations
