@@ -237,6 +237,22 @@ def owner_info() -> dict[str, Any]:
     }
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of an append-only JSON-lines file, oldest first; a line a kill cut short is skipped, a
+    missing file is empty."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for ln in lines:
+        try:
+            out.append(json.loads(ln))
+        except ValueError:
+            pass
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine and is no zombie (killed, not yet reaped: dead for us)."""
     if pid <= 0:

@@ -14,7 +14,6 @@ More: docs/models.md §HSAKD auxiliary branches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.errors import CheckpointError, ConfigError
-from kdtune.models.common import Stages, global_pool
+from kdtune.models.common import Stages, global_pool, init_normal_fan_out
 
 ROTATIONS = 4  # quarter turns: k = 0, 1, 2, 3
 
@@ -99,25 +98,6 @@ class AuxHeads(nn.Module):
 # ---------------------------------------------------------------------------------------------- inits
 
 
-def _init_normal(module: nn.Module, linear_std: float | None, zero_linear_bias: bool = True) -> None:
-    """Convs ~ N(0, sqrt(2 / (k^2 C_out))) and bias 0, BN 1/0, linear bias 0 (weight ~ N(0, linear_std) when
-    given): the official branches' loop (``n = k*k*out_channels; normal_(0, sqrt(2/n))``)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            if linear_std is not None:
-                nn.init.normal_(m.weight, 0.0, linear_std)
-            if zero_linear_bias:
-                nn.init.zeros_(m.bias)
-
-
 # ---------------------------------------------------------------------------------------------- families
 
 
@@ -140,7 +120,7 @@ def _cifar_resnet(model, num_classes: int) -> AuxHeads:
     ext = [nn.Sequential(stage(w[0], w[1], 2), stage(w[1], w[2], 2)), nn.Sequential(stage(w[1], w[2], 2)),
            nn.Sequential(stage(w[2], w[2], 1))]  # fmt: skip
     heads = AuxHeads("cifar_resnet", [("post", 0), ("post", 1), ("post", 2)], ext, w[2], num_classes)
-    _init_normal(heads, None)
+    init_normal_fan_out(heads, None)
     return heads
 
 
@@ -152,7 +132,7 @@ def _wrn(model, num_classes: int) -> AuxHeads:
     ext = [nn.Sequential(NetworkBlock(n, c[0], c[1], 2), NetworkBlock(n, c[1], c[2], 2)),
            nn.Sequential(NetworkBlock(n, c[1], c[2], 2)), nn.Sequential(NetworkBlock(n, c[2], c[2], 1))]  # fmt: skip
     heads = AuxHeads("wrn", [("post", 0), ("post", 1), ("post", 2)], ext, c[2], num_classes, tail="bn_relu")
-    _init_normal(heads, None)
+    init_normal_fan_out(heads, None)
     return heads
 
 
@@ -177,7 +157,7 @@ def _shufflev1(model, num_classes: int) -> AuxHeads:
     ext = [nn.Sequential(stage(out[0], out[1], nb[1]), stage(out[1], out[2], nb[2])),
            nn.Sequential(stage(out[1], out[2], nb[2])), nn.Sequential(stage(out[2], out[2], nb[2], downsample=False))]  # fmt: skip
     heads = AuxHeads("shufflev1", [("post", 0), ("post", 1), ("post", 2)], ext, out[2], num_classes)
-    _init_normal(heads, None)
+    init_normal_fan_out(heads, None)
     return heads
 
 
@@ -266,7 +246,7 @@ def _mobilenetv2(model, num_classes: int) -> AuxHeads:
     tails = [conv_bn_relu(ins[-1], last, 1, 1) for _ in ext]
     heads = AuxHeads("mobilenetv2", [("post", i) for i in range(4)], ext, last, num_classes, tail="conv",
                      tails=tails)  # fmt: skip
-    _init_normal(heads, 0.01)
+    init_normal_fan_out(heads, 0.01)
     return heads
 
 

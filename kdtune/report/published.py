@@ -39,7 +39,7 @@ DISK_T5 = "DiSK (ICLR 2023 submission) Table 5, CE accuracy"
 CRD_T1 = "CRD (Tian et al., ICLR 2020) as printed in TTM/WTTM (Zheng & Yang, ICLR 2024) Table 1, std Table 11"
 IPWD_T2_REVIEWKD = ("ReviewKD (Chen et al., CVPR 2021) as printed in IPWD (Niu et al., NeurIPS 2022) appendix "
                     "Table 2; its official recipe (teacher in train mode, lr 0.1, batch 128); no std")
-HSAKD_README = ("HSAKD README (winycg/HSAKD @ 28c8dc2), frozen-backbone teacher; mean ± std of 3 runs, best epoch, "
+HSAKD_README = ("HSAKD README (winycg/HSAKD @ 28c8dc2), its CIFAR-100 results Table, frozen-backbone teacher; mean ± std of 3 runs, best epoch, "
                 "CRD/SSKD teachers: not comparable to CRD's table")
 CRD_T3 = "CRD (Tian et al., ICLR 2020) as printed in TTM/WTTM (Zheng & Yang, ICLR 2024) Table 3, std Table 12"
 CRD_README_SAME = "RepDistiller README @ b84f547, same-architecture table (= CRD paper Table 1); no std"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from kdtune.errors import ConfigError
+from kdtune.storage import read_jsonl
 
 CPU_AUTO_FUSE = 4
 GPU_MEMBER_GIB = 2.0
@@ -117,17 +118,7 @@ class MemberPruner:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def _records(self) -> list[dict]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for ln in lines:
-            try:
-                out.append(json.loads(ln))
-            except ValueError:
-                pass  # a line a kill cut short
-        return out
+        return read_jsonl(self.path)
 
     def prune(self, member: str, epoch: int, value: float | None) -> bool:
         if epoch not in self.rungs or value is None or not math.isfinite(value):

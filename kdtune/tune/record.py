@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdtune.storage import atomic_write_text, pid_alive
+from kdtune.storage import atomic_write_text, pid_alive, read_jsonl
 from kdtune.tune.protocol import MEMBER_KEYS, Outcome
 
 EVENTS_FILE = "events.jsonl"
@@ -34,17 +34,7 @@ def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
 
 def read_events(folder: Path) -> list[dict]:
     """The events of a trial folder, oldest first (a line a kill cut short is skipped)."""
-    try:
-        lines = (folder / EVENTS_FILE).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for ln in lines:
-        try:
-            out.append(json.loads(ln))
-        except ValueError:
-            pass
-    return out
+    return read_jsonl(folder / EVENTS_FILE)
 
 
 def write_event(folder: Path, **kw) -> None:

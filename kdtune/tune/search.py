@@ -282,6 +282,8 @@ class GroupedScheduler(_PickledState, TrialScheduler):
         self._sub(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
+        if not finite(result.get(self._metric)):  # a unit whose members all diverged: nothing to compare
+            return TrialScheduler.CONTINUE
         return self._sub(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +167,7 @@ class Unit:
         own = [self.folder] if self.shared else []  # a shared unit's own folder: its process's open/closed
         for f in own:
             f.mkdir(parents=True, exist_ok=True)
-            write_event(f, event="open", trial_id=self.uid, members=list(self.records))
+            write_event(f, event="open", trial_id=self.uid, members=list(self.records), nice=os.nice(0))
         for rec in self.records.values():
             rec.open()
         try:
