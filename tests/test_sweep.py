@@ -312,6 +312,28 @@ def test_schedulers():
     assert isinstance(make_scheduler(spec("none")), FIFOScheduler)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_unit_without_a_value_is_not_handed_to_asha():
+    """A unit whose members all diverged reports a NaN metric: ASHA must neither rank it nor compute a cutoff
+    from it (numpy's "All-NaN slice" warning, seen in a full run when the diverged result came first)."""
+    from types import SimpleNamespace
+
+    from kdtune.tune.search import GROUP_KEY, GroupedScheduler
+
+    sched = GroupedScheduler(lambda: __import__("ray.tune.schedulers", fromlist=["x"]).ASHAScheduler(
+        time_attr="training_iteration", metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2),
+        "val_acc", "max")  # fmt: skip
+    bad = SimpleNamespace(trial_id="a", config={GROUP_KEY: "g"})
+    good = SimpleNamespace(trial_id="b", config={GROUP_KEY: "g"})
+    for t in (bad, good):
+        sched.on_trial_add(None, t)
+    nan = {"training_iteration": 1, "val_acc": float("nan")}
+    assert sched.on_trial_result(None, bad, nan) == "CONTINUE"
+    sched.on_trial_complete(None, bad, nan)  # removed, not recorded: no warning, no NaN at the rung
+    assert "a" not in sched.subs["g"]._trial_info
+    assert sched.on_trial_result(None, good, {"training_iteration": 1, "val_acc": 50.0}) == "CONTINUE"
+
+
 def test_orchestration_clock_counts_only_the_bookkeeping():
     from kdtune.tune.trainable import OrchestrationClock
 

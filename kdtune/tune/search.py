@@ -287,6 +287,9 @@ class GroupedScheduler(_PickledState, TrialScheduler):
         return self._sub(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
+        if not finite((result or {}).get(self._metric)):  # no value to record (its members all diverged)
+            self._sub(trial).on_trial_remove(tune_controller, trial)
+            return
         self._sub(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
