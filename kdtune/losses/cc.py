@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import W_CE, with_ce
+from kdtune.losses._features import W_CE, feature_sizes, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 
@@ -53,12 +53,10 @@ class CC(Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if not ctx.student_feat_dim or not ctx.teacher_feat_dim:
-            raise ConfigError("cc needs the student's and the teacher's feature sizes (student_feat_dim, "
-                              "teacher_feat_dim); use models with feat_dim")  # fmt: skip
+        d_s, d_t = feature_sizes(ctx, "cc")
         d = int(hp["embed_dim"])
-        self.embed_s = nn.Linear(int(ctx.student_feat_dim), d)
-        self.embed_t = nn.Linear(int(ctx.teacher_feat_dim), d)
+        self.embed_s = nn.Linear(d_s, d)
+        self.embed_t = nn.Linear(d_t, d)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"embed_s": self.embed_s, "embed_t": self.embed_t}

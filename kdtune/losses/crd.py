@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import W_CE, with_ce
+from kdtune.losses._features import W_CE, feature_sizes, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 CRD_EPS = 1e-7  # crd/criterion.py: eps = 1e-7
@@ -180,9 +180,7 @@ class CRD(Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if not ctx.student_feat_dim or not ctx.teacher_feat_dim:
-            raise ConfigError("crd needs the student's and the teacher's feature sizes (student_feat_dim, "
-                              "teacher_feat_dim); use models with feat_dim")  # fmt: skip
+        d_s, d_t = feature_sizes(ctx, "crd")
         if ctx.num_train is None or ctx.train_targets is None:
             raise ConfigError("crd needs the training split's size and labels (MethodContext.num_train, "
                               "train_targets) and each sample's index; the engine passes them for in-memory "
@@ -199,7 +197,7 @@ class CRD(Method):
                               f"training split has {n} samples and class {big} leaves only {fewest} of other "
                               f"classes; set crd.nce_k <= {fewest}")  # fmt: skip
         self.labels = labels
-        self.head = CRDHead(ctx.student_feat_dim, ctx.teacher_feat_dim, n, int(hp["embed_dim"]), ctx.seed)
+        self.head = CRDHead(d_s, d_t, n, int(hp["embed_dim"]), ctx.seed)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"crd": self.head}

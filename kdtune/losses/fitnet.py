@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import W_CE, stage_maps, with_ce
+from kdtune.losses._features import W_CE, stage_maps, stage_shapes, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StageShapes, StepOutputs, fp32, register_method
 
 
@@ -129,9 +129,7 @@ class FitNet(Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if ctx.student_stages is None or ctx.teacher_stages is None:
-            raise ConfigError("fitnet needs the stage shapes of student and teacher (MethodContext.student_stages "
-                              "and teacher_stages, probed by the engine); got none")  # fmt: skip
+        stage_shapes(ctx, "fitnet")
         layer = hp["hint_layer"]
         s_shape = hint_shape(ctx.student_stages, layer, "student")
         t_shape = hint_shape(ctx.teacher_stages, layer, "teacher")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import stage_maps
+from kdtune.losses._features import stage_maps, stage_shapes
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 from kdtune.models.aux_heads import ROTATIONS, build_aux_heads, has_aux_heads, no_heads_error
 
@@ -129,10 +129,7 @@ class HSAKDHeads(_Rotations, Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if ctx.student_stages is None:
-            raise ConfigError(
-                "hsakd_heads needs the stage shapes of the network (MethodContext.student_stages)"
-            )
+        stage_shapes(ctx, "hsakd_heads", teacher=False)
         self.heads = build_aux_heads(ctx.student, ctx.num_classes)
         if ctx.extra.get("channels_last"):
             self.heads = self.heads.to(memory_format=torch.channels_last)
@@ -185,8 +182,7 @@ class HSAKD(_Rotations, Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if ctx.student_stages is None:
-            raise ConfigError("hsakd needs the stage shapes of the student (MethodContext.student_stages)")
+        stage_shapes(ctx, "hsakd", teacher=False)
         t_heads = ctx.extra.get("teacher_heads")
         if t_heads is None:
             if ctx.teacher is not None and not has_aux_heads(ctx.teacher):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import W_CE, stage_maps, with_ce
+from kdtune.losses._features import W_CE, stage_maps, stage_shapes, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StageShapes, StepOutputs, fp32, register_method
 
 MID_CHANNELS_MAX = 512  # official: mid_channel = min(512, in_channels[-1])
@@ -224,9 +224,7 @@ class ReviewKD(Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if ctx.student_stages is None or ctx.teacher_stages is None:
-            raise ConfigError("reviewkd needs the stage shapes of student and teacher (MethodContext."
-                              "student_stages and teacher_stages, probed by the engine); got none")  # fmt: skip
+        stage_shapes(ctx, "reviewkd")
         s = getattr(ctx.student, "kdtune_arch", None) or type(ctx.student).__name__
         t = getattr(ctx.teacher, "kdtune_arch", None) or type(ctx.teacher).__name__
         self.config = review_config(ctx.student_stages, ctx.teacher_stages, f"student {s} with teacher {t}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.losses._features import W_CE, match_resolution, stage_maps, with_ce
+from kdtune.losses._features import W_CE, match_resolution, stage_maps, stage_shapes, with_ce
 from kdtune.losses.base import HParam, Method, MethodContext, StepOutputs, fp32, register_method
 
 VID_EPS = 1e-5  # RepDistiller VIDLoss(eps=1e-5)
@@ -141,9 +141,7 @@ class VID(Method):
 
     def __init__(self, hp: dict[str, Any], ctx: MethodContext):
         super().__init__(hp, ctx)
-        if ctx.student_stages is None or ctx.teacher_stages is None:
-            raise ConfigError("vid needs the stage shapes of student and teacher (MethodContext."
-                              "student_stages and teacher_stages, probed by the engine)")  # fmt: skip
+        stage_shapes(ctx, "vid")
         pairs = list(zip(ctx.student_stages.post, ctx.teacher_stages.post))
         if not pairs:
             raise ConfigError("vid: student or teacher has no stage outputs to pair")

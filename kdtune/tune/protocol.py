@@ -14,7 +14,7 @@ before that format (a lone trial's own top-level keys) read the same through :fu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,6 @@ class MemberResult:
     outcome: Outcome
     error: str | None
     path: str
-    unit: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def unit_id_of(result) -> str:
@@ -174,5 +172,5 @@ def expand_members(results, epochs: int) -> list[MemberResult]:
             if shared_unit(uid, members):
                 metrics["bundle"] = uid
             out.append(MemberResult(metrics, {GROUP_KEY: config.get(GROUP_KEY), **m.config}, outcome, error,
-                                    str(r.path), unit=uid))  # fmt: skip
+                                    str(r.path)))  # fmt: skip
     return out

@@ -136,9 +136,6 @@ class TrialRecord:
         """Let go of the record: after this event the driver may touch the run."""
         self.event(event="closed")
 
-    def done(self) -> dict | None:
-        return read_done(self.folder)
-
     def row(self, m: dict, outcome: Outcome) -> dict:
         """The member's figures as its unit reports them."""
         r = {k: m.get(k) for k in MEMBER_KEYS if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtune.tune.protocol import GROUP_KEY, Member, Outcome, finite, members_of, report_rows, shared_unit
-from kdtune.tune.record import TrialRecord, numeric, trial_folder, write_event, write_json
+from kdtune.tune.record import TrialRecord, numeric, read_done, trial_folder, write_event, write_json
 
 COMMIT_FILE = "commit.json"
 PENDING = "state.pending.pt"
@@ -180,14 +180,14 @@ class Unit:
 
     def _run(self) -> None:
         for mid, rec in self.records.items():
-            done = rec.done()
+            done = read_done(rec.folder)
             if done is not None:
                 self.final[mid] = done
         live = [mid for mid in self.records if mid not in self.final]
         if not live:  # finished before the driver died, but after Tune's last snapshot: report again
             for mid, rec in self.records.items():
                 rec.event(event="start", epoch=self.final[mid].get("epoch"), finished=True)
-            return self.report(final=True)
+            return self.report()
         from kdtune.tune.rayrt import SharedData
 
         data = self.data.get() if isinstance(self.data, SharedData) else self.data
@@ -246,7 +246,7 @@ class Unit:
                 self.records[mid].restore(unit.history(mid))
             self._decide({mid: unit.history(mid)[-1] for mid in live if unit.history(mid)})
             if not unit.size or unit.epoch >= self.epochs:
-                return self.report(final=True)
+                return self.report()
         orch = OrchestrationClock()
         for ms in unit.run():
             orch.begin()
@@ -295,7 +295,7 @@ class Unit:
         self.final[mid] = rec.close(outcome, m, reason, model=model, data=unit.data if unit is not None else None)
 
     # ------------------------------------------------------------------ reports
-    def report(self, figures: dict | None = None, final: bool = False) -> None:
+    def report(self, figures: dict | None = None) -> None:
         """One Tune report: the best live value of the metric (what Tune's scheduler reads), the epoch, and every
         member's row; with a pointer checkpoint (the epoch) so a restored unit keeps Tune's iteration count."""
         from ray import tune
