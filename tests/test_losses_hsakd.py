@@ -434,22 +434,11 @@ def test_teacher_store_is_never_used(chain, tmp_path, capsys):
 
 def test_resume_is_bit_identical(chain, tmp_path):
     """Stopped after epoch 1 and resumed: the student and its branches end as in an uninterrupted run."""
-    from kdtune.engine import iter_train, train
+    from tests.resume_check import stopped_and_resumed
 
     cfg = dict(data="digits", device="cpu", val_fraction=0.85, eval_batch_size=512, model="resnet8", method="hsakd",
                teacher=str(chain / "heads"), epochs=2, batch_size=64, seed=5, preset="hsakd")  # fmt: skip
-    full, part = tmp_path / "full", tmp_path / "part"
-    train(dict(cfg, out=str(full)))
-    gen = iter_train(dict(cfg, out=str(part)))
-    next(gen)
-    gen.close()
-    assert not (part / "result.json").exists()
-    assert train(dict(cfg, out=str(part), resume=True))["epochs"] == 2
-    a = torch.load(full / "final.pt", weights_only=True)["state_dict"]
-    b = torch.load(part / "final.pt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma = torch.load(full / "state.pt", weights_only=True)["method_modules"]
-    mb = torch.load(part / "state.pt", weights_only=True)["method_modules"]
+    ma, mb, _ = stopped_and_resumed(cfg, tmp_path)
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 

@@ -390,24 +390,12 @@ def test_reviewkd_trains_end_to_end(tmp_path, teacher_run, reviewkd_name):
 
 def test_reviewkd_resume_is_bit_identical(tmp_path, teacher_run, reviewkd_name):
     """Stopped after epoch 1 and resumed: student, ABFs (BN statistics included) and logs equal a lone run."""
-    import kdtune
+    from tests.resume_check import stopped_and_resumed
 
     cfg = dict(FAST, teacher=str(teacher_run), epochs=2, warmup=1)  # factor 0, then 1
-    full, part = tmp_path / "full", tmp_path / "part"
-    kdtune.train(dict(cfg, out=str(full)))
-    gen = kdtune.iter_train(dict(cfg, out=str(part)))
-    next(gen)
-    gen.close()  # state.pt holds epoch 1
-    assert not (part / "result.json").exists()
-    assert kdtune.train(dict(cfg, out=str(part), resume=True))["epochs"] == 2
-    a = torch.load(full / "final.pt", weights_only=True)["state_dict"]
-    b = torch.load(part / "final.pt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma = torch.load(full / "state.pt", weights_only=True)["method_modules"]
-    mb = torch.load(part / "state.pt", weights_only=True)["method_modules"]
+    ma, mb, strip = stopped_and_resumed(cfg, tmp_path)
     assert "abfs.0.conv1.1.running_var" in ma and ma.keys() == mb.keys()
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    strip = [[ln.split("  ")[:5] for ln in (d / "train.log").read_text().splitlines()] for d in (full, part)]
     assert strip[0] == strip[1] and len(strip[0]) == 2
 
 

@@ -319,25 +319,10 @@ def test_vid_trains_end_to_end(tmp_path, teacher_dir):
 
 def test_vid_resume_is_bit_identical(tmp_path, teacher_dir):
     """Stopped after epoch 1 and resumed: student weights AND VID's alpha and regressors equal a lone run."""
-    from kdtune.engine import iter_train, train
+    from tests.resume_check import stopped_and_resumed
 
-    cfg = dict(RUN, teacher=str(teacher_dir), epochs=2)
-    full, part = tmp_path / "full", tmp_path / "part"
-    train(dict(cfg, out=str(full)))
-    gen = iter_train(dict(cfg, out=str(part)))
-    next(gen)
-    gen.close()  # state.pt holds epoch 1
-    assert not (part / "result.json").exists()
-    assert train(dict(cfg, out=str(part), resume=True))["epochs"] == 2
-    a = torch.load(full / "final.pt", weights_only=True)["state_dict"]
-    b = torch.load(part / "final.pt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ma = torch.load(full / "state.pt", weights_only=True)["method_modules"]
-    mb = torch.load(part / "state.pt", weights_only=True)["method_modules"]
+    ma, mb, logs = stopped_and_resumed(dict(RUN, teacher=str(teacher_dir), epochs=2), tmp_path)
     assert ma.keys() == mb.keys() and any(k.endswith("log_scale") for k in ma)
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
-    logs = [(d / "train.log").read_text().splitlines() for d in (full, part)]
-    assert [ln.split("  ")[:5] for ln in logs[0]] == [ln.split("  ")[:5] for ln in logs[1]]
+    assert logs[0] == logs[1]
