@@ -37,16 +37,18 @@ def preflight(spec) -> None:
 
 
 def _teacher_checkpoint(spec) -> None:
-    t = spec.teacher
-    if t is None or t.checkpoint is None or "://" in t.checkpoint:
-        return  # a teacher stage is trained by the sweep; a URL is fetched when the sweep starts
-    from kdtune.models.checkpoint import load_model
+    """Each teacher checkpoint loads and fits the data (its classes and channels)."""
+    for t in spec.teacher_list():
+        if t.checkpoint is None or "://" in t.checkpoint:
+            continue  # a teacher stage is trained by the sweep; a URL is fetched when the sweep starts
+        from kdtune.models.checkpoint import load_model
 
-    classes, channels = DATASET_SHAPES[spec.data]
-    if spec.data in FOLDER_DATASETS:
-        classes = None
-    load_model(t.checkpoint, arch=t.model, num_classes=classes, in_channels=channels,
-               role="teacher checkpoint", data=spec.data)  # fmt: skip
+        classes, channels = DATASET_SHAPES[spec.data]
+        if spec.data in FOLDER_DATASETS:
+            classes = None
+        role = f"teachers.{t.name} checkpoint" if t.name else "teacher checkpoint"
+        load_model(t.checkpoint, arch=t.model, num_classes=classes, in_channels=channels, role=role,
+                   data=spec.data)  # fmt: skip
 
 
 def _method_constraints(spec) -> None:
@@ -61,9 +63,11 @@ def _method_constraints(spec) -> None:
     from kdtune.tune.spaces import SpaceContext, build_space, load_source
 
     classes, channels = DATASET_SHAPES[spec.data]
-    teacher_arch = spec.teacher.model if spec.teacher is not None else None
     split: dict = {}  # the training split's size and labels, read once for the methods with needs_indices
-    for student, method in spec.groups():
+    for g in spec.groups():
+        student, method = g.student, g.method
+        t = spec.named_teacher(g.teacher)
+        teacher_arch = t.model if t is not None else None
         cls = METHODS.get(method)
         if getattr(cls, "extends_teacher", False):
             raise ConfigError(f"methods.{method} trains a teacher's auxiliary heads, a stage the sweep builds for the "
@@ -108,7 +112,8 @@ def _method_constraints(spec) -> None:
                 )
                 cls(hp, mctx)
             except KdtuneError as e:
-                raise ConfigError(f"methods.{method} ({student} on {spec.data}): {e}") from None
+                who = f"{student} from teacher {g.teacher}" if g.teacher else student
+                raise ConfigError(f"methods.{method} ({who} on {spec.data}): {e}") from None
 
 
 def _index_methods_on_folders(spec) -> None:
@@ -118,7 +123,7 @@ def _index_methods_on_folders(spec) -> None:
 
     if spec.data != "imagenet":
         return
-    for method in dict.fromkeys(m for _, m in spec.groups()):
+    for method in dict.fromkeys(g.method for g in spec.groups()):
         if METHODS.get(method).needs_indices:
             raise ConfigError(f"methods.{method}: method={method} needs each sample's index, which the folder "
                               f"loader of 'imagenet' does not give; use an in-memory data set")  # fmt: skip

@@ -37,9 +37,11 @@ from kdtune.spec_model import (  # noqa: F401 - the spec's objects and constants
     SCHEDULERS,
     SWEEP_OWNED,
     TEACHER_METHODS,
+    TEACHER_NAME_PATTERN,
     Budget,
     FailureSpec,
     FuseCount,
+    Group,
     MethodSpec,
     Override,
     SchedulerSpec,
@@ -61,6 +63,7 @@ from kdtune.spec_schema import (
 )
 
 _NAME_RE = re.compile(NAME_PATTERN)
+_TEACHER_RE = re.compile(TEACHER_NAME_PATTERN)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -134,12 +137,21 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
 
     train = train_fields("train", raw.get("train") or {}, TrainConfig)
     ce_student = train_fields("ce_student", raw.get("ce_student") or {}, TrainConfig)
+    teacher = _teacher(raw.get("teacher"), TrainConfig, base_dir)
+    teachers = _teachers(raw.get("teachers"), TrainConfig, base_dir)
+    if teacher is not None and teachers:
+        raise ConfigError("the spec has both teacher and teachers; keep teachers (a list of named teachers) or "
+                          "teacher (one), not both")  # fmt: skip
+    for t in teachers:
+        other = next((x for x in t.students or () if x not in students), None)
+        if other is not None:
+            raise ConfigError(f"teachers.{t.name}.students lists {other}, which is not in students ({', '.join(students)})"
+                              f"; add it to students or drop it there")  # fmt: skip
     from kdtune.losses import METHODS
 
     methods = _methods(raw.get("methods"), METHODS, TrainConfig)
-    teacher = _teacher(raw.get("teacher"), TrainConfig, base_dir)
     needs_teacher = [m.name for m in methods if METHODS.get(m.name).needs_teacher]
-    if needs_teacher and teacher is None:
+    if needs_teacher and teacher is None and not teachers:
         raise ConfigError(
             f"teacher is missing but method {needs_teacher[0]} needs one; add teacher: {{model: resnet32x4}} "
             "(a teacher stage trained once) or teacher: {checkpoint: path/to/teacher.pt}"
@@ -155,7 +167,7 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
 
     spec = _build(
         SweepSpec, "", name=name, data=data, students=tuple(students), methods=tuple(methods), teacher=teacher,
-        data_root=read_field("", raw, "data_root"), download=read_field("", raw, "download"),
+        teachers=teachers or None, data_root=read_field("", raw, "data_root"), download=read_field("", raw, "download"),
         val_fraction=val_fraction, data_seed=data_seed, budget=budget, scheduler=scheduler, metric=metric, mode=mode,
         train=train, ce_student=ce_student, storage=storage, tracking=tracking, failures=failures, seed=seed,
         source=source,
@@ -246,21 +258,48 @@ def _failures(raw: Any) -> FailureSpec:
     return _build(FailureSpec, "failures.", max_failures=max_failures, on_resume=on_resume)
 
 
-def _teacher(raw: Any, TrainConfig, base_dir: Path | None) -> TeacherSpec | None:
+def _teachers(raw: Any, TrainConfig, base_dir: Path | None) -> tuple[TeacherSpec, ...]:
+    """``teachers:``: a list of named teachers (a mapping each, with ``name``), names unique."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("teachers must be a non-empty list of named teachers, e.g. teachers: [{name: ce, model: "
+                          "resnet20, method: ce}, {name: mse, model: resnet20, method: mse}]")  # fmt: skip
+    out: list[TeacherSpec] = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict) or not r.get("name"):
+            raise ConfigError(f"teachers[{i}] needs a name, e.g. {{name: mse, model: resnet20, method: mse}}")
+        name = str(r["name"])
+        if not _TEACHER_RE.fullmatch(name):
+            raise ConfigError(f"teachers[{i}].name={name!r} is not a valid teacher name; use up to 24 letters, digits "
+                              "or '_' (it is part of group and stage names)")  # fmt: skip
+        t = _teacher(r, TrainConfig, base_dir, where=f"teachers.{name}.")
+        same = next((o for o in out if o.name == name), None)
+        if same is not None:
+            raise ConfigError(f"teachers: two teachers are named {name!r}; give each teacher its own name")
+        twin = next((o for o in out if o.checkpoint is not None and o.checkpoint == t.checkpoint), None)
+        if twin is not None:
+            raise ConfigError(f"teachers.{name}: the same checkpoint as teachers.{twin.name} ({t.checkpoint}); "
+                              "list each teacher once")  # fmt: skip
+        out.append(t)
+    return tuple(out)
+
+
+def _teacher(raw: Any, TrainConfig, base_dir: Path | None, where: str = "teacher.") -> TeacherSpec | None:
     if raw is None:
         return None
     if isinstance(raw, str):
         raw = {"checkpoint": raw}
     if not isinstance(raw, dict):
         raise ConfigError("teacher must be a checkpoint path or a mapping {model: resnet32x4, train: {...}}")
-    _no_unknown("teacher.", raw, _keys(TeacherSpec))
-    model = read_field("teacher.", raw, "model")
+    _no_unknown(where, raw, _keys(TeacherSpec) - ({"name", "students"} if where == "teacher." else set()))
+    model = read_field(where, raw, "model")
     if model is not None:
-        _lookup("teacher.model", model, "model")
-    ckpt = read_field("teacher.", raw, "checkpoint")
+        _lookup(f"{where}model", model, "model")
+    ckpt = read_field(where, raw, "checkpoint")
     if ckpt is None and model is None:
         raise ConfigError(
-            "teacher needs a model (a teacher stage to train) or a checkpoint; add teacher.model"
+            f"{where[:-1]} needs a model (a teacher stage to train) or a checkpoint; add {where}model"
         )
     if ckpt is not None:
         if "://" not in ckpt:
@@ -269,28 +308,35 @@ def _teacher(raw: Any, TrainConfig, base_dir: Path | None) -> TeacherSpec | None
                 p = base_dir / p
             if not p.exists():
                 raise ConfigError(
-                    f"teacher.checkpoint={ckpt} does not exist; check the path, or drop it and set teacher.model "
+                    f"{where}checkpoint={ckpt} does not exist; check the path, or drop it and set {where}model "
                     "to train a teacher stage"
                 )
             ckpt = str(p.resolve())
         for k in ("method", "hp", "train"):
             if raw.get(k):
                 raise ConfigError(
-                    f"teacher.{k} applies to a teacher stage, not a checkpoint; drop teacher.{k}"
+                    f"{where}{k} applies to a teacher stage, not a checkpoint; drop {where}{k}"
                 )
     method = str(raw.get("method", default_of(TeacherSpec, "method")))
     if method not in TEACHER_METHODS:
         raise ConfigError(
-            f"teacher.method={method!r} is not a teacher objective{did_you_mean(method, TEACHER_METHODS)}; "
+            f"{where}method={method!r} is not a teacher objective{did_you_mean(method, TEACHER_METHODS)}; "
             f"choose one of {', '.join(TEACHER_METHODS)}"
         )
     hp = raw.get("hp") or {}
     if not isinstance(hp, dict):
         raise ConfigError(
-            f"teacher.hp must be a mapping of {method}'s hyperparameters, e.g. {{smoothing: 0.1}}"
+            f"{where}hp must be a mapping of {method}'s hyperparameters, e.g. {{smoothing: 0.1}}"
         )
-    train = train_fields("teacher.train", raw.get("train") or {}, TrainConfig, allow_epochs=True)
-    return _build(TeacherSpec, "teacher.", model=model, checkpoint=ckpt, method=method, hp=dict(hp), train=train)
+    train = train_fields(f"{where}train", raw.get("train") or {}, TrainConfig, allow_epochs=True)
+    name = raw.get("name") if where != "teacher." else None
+    taught = raw.get("students")
+    if taught is not None:
+        taught = [taught] if isinstance(taught, str) else taught
+        if not isinstance(taught, list) or not taught or not all(isinstance(x, str) for x in taught):
+            raise ConfigError(f"{where}students must be a non-empty list of the spec's students, e.g. [resnet8x4]")
+        taught = tuple(taught)
+    return _build(TeacherSpec, where, name=name, students=taught, model=model, checkpoint=ckpt, method=method, hp=dict(hp), train=train)
 
 
 def _methods(raw: Any, METHODS, TrainConfig) -> list[MethodSpec]:

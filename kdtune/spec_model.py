@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import yaml
 from pydantic import ConfigDict, Field
@@ -32,6 +32,7 @@ METRIC_MODES = {"val_acc": "max", "best_val_acc": "max", "val_loss": "min", "tra
 SWEEP_OWNED = ("data", "data_root", "download", "val_fraction", "data_seed", "model", "teacher", "teacher_model",
                "init", "method", "hp", "epochs", "seed", "out", "overwrite", "resume")  # fmt: skip
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+TEACHER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_]{0,23}$"  # a teacher's short name: part of group and stage names
 RANGE_KEYS = ("low", "high", "log", "step")  # the Override fields a range is written with
 FuseCount = Annotated[int, Field(ge=1, le=MAX_FUSE)]
 
@@ -87,15 +88,33 @@ class MethodSpec:
 class TeacherSpec:
     """The teacher: a trained checkpoint, or a teacher stage trained once and shared."""
 
+    name: str | None = Field(None, pattern=TEACHER_NAME_PATTERN,
+                             description="its short name (each of `teachers:` has one; `teacher:` none)")  # fmt: skip
     model: str | None = Field(None, description="architecture; a teacher stage is trained when no checkpoint")
     checkpoint: str | None = Field(None, description="a trained teacher: path or URL")
     method: Literal[TEACHER_METHODS] = Field("ce", description="the teacher stage's objective")  # type: ignore[valid-type]
     hp: dict = Field(default_factory=dict, description="hyperparameters of the teacher objective")
     train: dict = Field(default_factory=dict, description="TrainConfig fields of the stage, over the trials' `train`")
+    students: tuple[str, ...] | None = Field(
+        None, description="in `teachers:`, the students it teaches (default: all), for teacher -> student pairs"
+    )
 
     @property
     def is_stage(self) -> bool:
         return self.checkpoint is None
+
+
+class Group(NamedTuple):
+    """One group of a sweep: a Tune experiment, an Optuna study, an MLflow view. ``teacher`` is the teacher's
+    name in a sweep of several teachers (``teachers:``) for a method that reads a teacher, else None."""
+
+    teacher: str | None
+    student: str
+    method: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}-{self.student}-{self.method}" if self.teacher else f"{self.student}-{self.method}"
 
 
 @_frozen
@@ -154,6 +173,9 @@ class SweepSpec:
     val_fraction: float = Field(0.1, ge=0, lt=1, description="hyperparameters are chosen on this split")
     data_seed: int = Field(0, ge=0)
     teacher: TeacherSpec | None = Field(None, description="a checkpoint path, or a teacher mapping")
+    teachers: tuple[TeacherSpec, ...] | None = Field(
+        None, description="several named teachers instead of one: a group per (teacher, student, method)"
+    )
     students: tuple[str, ...] = Field(description="a group per (student, method)")
     methods: tuple[MethodSpec, ...] = Field(description="a list, or a mapping to narrow/widen a method's space")
     budget: Budget = Field(default_factory=Budget)
@@ -195,9 +217,26 @@ class SweepSpec:
 
         return any(METHODS.get(m.name).needs_init for m in self.methods)
 
-    def groups(self) -> list[tuple[str, str]]:
-        """(student, method) pairs in the order they are swept; one Tune experiment each."""
-        return [(s, m.name) for s in self.students for m in self.methods]
+    def teacher_list(self) -> tuple[TeacherSpec, ...]:
+        """The sweep's teachers: those of ``teachers:`` (named), or the one ``teacher:`` (name None), or none."""
+        return self.teachers or ((self.teacher,) if self.teacher is not None else ())
+
+    def named_teacher(self, name: str | None) -> TeacherSpec | None:
+        return next((t for t in self.teacher_list() if t.name == name), None)
+
+    def groups(self) -> list[Group]:
+        """The groups in the order they are swept: per teacher (of a method that reads one), student and method."""
+        if not self.teachers:  # one teacher or none: a group per (student, method), as always
+            return [Group(None, s, m.name) for s in self.students for m in self.methods]
+        from kdtune.losses import METHODS
+
+        needs = {m.name: METHODS.get(m.name).needs_teacher for m in self.methods}
+        out = []
+        for s in self.students:
+            out += [Group(None, s, m.name) for m in self.methods if not needs[m.name]]
+            out += [Group(t.name, s, m.name) for t in self.teachers if t.students is None or s in t.students
+                    for m in self.methods if needs[m.name]]  # fmt: skip
+        return out
 
     def data_fields(self) -> dict[str, Any]:
         return {"data": self.data, "data_root": self.data_root, "download": self.download,
@@ -208,8 +247,8 @@ class SweepSpec:
         return {**self.train, **self.data_fields(), "model": student, "method": method,
                 "epochs": self.budget.epochs, "seed": self.seed}  # fmt: skip
 
-    def teacher_stage_config(self) -> dict[str, Any]:
-        t = self.teacher
+    def teacher_stage_config(self, t: TeacherSpec | None = None) -> dict[str, Any]:
+        t = t if t is not None else self.teacher
         assert t is not None and t.is_stage
         return {**self.train, "epochs": self.budget.epochs, **t.train, **self.data_fields(), "model": t.model,
                 "method": t.method, "hp": dict(t.hp), "seed": self.seed}  # fmt: skip
@@ -224,13 +263,9 @@ class SweepSpec:
         d: dict[str, Any] = {"name": self.name, "data": self.data, "data_root": self.data_root,
                              "download": self.download, "val_fraction": self.val_fraction,
                              "data_seed": self.data_seed}  # fmt: skip
-        t = self.teacher
-        if t is None:
-            d["teacher"] = None
-        elif t.is_stage:
-            d["teacher"] = dataclasses.asdict(t)
-        else:
-            d["teacher"] = {"model": t.model, "checkpoint": t.checkpoint}
+        d["teacher"] = _teacher_dict(self.teacher)
+        if self.teachers:
+            d["teachers"] = [_teacher_dict(t) for t in self.teachers]
         d["students"] = list(self.students)
         d["methods"] = {m.name: m.to_yaml() for m in self.methods}
         d["budget"] = dataclasses.asdict(self.budget)
@@ -247,10 +282,24 @@ class SweepSpec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _teacher_dict(t: TeacherSpec | None) -> dict | None:
+    if t is None:
+        return None
+    d = dataclasses.asdict(t) if t.is_stage else {"model": t.model, "checkpoint": t.checkpoint}
+    d.pop("students", None)
+    if t.students is not None:
+        d["students"] = list(t.students)
+    if t.name is None:  # `teacher:` as it always was written (its experiments' spec.yaml compare equal)
+        d.pop("name", None)
+    else:
+        d = {"name": t.name, **{k: v for k, v in d.items() if k != "name"}}
+    return d
+
+
 # The spec's sections by the prefix of their fields' names in errors (``budget.trials``, ``methods.dkd.trials``).
 SECTIONS: dict[str, type] = {
     "": SweepSpec, "budget": Budget, "scheduler": SchedulerSpec, "tracking": TrackingSpec, "failures": FailureSpec,
-    "teacher": TeacherSpec, "methods": MethodSpec,
+    "teacher": TeacherSpec, "teachers": TeacherSpec, "methods": MethodSpec,
 }  # fmt: skip
 
 

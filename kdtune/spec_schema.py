@@ -120,14 +120,14 @@ def input_model() -> type[BaseModel]:
         "StageTrainFields", tuple(k for k in SWEEP_OWNED if k != "epochs"), "TrainConfig fields of a stage"
     )
     trial_fields = _train_model("TrainFields", SWEEP_OWNED, "TrainConfig fields shared by every trial")
-    Teacher = _written("Teacher", TeacherSpec, model=Model | None, train=stage_fields)
+    Teacher = _written("Teacher", TeacherSpec, model=Model | None, train=stage_fields, students=list[Model] | None)
     Scheduler = _written("Scheduler", SchedulerSpec)
     Tracking = _written("Tracking", TrackingSpec)
     return _written(
         "SweepSpecModel", SweepSpec, drop=("source",), config=ConfigDict(extra="forbid", title="kdtune sweep spec"),
         name=(str | None, None), storage=str | None, students=Union[list[Model], Model],  # noqa: UP007
         methods=Union[list[Method], Method, dict[Method, Union[MethodOptions, None]]],  # type: ignore[valid-type]  # noqa: UP007
-        teacher=Union[Teacher, str, None], budget=_written("Budget", Budget),  # type: ignore[valid-type]  # noqa: UP007
+        teacher=Union[Teacher, str, None], teachers=list[Teacher] | None, budget=_written("Budget", Budget),  # type: ignore[valid-type]  # noqa: UP007
         scheduler=(Union[Scheduler, Literal[SCHEDULERS], None], None),  # type: ignore[valid-type]  # noqa: UP007
         tracking=(Union[Tracking, bool, str, None], None), failures=_written("Failures", FailureSpec),  # noqa: UP007
         train=trial_fields, ce_student=trial_fields,
@@ -333,7 +333,7 @@ def check_trial_configs(spec: SweepSpec, TrainConfig) -> None:
     space, which knows what each parameter may be (:func:`kdtune.tune.spaces.build_space`, run by ``kdtune
     validate`` and ``kdtune sweep``). A config that fails without the fixed hyperparameters fails here."""
     placeholder = "<teacher stage>"
-    for student, method in spec.groups():
+    for _, student, method in dict.fromkeys((None, s, m) for _, s, m in spec.groups()):
         base = spec.trial_base(student, method)
         fixed = {k: o.value for k, o in spec.method(method).space.items() if o.kind == "fixed"}
         base.update({"teacher": placeholder, "init": "<ce student stage>"})
@@ -344,11 +344,13 @@ def check_trial_configs(spec: SweepSpec, TrainConfig) -> None:
                 TrainConfig.from_dict({**base, **_split_fixed(fixed, method), "hp": {}})
             except ConfigError as e:
                 raise ConfigError(f"sweep spec ({student}, {method}): {e}") from None
-    if spec.teacher is not None and spec.teacher.is_stage:
+    for t in spec.teacher_list():
+        if not t.is_stage:
+            continue
         try:
-            TrainConfig.from_dict(spec.teacher_stage_config())
+            TrainConfig.from_dict(spec.teacher_stage_config(t))
         except ConfigError as e:
-            raise ConfigError(f"teacher stage: {e}") from None
+            raise ConfigError(f"teacher stage{' ' + t.name if t.name else ''}: {e}") from None
     if spec.needs_ce_student:
         try:
             TrainConfig.from_dict(spec.ce_student_config(spec.students[0]))

@@ -72,7 +72,7 @@ def test_defaults_and_resolution(tmp_path):
     assert spec.metric == "val_acc" and spec.mode == "max"
     assert spec.scheduler.name == "asha" and spec.scheduler.grace_period >= 1
     assert Path(spec.storage).is_absolute()
-    assert spec.groups() == [("resnet8", "ce"), ("resnet8", "kd")]
+    assert [g.name for g in spec.groups()] == ["resnet8-ce", "resnet8-kd"]
     assert spec.needs_teacher and not spec.needs_ce_student
     base = spec.trial_base("resnet8", "kd")
     assert base["epochs"] == 3 and base["model"] == "resnet8" and base["method"] == "kd"

@@ -132,6 +132,10 @@ def parent_params(spec: Mapping[str, Any]) -> dict[str, Any]:
         out["teacher"] = teacher.get("model") or teacher.get("checkpoint") or "none"
     elif teacher is not None:
         out["teacher"] = teacher
+    teachers = spec.get("teachers")
+    if isinstance(teachers, list) and teachers:  # several named teachers: "ce: resnet20, mse: resnet20"
+        out["teachers"] = ", ".join(f"{t.get('name')}: {t.get('model') or t.get('checkpoint')}" for t in teachers
+                                    if isinstance(t, Mapping))  # fmt: skip
     for key in ("students", "methods"):
         if spec.get(key) is not None:
             out[key] = ", ".join(_names(spec[key]))
@@ -368,6 +372,7 @@ class SweepTracker:
         result: Mapping[str, Any],
         model_path: str | Path | None = None,
         key: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         """Log a stage (a teacher, the CE student) as a child run of its own; returns its run id.
 
@@ -389,7 +394,7 @@ class SweepTracker:
         if runs:
             run_id, existing = runs[0].info.run_id, dict(runs[0].data.params)
         else:
-            tags = {TAG_ROLE: "stage", TAG_STAGE: name, TAG_STAGE_KEY: key}
+            tags = {TAG_ROLE: "stage", TAG_STAGE: name, TAG_STAGE_KEY: key, **(tags or {})}
             if model_path is not None:  # where the stage lives: its folder, shared by every sweep that uses it
                 folder = Path(model_path).resolve()
                 tags["kdtune.stage_dir"] = str(folder if folder.is_dir() else folder.parent)

@@ -196,12 +196,14 @@ class Driver:
             if self.tracker is not None:
                 result = {k: v for k, v in st.result.items() if k not in ("history", "config", "environment")}
                 self.record(f"stage {name}", self.tracker.log_stage, st.name, st.config, result, st.model_path,
-                            key=st.key)  # fmt: skip
+                            key=st.key, tags=stage_tags(p, name))  # fmt: skip
         state["stages"] = {n: {"dir": str(st.dir), "key": st.key, **st.summary()} for n, st in built.items()}
         self.folder.write_state(state)
         return built
 
     def contexts(self, p: SweepPlan, stages: dict) -> dict:
+        """Each group's :class:`TrialContext`: its base config, the MLflow params and tags of its trials (the
+        teacher's architecture and, in a sweep of several teachers, its name), the figures its stages measured."""
         from kdtune.tune.fused import member_early_stopping
         from kdtune.tune.trainable import TrialContext
 
@@ -209,12 +211,16 @@ class Driver:
         ctxs = {}
         for g in p.groups:
             ce = stages.get(f"ce-{g.student}") if g.needs_ce_error else None
-            teacher = stages.get("teacher") if "teacher" in g.stages else None
+            tp = p.teachers.get(g.teacher) if g.teacher_arch else None
+            teacher = stages.get(tp.stage.name) if tp is not None and tp.stage is not None else None
+            named = {"teacher_name": g.teacher} if g.teacher else {}
             ctxs[g.name] = TrialContext(
                 group=g.name, method=g.method, base=p.trial_base(g), experiment_dir=str(self.exp),
                 threads=max(1, int(spec.budget.cpus_per_trial)), tracking_uri=self.tracking_uri,
                 experiment_name=spec.name, parent_run_id=self.parent_run_id,
-                params={"student": g.student, "teacher": p.teacher_arch or "none", "data": spec.data, "group": g.name},
+                params={"student": g.student, "teacher": g.teacher_arch or "none", **named, "data": spec.data,
+                        "group": g.name},
+                tags={f"kdtune.{k}": v for k, v in named.items()},
                 teacher_info=teacher.teacher_info() if teacher is not None else None,
                 init_info=ce.init_info() if ce is not None else None, metric=spec.metric, mode=spec.mode,
                 member_rule=member_early_stopping(spec) if g.prunes_members else None,
@@ -232,6 +238,8 @@ class Driver:
         for g in p.groups:
             mine = [m for m in members if m.config.get(GROUP_KEY) == g.name]
             s = summarize(g.name, g.student, g.method, mine, spec.metric, spec.mode, spec.budget.epochs)
+            if g.teacher:
+                s["teacher"] = g.teacher
             if s["best"] is not None and self.tracking_uri:
                 s["best"]["mlflow_run_id"] = self.run_id_of(s["best"]["trial_id"])
             out.append(s)
@@ -416,3 +424,11 @@ def _in_thread(fn) -> Future:
 
     threading.Thread(target=run, name="kdtune-open-tracker", daemon=True).start()
     return fut
+
+
+def stage_tags(p: SweepPlan, stage_name: str) -> dict[str, str]:
+    """The MLflow tags of a stage's run beside its role: the teacher's name for a named teacher's stages."""
+    for t in p.teachers.values():
+        if t.name and stage_name in ((t.stage.name if t.stage else None), (t.heads.name if t.heads else None)):
+            return {"kdtune.teacher_name": t.name}
+    return {}

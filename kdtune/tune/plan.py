@@ -34,9 +34,27 @@ class StagePlan:
         return self.dir / "final.pt"
 
 
+@dataclass(frozen=True)
+class TeacherPlan:
+    """One teacher of the sweep: its name (None for ``teacher:``), architecture, the checkpoint its trials read
+    (a stage's final.pt, or the user's checkpoint), and the stages that make it (teacher, HSAKD heads)."""
+
+    name: str | None
+    arch: str | None
+    path: str | None
+    model: str | None = None  # teacher_model of a checkpoint given with its architecture
+    stage: StagePlan | None = None
+    heads: StagePlan | None = None
+
+
+def teacher_stage_name(name: str | None) -> str:
+    """A teacher stage's name in a plan (and state.json, MLflow): ``teacher``, or ``teacher-<name>``."""
+    return "teacher" if name is None else f"teacher-{name}"
+
+
 @dataclass
 class GroupPlan:
-    name: str  # "<student>-<method>"
+    name: str  # "<student>-<method>", or "<teacher>-<student>-<method>" in a sweep of several teachers
     student: str
     method: str
     base: dict  # the TrainConfig dict every trial starts from (searched values added per trial)
@@ -46,6 +64,8 @@ class GroupPlan:
     parameters: dict  # name -> Optuna distribution, as the space's default path sees them
     stages: tuple[str, ...]  # names of the stages it needs
     needs_ce_error: bool = False
+    teacher: str | None = None  # the teacher's name in a sweep of several teachers
+    teacher_arch: str | None = None  # the architecture of the teacher its trials read (None: no teacher)
     fuse: int = 1  # members per fused bundle (one Tune trial); budget.fuse resolved (kdtune.tune.fused)
 
     search_fn: Any = None  # the space the sweep searches (set once the stages it depends on are built)
@@ -67,11 +87,16 @@ class GroupPlan:
 @dataclass
 class SweepPlan:
     spec: SweepSpec
-    teacher_arch: str | None
+    teachers: dict[str | None, TeacherPlan]
     stages: dict[str, StagePlan]
     groups: list[GroupPlan]
     sources: dict[str, tuple[str, str]] = field(default_factory=dict)  # method -> (filename, source)
     num_classes: int | None = None
+
+    @property
+    def teacher_arch(self) -> str | None:
+        """The architecture of the sweep's first teacher (its only one, for ``teacher:``)."""
+        return next((t.arch for t in self.teachers.values()), None)
 
     @property
     def total_trials(self) -> int:
@@ -84,7 +109,7 @@ class SweepPlan:
 
     def space(self, group: GroupPlan, ce_error: float | None = None):
         """The group's search space (a picklable define-by-run function)."""
-        return space_fn(self.spec, group.student, group.method, self.teacher_arch, ce_error, self.sources,
+        return space_fn(self.spec, group.student, group.method, group.teacher_arch, ce_error, self.sources,
                         self.num_classes)  # fmt: skip
 
     def trial_base(self, group: GroupPlan) -> dict:
@@ -116,7 +141,8 @@ class SweepPlan:
         b = self.spec.budget
         lines = []
         for g in self.groups:
-            pair = f"{self.teacher_arch} -> {g.student}" if g.base.get("teacher") else g.student
+            who = f"{g.teacher_arch} ({g.teacher})" if g.teacher else g.teacher_arch
+            pair = f"{who} -> {g.student}" if g.base.get("teacher") else g.student
             what = f"{g.budget} trials" if g.parameters else "1 run (no search space)"
             starts = f", {min(len(g.starts), g.budget)} from published starting points" if g.starts else ""
             lines.append(f"  {g.name} ({pair}): {what}{starts}")
@@ -133,7 +159,8 @@ class SweepPlan:
         return {
             "stages": {n: {"key": s.key, "dir": str(s.dir)} for n, s in self.stages.items()},
             "groups": [
-                {"group": g.name, "student": g.student, "method": g.method, "trials": g.budget, "fuse": g.fuse,
+                {"group": g.name, **({"teacher": g.teacher} if g.teacher else {}), "student": g.student,
+                 "method": g.method, "trials": g.budget, "fuse": g.fuse,
                  "parameters": [f"{k}: {describe_distribution(d)}" for k, d in g.parameters.items()],
                  "starts": g.starts, "notes": g.notes, "stages": list(g.stages)}
                 for g in self.groups
@@ -153,8 +180,8 @@ def space_sources(spec: SweepSpec) -> dict[str, tuple[str, str]]:
     return out
 
 
-def teacher_arch(spec: SweepSpec) -> str | None:
-    t = spec.teacher
+def teacher_arch(t) -> str | None:
+    """The architecture of teacher ``t`` (a :class:`~kdtune.spec.TeacherSpec`): its model, else its checkpoint's."""
     if t is None:
         return None
     if t.model is not None:
@@ -164,9 +191,10 @@ def teacher_arch(spec: SweepSpec) -> str | None:
     _, header, fmt = unwrap(read_checkpoint(t.checkpoint, role="teacher checkpoint"), "teacher checkpoint",
                             t.checkpoint)  # fmt: skip
     if header is None:
+        where = f"teachers.{t.name}" if t.name else "teacher"
         raise ConfigError(
-            f"teacher.checkpoint {t.checkpoint} is a plain state_dict ({fmt}) without its architecture; add "
-            "teacher.model: <architecture>"
+            f"{where}.checkpoint {t.checkpoint} is a plain state_dict ({fmt}) without its architecture; add "
+            f"{where}.model: <architecture>"
         )
     return str(header["arch"])
 
@@ -198,23 +226,51 @@ def known_classes(data: str) -> int | None:
     return None if data in FOLDER_DATASETS else DATASET_SHAPES[data][0]
 
 
-def heads_stage(spec: SweepSpec, teacher_stage: StagePlan | None, teacher_path: str | None, arch: str | None,
-                stages: dict[str, StagePlan]) -> StagePlan | None:
-    """HSAKD's heads stage when a method needs the teacher's rotation heads: trained once on the frozen teacher
-    (the teacher stage, or the teacher checkpoint), keyed by the teacher's key (:mod:`kdtune.tune.stages`)."""
+def heads_stage(spec: SweepSpec, teacher: TeacherPlan, stages: dict[str, StagePlan]) -> StagePlan | None:
+    """HSAKD's heads stage of ``teacher`` when a method needs the teacher's rotation heads: trained once on the
+    frozen teacher (its stage, or its checkpoint), keyed by the teacher's key (:mod:`kdtune.tune.stages`)."""
     from kdtune.losses import METHODS
     from kdtune.tune.stages import HEADS_STAGE, checkpoint_teacher, heads_stage_config, heads_stage_key
 
-    if not any(METHODS.get(m).needs_teacher_heads for _, m in spec.groups()) or teacher_path is None:
+    if not any(METHODS.get(g.method).needs_teacher_heads for g in spec.groups()) or teacher.path is None:
         return None
-    teacher = teacher_stage
-    if teacher is None:  # a checkpoint: the heads stage inherits the sweep's data and execution fields
-        config = {**spec.train, "epochs": spec.budget.epochs, **spec.data_fields(), "model": arch, "seed": spec.seed}
-        teacher = checkpoint_teacher(teacher_path, config)
-    cfg = heads_stage_config(teacher)
-    key = heads_stage_key(teacher.key, cfg)
-    st = stages[HEADS_STAGE] = StagePlan(HEADS_STAGE, cfg, key, Path(spec.stages_dir) / key)
+    ref = teacher.stage
+    if ref is None and "://" in teacher.path:
+        where = f"teachers.{teacher.name}" if teacher.name else "teacher"
+        raise ConfigError(f"methods.hsakd needs the rotation heads of {where}, a stage trained on a local checkpoint "
+                          f"(keyed by its bytes), but {where}.checkpoint is the URL {teacher.path}; download it and "
+                          "give its path")  # fmt: skip
+    if ref is None:  # a checkpoint: the heads stage inherits the sweep's data and execution fields
+        config = {**spec.train, "epochs": spec.budget.epochs, **spec.data_fields(), "model": teacher.arch,
+                  "seed": spec.seed}  # fmt: skip
+        ref = checkpoint_teacher(teacher.path, config)
+    cfg = heads_stage_config(ref)
+    key = heads_stage_key(ref.key, cfg)
+    name = HEADS_STAGE if teacher.name is None else f"{HEADS_STAGE}-{teacher.name}"
+    st = stages[name] = StagePlan(name, cfg, key, Path(spec.stages_dir) / key)
     return st
+
+
+def plan_teachers(spec: SweepSpec, stage, stages: dict[str, StagePlan]) -> dict[str | None, TeacherPlan]:
+    """Each teacher of the spec, planned: a stage (``stage(name, config)``) for a teacher to train, and the
+    HSAKD heads stage where a method reads the rotation heads. Two teachers that are one (the same stage key)
+    are refused: the comparison would compare a teacher with itself."""
+    import dataclasses
+
+    out: dict[str | None, TeacherPlan] = {}
+    stages_by_key: dict[str, str] = {}
+    for t in spec.teacher_list():
+        arch, path, st = teacher_arch(t), t.checkpoint, None
+        if t.is_stage and spec.needs_teacher:
+            st = stage(teacher_stage_name(t.name), spec.teacher_stage_config(t))
+            if st.key in stages_by_key:
+                raise ConfigError(f"teachers.{t.name} trains the same teacher as teachers.{stages_by_key[st.key]} "
+                                  "(same model, objective and training); list each teacher once")  # fmt: skip
+            stages_by_key[st.key] = str(t.name)
+            path = str(st.model_path)
+        tp = TeacherPlan(t.name, arch, path, t.model if not t.is_stage else None, st)
+        out[t.name] = dataclasses.replace(tp, heads=heads_stage(spec, tp, stages))
+    return out
 
 
 def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | None = None) -> SweepPlan:
@@ -226,7 +282,6 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
     sources = sources if sources is not None else space_sources(spec)
     if num_classes is None:
         num_classes = known_classes(spec.data)
-    arch = teacher_arch(spec)
     stages: dict[str, StagePlan] = {}
 
     def stage(name: str, cfg: dict) -> StagePlan:
@@ -235,32 +290,30 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
         stages[name] = st
         return st
 
-    teacher_path = spec.teacher.checkpoint if spec.teacher is not None else None
-    teacher_stage = None
-    if spec.teacher is not None and spec.teacher.is_stage and spec.needs_teacher:
-        teacher_stage = stage("teacher", spec.teacher_stage_config())
-        teacher_path = str(teacher_stage.model_path)
+    teachers = plan_teachers(spec, stage, stages)
     ce = {s: stage(f"ce-{s}", spec.ce_student_config(s)) for s in spec.students} if spec.needs_ce_student else {}
-    heads = heads_stage(spec, teacher_stage, teacher_path, arch, stages)
 
     groups = []
-    for student, method in spec.groups():
+    for g in spec.groups():
+        student, method = g.student, g.method
         cls = METHODS.get(method)
         base = spec.trial_base(student, method)
         needs: list[str] = []
-        if cls.needs_teacher:
-            base["teacher"] = teacher_path
-            if spec.teacher is not None and spec.teacher.model and not spec.teacher.is_stage:
-                base["teacher_model"] = spec.teacher.model
-            if teacher_stage is not None:
-                needs.append(teacher_stage.name)
-        if cls.needs_teacher_heads and heads is not None:  # HSAKD: the teacher with its rotation heads
-            base["teacher"] = str(heads.model_path)
-            base.pop("teacher_model", None)
-            needs.append(heads.name)
+        tp = teachers.get(g.teacher) if cls.needs_teacher else None
+        if tp is not None:
+            base["teacher"] = tp.path
+            if tp.model:
+                base["teacher_model"] = tp.model
+            if tp.stage is not None:
+                needs.append(tp.stage.name)
+            if cls.needs_teacher_heads and tp.heads is not None:  # HSAKD: the teacher with its rotation heads
+                base["teacher"] = str(tp.heads.model_path)
+                base.pop("teacher_model", None)
+                needs.append(tp.heads.name)
         if cls.needs_init:
             base["init"] = str(ce[student].model_path)
             needs.append(ce[student].name)
+        arch = tp.arch if tp is not None else None
         fn = space_fn(spec, student, method, arch, None, sources, num_classes)
         params = fn.parameters()
         ms = spec.method(method)
@@ -269,9 +322,10 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
         notes = fn.narrowed() + notes
         fuse = resolve_fuse(spec.budget.fuse, method, spec.budget.gpus_per_trial, budget)
         if fuse > 1:
-            check_fusable(f"{student}-{method}", params, method, base)
-        groups.append(GroupPlan(name=f"{student}-{method}", student=student, method=method, base=base,
-                                budget=budget, starts=points, notes=notes, parameters=params,
-                                stages=tuple(needs), needs_ce_error=bool(cls.needs_init), fuse=fuse))  # fmt: skip
-    return SweepPlan(spec=spec, teacher_arch=arch, stages=stages, groups=groups, sources=sources,
+            check_fusable(g.name, params, method, base)
+        groups.append(GroupPlan(name=g.name, student=student, method=method, base=base, budget=budget,
+                                starts=points, notes=notes, parameters=params, stages=tuple(needs),
+                                needs_ce_error=bool(cls.needs_init), teacher=g.teacher, teacher_arch=arch,
+                                fuse=fuse))  # fmt: skip
+    return SweepPlan(spec=spec, teachers=teachers, stages=stages, groups=groups, sources=sources,
                      num_classes=num_classes)  # fmt: skip

@@ -75,13 +75,16 @@ class SweepResult:
             if extra:
                 counts += f" ({', '.join(extra)})"
             hp = " ".join(f"{k}={fmt_short(v)}" for k, v in (b.get("config") or {}).items()) or "-"
-            rows.append((g["student"], g["method"], counts, val, test, hp))
-        return table(("student", "method", "trials", f"best {self.metric}", "test_acc", "hyperparameters"), rows)
+            rows.append((g.get("teacher") or "-", g["student"], g["method"], counts, val, test, hp))
+        head = ("teacher", "student", "method", "trials", f"best {self.metric}", "test_acc", "hyperparameters")
+        if not any(g.get("teacher") for g in self.groups):  # one teacher or none: no teacher column
+            head, rows = head[1:], [r[1:] for r in rows]
+        return table(head, rows)
 
 
 def result_from_state(spec, exp: Path, state: dict, tracking_uri: str | None = None) -> SweepResult:
     """The results an experiment's ``state.json`` holds (finished or not), in the spec's group order."""
-    groups = [state["groups"][f"{s}-{m}"] for s, m in spec.groups() if f"{s}-{m}" in state.get("groups", {})]
+    groups = [state["groups"][g.name] for g in spec.groups() if g.name in state.get("groups", {})]
     return SweepResult(name=spec.name, experiment_dir=str(exp), status=state.get("status"), metric=spec.metric,
                        mode=spec.mode, groups=groups, best=state.get("best"), tracking_uri=tracking_uri,
                        stages=state.get("stages", {}), slot_utilisation=state.get("slot_utilisation"))  # fmt: skip

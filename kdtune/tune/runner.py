@@ -47,7 +47,8 @@ def result_of(exp: Path) -> SweepResult:
 def prepare(spec: SweepSpec) -> dict[str, Any]:
     """Everything a sweep checks before Ray starts (``kdtune validate``): the plan, described."""
     p = plan(spec)
-    return {"groups": [{"student": g.student, "method": g.method, "parameters": p.space(g).describe(),
+    return {"groups": [{"group": g.name, "teacher": g.teacher, "teacher_arch": g.teacher_arch, "student": g.student,
+                        "method": g.method, "parameters": p.space(g).describe(),
                         "starts": g.starts, "notes": g.notes, "trials": g.budget, "fuse": g.fuse,
                         "units": g.units} for g in p.groups],
             "stages": {n: str(st.dir) for n, st in p.stages.items()}}  # fmt: skip

@@ -43,6 +43,7 @@ class TrialContext:
     parent_run_id: str | None = None
     phase: str = "search"  # "search" | "repeat"
     params: dict = field(default_factory=dict)  # extra MLflow params (student, teacher, data, ...)
+    tags: dict = field(default_factory=dict)  # extra MLflow tags (kdtune.teacher_name)
     teacher_info: dict | None = None  # the teacher's accuracy, measured once by its stage
     init_info: dict | None = None  # the warm start's errors, measured once by the CE stage
     metric: str = "val_acc"
@@ -224,7 +225,7 @@ class Unit:
             self.pruner = MemberPruner(Path(ctx.experiment_dir) / "fuse" / ctx.group / "rungs.jsonl", rule["rungs"],
                                        float(rule.get("reduction_factor", 2.0)), ctx.mode)  # fmt: skip
         for mid in live:
-            self.records[mid].open_run()
+            self.records[mid].open_run(ctx.tags)
         cfgs = [trial_config(ctx, self.records[mid].config) for mid in live]
         self.epochs = cfgs[0].epochs
         unit = self.engine = open_unit(cfgs, data=data, keys=live, teacher_info=ctx.teacher_info,

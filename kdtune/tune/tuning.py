@@ -121,7 +121,6 @@ class Tuning:
         """Each group's best configuration again with ``repeats - 1`` more seeds (one Tune experiment for all
         groups); each summary gets mean ± std over all of its seeds. Returns the repeats' Tune results."""
         from ray import tune
-        from ray.tune.search import BasicVariantGenerator
 
         from kdtune.tune.callbacks import ProgressPrinter, TrialNamer
         from kdtune.tune.rayrt import make_trainable
@@ -144,7 +143,7 @@ class Tuning:
         else:
             self.log(f"repeating each group's best configuration with seeds {seeds}")
             tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-                search_alg=BasicVariantGenerator(points_to_evaluate=points), num_samples=len(points),
+                search_alg=fixed_points(points), num_samples=len(points),
                 max_concurrent_trials=b.concurrency, reuse_actors=True, trial_name_creator=TrialNamer(),
                 trial_dirname_creator=TrialNamer(with_id=True)),
                 run_config=self.run_config(REPEATS_NAME, [ProgressPrinter(spec.metric, b.epochs, total=len(points),
@@ -157,3 +156,37 @@ class Tuning:
                 s["repeats"] = repeat_stats(s, mine, [spec.seed, *seeds])
         return list(results)
 
+
+def fixed_points(points: list[dict]):
+    """A Tune searcher that gives ``points`` in order, each once, then says it is finished (the repeats).
+
+    Not Ray's ``BasicVariantGenerator(points_to_evaluate=...)``: it resolves every point against the (empty)
+    param space and raised ``KeyError`` as soon as two groups' points held different hyperparameters (KD's ``T``
+    and ``w_kd`` beside DKD's ``alpha``); ``tests/test_teachers.py`` repeats two methods."""
+    import pickle
+
+    from ray.tune.search import Searcher
+
+    class FixedPoints(Searcher):
+        def __init__(self, pts: list[dict]):
+            super().__init__()
+            self.points, self.given = [dict(x) for x in pts], 0
+
+        def suggest(self, trial_id: str):
+            if self.given >= len(self.points):
+                return Searcher.FINISHED
+            self.given += 1
+            return dict(self.points[self.given - 1])
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass
+
+        def save(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump({"points": self.points, "given": self.given}, f)
+
+        def restore(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "rb") as f:
+                self.__dict__.update(pickle.load(f))
+
+    return FixedPoints(points)

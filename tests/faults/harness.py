@@ -67,7 +67,7 @@ def budgets(spec_path: Path) -> dict[str, int]:
     from kdtune.spec import load_spec
 
     spec = load_spec(spec_path)
-    return {f"{s}-{m.name}": (m.trials or spec.budget.trials) for s in spec.students for m in spec.methods}
+    return {g.name: (spec.method(g.method).trials or spec.budget.trials) for g in spec.groups()}
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -221,7 +221,7 @@ def check_sweep(exp: Path, spec_path: Path, epochs: int, done_at: dict[str, floa
     - MLflow: exactly one trial run per trial (tag kdtune.trial_id), FINISHED, per-epoch metrics with no
       repeated step; runs of trials Tune forgot (a driver killed between snapshots) are closed orphans, no
       trial (role orphan), and the report counts the trials alone;
-    - optuna.db: one study per group, "<student>-<method>", holding each of the group's Tune trials once.
+    - optuna.db: one study per group (its name, "<student>-<method>" or "<teacher>-<student>-<method>"), holding each of the group's Tune trials once.
 
     Returns figures to print."""
     import optuna
