@@ -1,4 +1,7 @@
-"""``kdtune report <experiment>``: the table, optional CSV/Markdown, and plots logged to the parent run."""
+"""``kdtune report <experiment>``: the table, optional CSV/Markdown, and plots logged to the parent run.
+
+A sweep of several teachers (trials naming 2 or more ``teacher_name``) also gets the teacher comparison
+(:mod:`kdtune.report.compare`) after the table, and in the Markdown after the table's sections."""
 
 from __future__ import annotations
 
@@ -36,7 +39,11 @@ def find_experiment_dir(experiment: str, storage: str | None = None) -> Path:
     for c in (as_path, storage_dir / experiment):
         if c.is_dir() and _is_experiment(c):
             return c.absolute()
-    there = sorted(d.name for d in storage_dir.iterdir() if d.is_dir() and _is_experiment(d)) if storage_dir.is_dir() else []
+    there = (
+        sorted(d.name for d in storage_dir.iterdir() if d.is_dir() and _is_experiment(d))
+        if storage_dir.is_dir()
+        else []
+    )
     listed = f"experiments in {storage_dir}: {', '.join(there)}" if there else f"no experiment in {storage_dir}"
     raise KdtuneError(
         f"no experiment {experiment!r}: neither {as_path} nor {storage_dir / experiment} holds a sweep "
@@ -45,9 +52,7 @@ def find_experiment_dir(experiment: str, storage: str | None = None) -> Path:
     )
 
 
-def resolve_experiment(
-    experiment: str, storage: str | None, tracking_uri: str | None = None
-) -> tuple[str, Path, str]:
+def resolve_experiment(experiment: str, storage: str | None, tracking_uri: str | None = None) -> tuple[str, Path, str]:
     """(experiment name, experiment directory, tracking URI) for ``experiment`` given as a name or a path.
 
     The URI is ``tracking_uri`` when given, else the one the sweep's saved spec names, else the embedded
@@ -122,12 +127,21 @@ def main_report(args) -> int:
         )
     title = f"kdtune report: {exp.name} ({len(trials)} trials)"
     print(format_text(rows, metric, mode, title=title), flush=True)
+    from kdtune.report.compare import read_spec, teacher_comparison, teacher_names
+
+    teachers = None
+    if len(teacher_names(trials)) >= 2:
+        spec = read_spec(exp_dir, client, parent.info.run_id if parent else None)
+        teachers = teacher_comparison(client, exp.experiment_id, rows, spec)
+    if teachers is not None:
+        print("", teachers.text(), sep="\n", flush=True)
 
     written: list[Path] = []
     if getattr(args, "csv", None):
         written.append(write_csv(rows, args.csv))
     if getattr(args, "markdown", None):
-        written.append(write_markdown(rows, args.markdown, metric, mode, title=title))
+        extra = teachers.markdown() if teachers is not None else None
+        written.append(write_markdown(rows, args.markdown, metric, mode, title=title, extra=extra))
     for p in written:
         print(f"wrote {p}")
 
@@ -144,9 +158,7 @@ def main_report(args) -> int:
         pngs = plot_curves(client, rows, metric, out_dir, stage_values(client, exp.experiment_id))
         pngs += plot_loss_terms(client, rows, out_dir)
         pngs += plot_accuracy(rows, out_dir)
-        imp_pngs, imps = plot_importances(
-            trials, metric, mode, out_dir, exp.name, optuna_db=exp_dir / "optuna.db"
-        )
+        imp_pngs, imps = plot_importances(trials, metric, mode, out_dir, exp.name, optuna_db=exp_dir / "optuna.db")
         for key, imp in imps.items():
             top = ", ".join(f"{k} {v:.2f}" for k, v in list(imp.items())[:5])
             print(f"importance {key}: {top}")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdtune.report.table import SEED_KEYS, VOLATILE, Trial, hparam_keys, short_hparam
+from kdtune.report.table import SEED_KEYS, VOLATILE, Trial, hparam_keys, short_hparam, teacher_label
 from kdtune.tracking.client import slug
 
 
@@ -38,9 +38,7 @@ def _history(client, run_id: str, metric: str) -> dict[int, float]:
     from kdtune.tracking.client import retry_locked
 
     out: dict[int, float] = {}
-    for m in sorted(
-        retry_locked(client.get_metric_history, run_id, metric), key=lambda m: (m.step, m.timestamp)
-    ):
+    for m in sorted(retry_locked(client.get_metric_history, run_id, metric), key=lambda m: (m.step, m.timestamp)):
         out[int(m.step)] = float(m.value)  # a resumed epoch logged twice: the later value wins
     return out
 
@@ -64,11 +62,12 @@ def stage_values(client, experiment_id: str) -> dict[str, dict[str, float]]:
 
 
 def _pairs(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
-    """Rows by (data, teacher, student); a CE row without a teacher joins its student's pair when there is
-    one (it is that pair's baseline), else stands alone."""
+    """Rows by (data, teacher, student), the teacher as the table shows it (``<name>:<architecture>`` in a
+    sweep of several teachers); a CE row without a teacher joins its student's pair when there is one (it is
+    that pair's baseline), else stands alone."""
     pairs: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        pairs.setdefault((r["data"], r["teacher"], r["student"]), []).append(r)
+        pairs.setdefault((r["data"], teacher_label(r), r["student"]), []).append(r)
     for key in [k for k in pairs if k[1] == "-"]:
         others = [k for k in pairs if k[1] != "-" and k[0] == key[0] and k[2] == key[2]]
         if others:
@@ -113,18 +112,18 @@ def plot_curves(
                 means.append(m)
                 lows.append(m - sd)
                 highs.append(m + sd)
-            label = f"{r['method']} ({r['value']:.2f}" + (
-                f", {r['n_seeds']} seeds)" if r["n_seeds"] > 1 else ")"
-            )
+            label = f"{r['method']} ({r['value']:.2f}" + (f", {r['n_seeds']} seeds)" if r["n_seeds"] > 1 else ")")
             (line,) = ax.plot(steps, means, marker="o", markersize=2.5, linewidth=1.4, label=label)
             if r["n_seeds"] > 1:
                 ax.fill_between(steps, lows, highs, alpha=0.2, color=line.get_color(), linewidth=0)
             labels.append(label)
         if not labels:
             continue
-        if teacher != "-" and metric in stages.get("teacher", {}):
-            label = f"teacher {teacher} ({stages['teacher'][metric]:.2f})"
-            ax.axhline(stages["teacher"][metric], color="black", linestyle="--", linewidth=1, label=label)
+        name = next((r["teacher_name"] for r in prs if r.get("teacher_name")), None)
+        stage = stages.get(f"teacher-{name}" if name else "teacher", {})  # its stage (kdtune.tune.plan)
+        if teacher != "-" and metric in stage:
+            label = f"teacher {teacher} ({stage[metric]:.2f})"
+            ax.axhline(stage[metric], color="black", linestyle="--", linewidth=1, label=label)
             labels.append(label)
         ce = [r for r in rows if r["method"] == "ce" and r["data"] == data and r["student"] == student]
         ce_value = ce[0]["value"] if ce else stages.get(f"ce-{student}", {}).get(metric)
@@ -247,9 +246,7 @@ def study_from_trials(trials: list[Trial], metric: str, mode: str, method: str):
     keys = [
         k
         for k in hparam_keys(method, done)
-        if k not in SEED_KEYS
-        and k not in VOLATILE
-        and len({t.params.get(k) for t in done if k in t.params}) > 1
+        if k not in SEED_KEYS and k not in VOLATILE and len({t.params.get(k) for t in done if k in t.params}) > 1
     ]
     dists = {}
     for k in keys:

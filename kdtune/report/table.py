@@ -1,16 +1,17 @@
 """The report's table: best configuration per method and teacher -> student pair, read from MLflow.
 
-Protocol (stated in every output): trials are grouped by data set, teacher, student and method; within a
-group, trials that differ only in their seed are one configuration, scored by the mean of the sweep metric
-(a validation metric, ``val_acc`` by default; test metrics are refused for ranking) over its seeds; the
-best configuration's test accuracy is reported beside it (mean ± sample std over seeds), never used to
-choose. Each trial's value is the last one it logged (Tune's default "last" scope). FAILED trials are
-left out; runs still RUNNING (an interrupted sweep) count with what they logged.
+Protocol (stated in every output): trials are grouped by data set, teacher (its architecture and, in a sweep
+of several teachers, its name: shown ``<name>:<architecture>``), student and method; within a group, trials
+that differ only in their seed are one configuration, scored by the mean of the sweep metric (a validation
+metric, ``val_acc`` by default; test metrics are refused for ranking) over its seeds; the best
+configuration's test accuracy is reported beside it (mean ± sample std over seeds), never used to choose.
+Each trial's value is the last one it logged (Tune's default "last" scope). FAILED trials are left out; runs
+still RUNNING (an interrupted sweep) count with what they logged.
 
 Which runs are trials is :func:`kdtune.tracking.client.is_trial_run`'s one rule; a trial run carries
-``method``, ``model``, ``teacher_model``, ``data`` and ``seed`` as MLflow params (or tags ``kdtune.<name>``).
-The hyperparameter cell shows what a person chose (:func:`kdtune.tracking.views.group_hparams`); the CSV
-keeps all. More: docs/report.md §Table (the runs read, the hyperparameter cell).
+``method``, ``model``, ``teacher_model``, ``data`` and ``seed`` as MLflow params (or tags ``kdtune.<name>``),
+and ``teacher_name`` where the sweep named its teachers. The hyperparameter cell shows what a person chose
+(:func:`kdtune.tracking.views.group_hparams`); the CSV keeps all. More: docs/report.md §Table.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from kdtune.tables import table
 from kdtune.tracking.client import TAG_TRIAL_NAME, is_trial_run
 
 SEED_KEYS = ("seed",)
+# Per-epoch metrics of a distilled student that say how closely it follows its teacher (validation split).
+TEACHER_FIT = ("val_agree", "val_kl_teacher")
 # Params that change from trial to trial without changing the computation.
 VOLATILE = frozenset(
-    {"out", "trial_id", "trial_name", "resume", "overwrite", "device", "num_workers", "data_root", "download"}
+    {"out", "trial_id", "trial_name", "resume", "overwrite", "device", "num_workers", "data_root", "download", "phase"}
 )
 # Params that say what is trained rather than how: never shown as hyperparameters.
 BOOKKEEPING = frozenset(
@@ -45,6 +48,7 @@ BOOKKEEPING = frozenset(
         "student",
         "teacher",
         "teacher_model",
+        "teacher_name",
         "init",
         "method",
         "amp",
@@ -70,10 +74,16 @@ class Trial:
     params: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
     group: str | None = None  # the sweep's group (tag kdtune.group), where the run names one
+    teacher_name: str | None = None  # the teacher's name in a sweep of several teachers (``teachers:``)
 
     @property
     def pair(self) -> tuple[str, str, str]:
         return (self.data or "-", self.teacher or "-", self.student or "-")
+
+    @property
+    def teacher_key(self) -> tuple[str, str, str | None, str]:
+        """What tells the teacher -> student pairs apart: (data, teacher architecture, teacher name, student)."""
+        return (self.data or "-", self.teacher or "-", self.teacher_name, self.student or "-")
 
     def config_key(self) -> tuple:
         return tuple(
@@ -100,7 +110,7 @@ def _teacher(run) -> str | None:
     """The teacher's architecture: tag kdtune.teacher, param teacher_model, or param teacher (a name or a path)."""
     tags, params = run.data.tags, run.data.params
     for value in (tags.get("kdtune.teacher"), params.get("teacher_model"), params.get("teacher")):
-        if value not in (None, "", "None"):
+        if value not in (None, "", "None", "none"):  # "none": a group without a teacher (ce)
             if "/" in value or "\\" in value or Path(value).suffix:
                 parts = Path(value).parts
                 return "/".join(parts[-2:])
@@ -129,6 +139,7 @@ def trial_from_run(run) -> Trial | None:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         group=tags.get("kdtune.group"),
+        teacher_name=_get(run, "teacher_name"),
     )
 
 
@@ -216,7 +227,10 @@ def hparam_keys(method: str, trials: list[Trial]) -> list[str]:
 def best_rows(
     trials: Iterable[Trial], metric: str = "val_acc", mode: str = "max", chosen: Mapping[str, list[str]] | None = None
 ) -> list[dict[str, Any]]:
-    """The best configuration of each (data, teacher, student, method), as dicts (see module docstring).
+    """The best configuration of each (data, teacher, teacher name, student, method), as dicts (see module
+    docstring). A row's ``teacher`` is the architecture, ``teacher_name`` the name (``None`` for a sweep's one
+    ``teacher:``); ``test_accs`` the best configuration's test accuracies (one per seed, as ``seeds``);
+    ``val_agree`` / ``val_kl_teacher`` the mean over its runs of their last value where logged, else ``None``.
 
     ``chosen``: group -> the logged names of its chosen hyperparameters (:func:`recorded_hparams`). A row's
     ``hparams`` holds every hyperparameter of its best configuration; ``shown_hparams`` the names (as in
@@ -227,10 +241,10 @@ def best_rows(
     chosen = chosen or {}
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
-        groups.setdefault((*t.pair, t.method), []).append(t)
+        groups.setdefault((*t.teacher_key, t.method), []).append(t)
     sign = 1.0 if mode == "max" else -1.0
     rows = []
-    for (data, teacher, student, method), members in groups.items():
+    for (data, teacher, teacher_name, student, method), members in groups.items():
         ok = [
             t
             for t in members
@@ -249,6 +263,7 @@ def best_rows(
         _, best = max(configs.items(), key=score)
         value, value_std = _mean_std([t.metrics[metric] for t in best])
         test, test_std = _mean_std([t.metrics.get("test_acc") for t in best])
+        fit = {k: _mean_std([t.metrics.get(k) for t in best])[0] for k in TEACHER_FIT}
         keys = hparam_keys(method, members)
         recorded = [t.group for t in members if t.group in chosen]
         names = list(dict.fromkeys(n for g in dict.fromkeys(recorded) for n in chosen[g] if n not in SEED_KEYS))
@@ -260,6 +275,7 @@ def best_rows(
             {
                 "data": data,
                 "teacher": teacher,
+                "teacher_name": teacher_name,
                 "student": student,
                 "method": method,
                 "metric": metric,
@@ -270,6 +286,8 @@ def best_rows(
                 "seeds": [t.seed for t in best],
                 "test_acc": test,
                 "test_acc_std": test_std,
+                "test_accs": [t.metrics.get("test_acc") for t in best],
+                **fit,
                 "published": pub.acc if pub else None,
                 "published_std": pub.std if pub else None,
                 "published_source": pub.source if pub else None,
@@ -282,7 +300,9 @@ def best_rows(
                 "n_configs": len(configs),
             }
         )
-    rows.sort(key=lambda r: (r["data"], r["teacher"], r["student"], -sign * r["value"], r["method"]))
+    rows.sort(
+        key=lambda r: (r["data"], r["teacher"], r["teacher_name"] or "", r["student"], -sign * r["value"], r["method"])
+    )
     return rows
 
 
@@ -291,9 +311,9 @@ def best_per_method(
 ) -> list[dict[str, Any]]:
     """Best trial configuration per method and teacher-student pair of an MLflow experiment.
 
-    Each dict: data, teacher, student, method, metric, mode, value (mean over seeds), value_std, n_seeds,
-    seeds, test_acc, test_acc_std, published, published_std, published_source, hparams, run_ids, trials,
-    n_trials, n_failed, n_configs. Sorted by pair, best method first.
+    Each dict: data, teacher, teacher_name, student, method, metric, mode, value (mean over seeds), value_std,
+    n_seeds, seeds, test_acc, test_acc_std, test_accs, val_agree, val_kl_teacher, published, published_std,
+    published_source, hparams, run_ids, trials, n_trials, n_failed, n_configs. Sorted by pair, best method first.
     """
     from kdtune.tracking.client import get_client
     from kdtune.tracking.uri import normalize_tracking_uri, sqlite_path
@@ -321,6 +341,12 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def teacher_label(row: Mapping[str, Any]) -> str:
+    """The teacher as the table shows it: its architecture, ``<name>:<architecture>`` where it has a name."""
+    name = row.get("teacher_name")
+    return f"{name}:{row['teacher']}" if name else row["teacher"]
+
+
 def _sources(rows: list[dict]) -> list[str]:
     out: list[str] = []
     for r in rows:
@@ -334,7 +360,7 @@ def _cells(row: dict, sources: list[str]) -> list[str]:
     pub = "-"
     if row["published"] is not None:
         pub = _pm(row["published"], row["published_std"]) + f" [{sources.index(row['published_source']) + 1}]"
-    teacher = row["teacher"] if row["teacher"] != "-" else "(none)"
+    teacher = teacher_label(row) if row["teacher"] != "-" or row.get("teacher_name") else "(none)"
     shown = row.get("shown_hparams")
     items = row["hparams"].items() if shown is None else [(k, row["hparams"][k]) for k in shown]
     hp = ", ".join(f"{k}={v}" for k, v in items) or "-"
@@ -381,9 +407,7 @@ def _notes(rows: list[dict], metric: str, mode: str) -> list[str]:
     return notes
 
 
-def format_text(
-    rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None
-) -> str:
+def format_text(rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None) -> str:
     """A plain-text table, grouped by data set, with the published numbers' sources under it."""
     sources = _sources(rows)
     lines: list[str] = []
@@ -400,8 +424,9 @@ def format_text(
 
 
 def format_markdown(
-    rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None
+    rows: list[dict], metric: str = "val_acc", mode: str = "max", title: str | None = None, extra: str | None = None
 ) -> str:
+    """The table as Markdown, a section per data set; ``extra`` (Markdown) appended (the teacher comparison)."""
     sources = _sources(rows)
     out: list[str] = []
     if title:
@@ -414,12 +439,15 @@ def format_markdown(
     if sources:
         out += ["", "Published numbers (CIFAR-100 top-1 test accuracy, %):", ""]
         out += [f"{i}. {s}" for i, s in enumerate(sources, 1)]
+    if extra:
+        out += ["", extra.rstrip("\n")]
     return "\n".join(out) + "\n"
 
 
 CSV_FIELDS = [
     "data",
     "teacher",
+    "teacher_name",
     "student",
     "method",
     "metric",
@@ -458,9 +486,9 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def write_markdown(
-    rows: list[dict], path: str | Path, metric: str = "val_acc", mode: str = "max", title=None
+    rows: list[dict], path: str | Path, metric: str = "val_acc", mode: str = "max", title=None, extra=None
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(format_markdown(rows, metric, mode, title))
+    path.write_text(format_markdown(rows, metric, mode, title, extra))
     return path
