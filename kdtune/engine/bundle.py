@@ -2,10 +2,10 @@
 as one stacked model, each member with its own hyperparameters and init seed.
 
 Shared: the data, the batches and their augmented views (one data seed), the teacher's forward pass (once per
-batch) and the config but :data:`FUSABLE_FIELDS`; per member: those fields (seed, hp, lr, optimiser, schedule,
-run directory), its parameters, BatchNorm statistics, optimiser state, Method instance (the lone run's),
-history and best epoch. Modes (``mode``): ``"grouped"`` (:func:`widen`), ``"loop"``, ``"loop_cl"``,
-``"vmap"``; ``"auto"`` (:data:`DEFAULT_MODE`) keeps the fastest exact one of :data:`AUTO_CANDIDATES`.
+batch) and validation logits, the config but :data:`FUSABLE_FIELDS`; per member: those fields (seed, hp, lr,
+optimiser, schedule, run directory), its parameters, BatchNorm statistics, optimiser state, Method instance
+(the lone run's), history and best epoch. Modes (``mode``): ``"grouped"`` (:func:`widen`), ``"loop"``,
+``"loop_cl"``, ``"vmap"``; ``"auto"`` (:data:`DEFAULT_MODE`) keeps the fastest exact one of :data:`AUTO_CANDIDATES`.
 
 **Exactness.** A member must end with the weights of the same config trained alone by
 :class:`~kdtune.engine.trainer.Trainer` on the same data seed, bit for bit (:meth:`Bundle.probe_exact` decides
@@ -33,6 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kdtune.config import TrainConfig, as_config
 from kdtune.data import DataBundle
+from kdtune.engine.diagnostics import epoch_agreement
 from kdtune.engine.record import RunRecord, model_meta, record_epoch
 from kdtune.engine.schedule import lr_factor
 from kdtune.engine.trainer import (
@@ -761,13 +762,15 @@ class Bundle:
         return sums, steps, n_img, seconds
 
     @torch.no_grad()
-    def evaluate(self, loader) -> list[dict[str, float]]:
-        """Accuracy (%) and mean cross-entropy of every member on ``loader``, one vmapped forward per batch."""
+    def evaluate(self, loader, keep_logits: bool = False) -> list[dict[str, Any]]:
+        """Accuracy (%) and mean cross-entropy of every member on ``loader``, one vmapped forward per batch;
+        ``keep_logits``: also each member's float32 ``logits`` ``[N, C]`` of that pass (as the lone Trainer's)."""
         self._train_mode(False)
         k = self.size
         correct = torch.zeros(k, device=self.device)
         loss_sum = torch.zeros(k, device=self.device)
         n = 0
+        kept: list[Tensor] = []
         for x, y in loader.epoch(0):
             with self.shared.autocast():
                 logits = self._forward_eval(self.params, self.buffers, x)
@@ -776,9 +779,16 @@ class Bundle:
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, b).sum(1)
             correct += (logits.argmax(-1) == y).sum(1)
             n += b
+            if keep_logits:
+                kept.append(logits)
         self._train_mode(True)
         n = max(n, 1)
-        return [{"acc": 100.0 * c / n, "loss": s / n} for c, s in zip(correct.tolist(), loss_sum.tolist())]
+        out = [{"acc": 100.0 * c / n, "loss": s / n} for c, s in zip(correct.tolist(), loss_sum.tolist())]
+        if keep_logits and kept:
+            stacked = torch.cat(kept, dim=1)  # (K, N, C)
+            for i, o in enumerate(out):
+                o["logits"] = stacked[i]
+        return out
 
     def run(self) -> Iterator[list[dict[str, Any]]]:
         """Train the remaining epochs, yielding per epoch one metrics dict per member."""
@@ -807,7 +817,10 @@ class Bundle:
         if not self.members:
             return out
         t1 = time.perf_counter()
-        vals = self.evaluate(lead.val_loader) if lead.val_loader is not None else [None] * self.size
+        teacher_val = lead.teacher_val_logits()  # made once (the lone run's, the same for every member)
+        keep = teacher_val is not None
+        vals = self.evaluate(lead.val_loader, keep) if lead.val_loader is not None else [None] * self.size
+        agree = [epoch_agreement(teacher_val, v.pop("logits", None)) if v else None for v in vals]
         tests = self.evaluate(lead.test_loader)
         eval_s = time.perf_counter() - t1
         for k, m in enumerate(self.members):
@@ -823,6 +836,7 @@ class Bundle:
                 n_img=n_img,
                 train_s=train_s,
                 eval_s=eval_s,
+                teacher_agreement=agree[k],
             )
             metrics["member"] = m.key
             metrics["bundle_size"] = self.size

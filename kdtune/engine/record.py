@@ -43,9 +43,12 @@ def record_epoch(
     train_s: float,
     eval_s: float,
     method_metrics: dict[str, float] | None = None,
+    teacher_agreement: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The metrics of the epoch ``run`` just finished; updates ``run.best`` and appends to ``run.history``.
-    ``method_metrics`` (the method's own per-epoch statistics) are added with the ``method_`` prefix.
+    ``method_metrics`` (the method's own per-epoch statistics) are added with the ``method_`` prefix;
+    ``teacher_agreement`` (``val_agree``, ``val_kl_teacher``: the student against its teacher on the validation
+    split, :func:`kdtune.engine.diagnostics.epoch_agreement`) as they are, after ``val_loss``.
 
     ``run.epoch`` already counts this epoch.
     """
@@ -57,6 +60,7 @@ def record_epoch(
         **{f"loss_{k}": v for k, v in term_means.items()},
         "val_acc": val["acc"] if val else None,
         "val_loss": val["loss"] if val else None,
+        **(teacher_agreement or {}),
         "test_acc": test["acc"],
         "test_loss": test["loss"],
         "train_images_per_s": n_img / max(train_s, 1e-9),

@@ -20,6 +20,8 @@ RUN_FILES = ("config.yaml", "train.log", "state.pt", "best.pt", "final.pt", "res
 def epoch_line(m: dict[str, Any]) -> str:
     terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss_"))
     val = f"val {m['val_acc']:6.2f}%  " if m.get("val_acc") is not None else ""
+    if m.get("val_agree") is not None:  # a distilled run: how closely it follows its teacher on validation
+        val += f"agree {m['val_agree']:5.1f}% kl {m['val_kl_teacher']:.3f}  "
     width = len(str(m["epochs"]))
     host = f"  host {m['host_rss_mb']:,.0f} MB" if m.get("host_rss_mb") is not None else ""
     own = " ".join(

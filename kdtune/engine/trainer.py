@@ -2,7 +2,10 @@
 
 ``Trainer(cfg).run()`` yields one metrics dict per epoch; ``state_dict``/``load_state_dict`` hold everything
 needed to resume (model, method modules and state, optimiser, step, epoch, history, RNG), so a run stopped
-after epoch k and resumed ends with the same weights as an uninterrupted run.
+after epoch k and resumed ends with the same weights as an uninterrupted run. A run with a teacher and a
+validation split also records each epoch the student's agreement with the teacher there (``val_agree``,
+``val_kl_teacher``: :mod:`kdtune.engine.diagnostics`), from the student logits of the epoch's own validation
+pass and the teacher's validation logits made once per run (:meth:`Trainer.teacher_val_logits`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from kdtune.config import TrainConfig
 from kdtune.data import DataBundle, Split, load_data
 from kdtune.data.loader import DeviceLoader
+from kdtune.engine.diagnostics import epoch_agreement
 from kdtune.engine.record import RunRecord, model_meta, record_epoch
 from kdtune.engine.schedule import lr_factor
 from kdtune.errors import CheckpointError, ConfigError, KdtuneError
@@ -156,6 +160,9 @@ class Trainer(RunRecord):
         self.teacher: nn.Module | None = None
         self.teacher_heads: nn.Module | None = None  # the teacher's HSAKD branches (methods needing them)
         self.teacher_info: dict[str, Any] = {}
+        self.teacher_val: Tensor | None = None  # its validation logits [N_val, C] (teacher_val_logits)
+        self._teacher_val_due = False  # to be computed (one pass, at the first epoch's evaluation)
+        self._measured_val: Tensor | None = None  # those of the pass measuring its val accuracy
         # a method that extends the teacher itself (hsakd_heads): the teacher is this run's model, frozen
         self.frozen_student = bool(getattr(self.method_cls, "extends_teacher", False))
         if self.frozen_student and cfg.init:
@@ -165,6 +172,10 @@ class Trainer(RunRecord):
             self._load_teacher(teacher_info)
         if self.frozen_student:
             self._teacher_as_model()
+        if self.teacher is not None and self.val_loader is not None:
+            self.teacher_val = self._known_teacher_val()
+            self._teacher_val_due = self.teacher_val is None
+        self._measured_val = None
         self.init_info: dict[str, Any] = {}
         if cfg.init:
             self._load_init(init_info)
@@ -312,7 +323,9 @@ class Trainer(RunRecord):
             self.teacher_info = {"arch": info.get("arch"), "source": cfg.teacher, "val_acc": known.get("val_acc"),
                                  "test_acc": known["test_acc"], "measured": "before"}  # fmt: skip
             return
-        val = self.evaluate(model, self.val_loader) if self.val_loader is not None else {}
+        val = self.evaluate(model, self.val_loader, keep_logits=True) if self.val_loader is not None else {}
+        self._measured_val = val.pop("logits", None)
+        val.pop("labels", None)
         test = self.evaluate(model, self.test_loader)
         self.teacher_info = {
             "arch": info.get("arch"),
@@ -324,6 +337,38 @@ class Trainer(RunRecord):
             f"teacher {info.get('arch')} from {cfg.teacher}: test acc {test['acc']:.2f}%"
             + (f", val acc {val['acc']:.2f}%" if val else "")
         )
+
+    def teacher_val_logits(self) -> Tensor | None:
+        """The teacher's logits on the validation split (float32 ``[N_val, C]`` on the device; None without a
+        teacher or a validation split), made once per run, never per epoch: read from the ``val_logits.pt``
+        beside the teacher's checkpoint (what a sweep's stage writes) when it holds this teacher's logits on this
+        split, else those of the pass that measured the teacher's validation accuracy at the start (no
+        ``teacher_info`` given), else (a plain checkpoint) one forward pass of the teacher over the validation
+        split at the first call (the first epoch's evaluation), in eval mode under the run's autocast, the global
+        RNG left as it was (a folder loader draws a seed from it). A resumed run makes them again, once."""
+        if self._teacher_val_due:
+            self._teacher_val_due = False
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                self.teacher_val = self.evaluate(self.teacher, self.val_loader, keep_logits=True)["logits"]
+        return self.teacher_val
+
+    def _known_teacher_val(self) -> Tensor | None:
+        """The teacher's validation logits where they are known without a forward pass (the stage's
+        ``val_logits.pt`` if it is of this teacher and split: same labels, split checksum and weights; else the
+        measuring pass's); None where :meth:`teacher_val_logits` must compute them."""
+        from kdtune.engine import diagnostics as dg
+        from kdtune.engine.teacher_store import weights_sha
+
+        src, split = self.cfg.teacher, self.data.val
+        path = None if "://" in src else Path(checkpoint_file(src)).with_name(dg.VAL_LOGITS)
+        if path is not None and path.is_file():
+            got, why = dg.load_val_logits(path, labels=dg.split_labels(split), split_sha=dg.split_sha(split),
+                                          teacher_sha=weights_sha(self.teacher), num_classes=self.data.num_classes)  # fmt: skip
+            if got is not None:
+                return got.to(self.device)
+            self.log(f"teacher validation logits {path} not used: {why}; computing them once for this run")
+        return self._measured_val
 
     def _teacher_heads(self, model: nn.Module, info: dict[str, Any]) -> nn.Module:
         """The teacher's HSAKD branches from its checkpoint (frozen, eval mode, on the device); a plain teacher
@@ -453,12 +498,16 @@ class Trainer(RunRecord):
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader, keep_logits: bool = False) -> dict[str, Any]:
+        """Accuracy (%) and mean cross-entropy of ``model`` on ``loader`` in eval mode; ``keep_logits``: also
+        the pass's float32 ``logits`` ``[N, C]`` and ``labels`` ``[N]``, on the device (no second pass)."""
         was_training = model.training
         model.eval()
         correct = torch.zeros((), device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         n = 0
+        kept: list[Tensor] = []
+        labels: list[Tensor] = []
         for x, y in loader.epoch(0):
             with self.autocast():
                 logits = model(x)
@@ -466,9 +515,17 @@ class Trainer(RunRecord):
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
             n += y.shape[0]
+            if keep_logits:
+                kept.append(logits)
+                labels.append(y)
         model.train(was_training)
         n = max(n, 1)
-        return {"acc": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+        out: dict[str, Any] = {"acc": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+        if keep_logits:
+            c, dev = self.data.num_classes, self.device
+            out["logits"] = torch.cat(kept) if kept else torch.empty(0, c, device=dev)
+            out["labels"] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=dev)
+        return out
 
     # ------------------------------------------------------------------ training
     def current_lr(self) -> float:
@@ -595,7 +652,12 @@ class Trainer(RunRecord):
         self.train_time += train_s
         self.train_images += n_img
         t1 = time.perf_counter()
-        val = self.evaluate(self.student, self.val_loader) if self.val_loader is not None else None
+        val = agree = None
+        if self.val_loader is not None:
+            teacher_val = self.teacher_val_logits()  # made once per run
+            val = self.evaluate(self.student, self.val_loader, keep_logits=teacher_val is not None)
+            agree = epoch_agreement(teacher_val, val.pop("logits", None))  # this pass's student logits
+            val.pop("labels", None)
         test = self.evaluate(self.student, self.test_loader)
         eval_s = time.perf_counter() - t1
         return record_epoch(
@@ -608,6 +670,7 @@ class Trainer(RunRecord):
             train_s=train_s,
             eval_s=eval_s,
             method_metrics=self.method.epoch_metrics(),
+            teacher_agreement=agree,
         )
 
     def data_resident_bytes(self) -> int:

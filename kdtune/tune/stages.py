@@ -7,7 +7,10 @@ the same stage at the same time, exactly one trains it while the others wait for
 manifest, so a stage killed mid-build or damaged on disk is never used. The stage's ``result.json`` records
 what trials need from it, measured once: the model's validation and test accuracy (a teacher) and, for a CE
 student, its ``train_error``/``val_error`` as the engine measures them for a warm start (DiSK's budget anchor,
-``delta`` centred on it before any trial runs). Trials receive those figures and do not evaluate again.
+``delta`` centred on it before any trial runs). Trials receive those figures and do not evaluate again. A stage
+of a teacher objective (ce, ls, mse) or of HSAKD's heads also records its final model's calibration on the test
+and validation splits (:data:`kdtune.engine.diagnostics.STAGE_KEYS`) and writes its validation logits to
+``val_logits.pt`` (in the manifest), which every trial reads instead of running the teacher over that split.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any
 
 from kdtune.spec import stage_key
 
-STAGE_FILES = ("final.pt", "result.json")
+STAGE_FILES = ("final.pt", "result.json")  # and val_logits.pt where the stage has a validation split
+# the calibration figures of a teacher's stage (kdtune.engine.diagnostics.STAGE_KEYS, not imported: no torch here)
+DIAGNOSTIC_KEYS = ("test_nll", "test_ece", "test_entropy", "val_nll", "val_ece", "val_entropy")
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Stage:
     def summary(self) -> dict[str, Any]:
         r = self.result
         keep = ("test_acc", "val_acc", "best_val_acc", "best_test_acc", "epochs", "train_error", "val_error",
-                "train_s", "train_images_per_s", "wall_s", "arch")  # fmt: skip
+                "train_s", "train_images_per_s", "wall_s", "arch", *DIAGNOSTIC_KEYS)  # fmt: skip
         return {k: r[k] for k in keep if r.get(k) is not None}
 
     def teacher_info(self) -> dict[str, Any]:
@@ -62,27 +67,60 @@ def train_stage(cfg_dict: dict, out: str, threads: int) -> dict:
     """Train one stage into ``out`` (runs inside a Ray task); returns its result dict without the history.
 
     Adds ``train_error``/``val_error`` of the final model, measured by the engine's warm-start code (what DiSK
-    receives as ``init_error`` when a trial starts from this model).
+    receives as ``init_error`` when a trial starts from this model). A teacher objective's stage (ce, ls, mse)
+    and the HSAKD heads stage (``extends_teacher``: its final.pt holds the teacher's weights, unchanged) add the
+    final model's calibration (:func:`teacher_diagnostics`) and write ``val_logits.pt`` into ``out``.
     """
     import torch
 
     from kdtune.config import TrainConfig, dumps
+    from kdtune.data import load_data
     from kdtune.engine import train
-    from kdtune.engine.trainer import Trainer
+    from kdtune.engine.trainer import Trainer, load_init_model
+    from kdtune.losses import METHODS
+    from kdtune.spec_model import TEACHER_METHODS
     from kdtune.storage import atomic_write_text
 
     torch.set_num_threads(max(1, int(threads)))
     cfg = TrainConfig.from_dict({**cfg_dict, "out": out, "overwrite": True})
-    result = train(cfg)
-    from kdtune.losses import METHODS
-
-    if getattr(METHODS.get(cfg.method), "extends_teacher", False):  # a teacher with new heads: no student to probe
-        return {k: v for k, v in result.items() if k != "history"}
-    probe = Trainer(cfg.replace(init=str(Path(out) / "final.pt"), out=None, overwrite=False))
-    result["train_error"] = probe.init_info["train_error"]
-    result["val_error"] = probe.init_info.get("val_error")
+    data = load_data(cfg.data, root=cfg.data_root, download=cfg.download, val_fraction=cfg.val_fraction,
+                     seed=cfg.data_seed)  # fmt: skip
+    result = train(cfg, data=data)
+    final = str(Path(out) / "final.pt")
+    heads = getattr(METHODS.get(cfg.method), "extends_teacher", False)
+    if heads:  # a teacher with new heads: no student to probe; its network is the teacher's, unchanged
+        probe = Trainer(cfg.replace(method="ce", hp={}, teacher=None, out=None, overwrite=False), data=data)
+        probe.student.load_state_dict(load_init_model(probe.cfg.replace(init=final), data)[0].state_dict())
+    else:
+        probe = Trainer(cfg.replace(init=final, out=None, overwrite=False), data=data)
+        result["train_error"] = probe.init_info["train_error"]
+        result["val_error"] = probe.init_info.get("val_error")
+    if heads or cfg.method in TEACHER_METHODS:
+        result.update(teacher_diagnostics(probe, Path(out)))
     atomic_write_text(Path(out) / "result.json", dumps(result))
     return {k: v for k, v in result.items() if k != "history"}
+
+
+def teacher_diagnostics(probe, out: Path) -> dict[str, float]:
+    """The calibration of ``probe.student`` (a Trainer holding a stage's final model) on the test and validation
+    splits: ``test_nll``, ``test_ece``, ``test_entropy`` and ``val_*`` likewise (:data:`DIAGNOSTIC_KEYS`;
+    accuracy is the stage's ``test_acc``/``val_acc``), and its validation logits written to
+    ``out/val_logits.pt`` with the split's labels and checksums (:func:`kdtune.engine.diagnostics.
+    save_val_logits`). No validation split: the test figures only, no file."""
+    from kdtune.engine import diagnostics as dg
+    from kdtune.engine.teacher_store import weights_sha
+
+    model, data = probe.student, probe.data
+    test = probe.evaluate(model, probe.test_loader, keep_logits=True)
+    found = dg.stage_metrics("test", test["logits"], test["labels"])
+    if probe.val_loader is not None:
+        val = probe.evaluate(model, probe.val_loader, keep_logits=True)
+        found.update(dg.stage_metrics("val", val["logits"], val["labels"]))
+        dg.save_val_logits(out / dg.VAL_LOGITS, val["logits"], val["labels"], split_sha=dg.split_sha(data.val),
+                           teacher_sha=weights_sha(model), data=data.name, arch=probe.cfg.model,
+                           val_fraction=probe.cfg.val_fraction, data_seed=probe.cfg.data_seed, amp=str(probe.amp_dtype),
+                           device=str(probe.device))  # fmt: skip
+    return found
 
 
 def ray_task_runner(resources: dict | None) -> Callable[[dict, str, int], dict]:
