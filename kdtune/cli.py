@@ -99,7 +99,11 @@ def _reproduce(args) -> int:
         from kdtune.reproduce.disk_toys import main as disk_main
 
         return int(disk_main(args.rest) or 0)
-    raise KdtuneError(f"unknown reproduction {args.what!r}; available: disk-toys")
+    if args.what == "mse-teacher":
+        from kdtune.reproduce.mse_teacher import main as mse_main
+
+        return int(mse_main(args.rest) or 0)
+    raise KdtuneError(f"unknown reproduction {args.what!r}; available: disk-toys, mse-teacher")
 
 
 def _store(args) -> int:
@@ -184,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "sweep's: <storage>/stages/teacher-store)")  # fmt: skip
     st.set_defaults(func=_store)
 
-    r = sub.add_parser("reproduce", help="reproduce a paper's result on the CPU (disk-toys)")
-    r.add_argument("what", choices=["disk-toys"])
+    r = sub.add_parser("reproduce", help="reproduce a paper's result on the CPU (disk-toys, mse-teacher)")
+    r.add_argument("what", choices=["disk-toys", "mse-teacher"])
     r.add_argument("rest", nargs=argparse.REMAINDER, help="options of the reproduction (see its --help)")
     r.set_defaults(func=_reproduce)
 

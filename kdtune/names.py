@@ -19,8 +19,8 @@ MODEL_NAMES = (
     "mobilenetv2", "resnet10", "resnet10_l", "resnet10_m", "resnet10_s", "resnet10_xs", "resnet10_xxs",
     "resnet110", "resnet14", "resnet18", "resnet20", "resnet32", "resnet32x4", "resnet34", "resnet44",
     "resnet50", "resnet56", "resnet8", "resnet8x4", "shufflev1", "shufflev2", "toy_interval_student",
-    "toy_interval_teacher", "toy_mlp_student", "toy_mlp_teacher", "vgg11", "vgg13", "vgg16", "vgg19", "vgg8",
-    "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+    "toy_interval_teacher", "toy_mlp128", "toy_mlp_student", "toy_mlp_teacher", "vgg11", "vgg13", "vgg16",
+    "vgg19", "vgg8", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
 )  # fmt: skip
 METHOD_NAMES = ("at", "cc", "ce", "crd", "disk", "dist", "dkd", "fitnet", "hsakd", "hsakd_heads", "ipwd", "kd", "ls",
                 "mse", "pkt", "reviewkd", "rkd", "sp", "ttm", "vid", "wttm")
@@ -32,6 +32,7 @@ DATASET_SHAPES = {
     "disk-gaussians": (3, 2),
     "disk-intervals": (2, 1),
     "imagenet": (1000, 3),
+    "mse-gauss": (3, 30),
     "tiny-imagenet": (200, 3),
 }
 DATASET_NAMES = tuple(sorted(DATASET_SHAPES))

@@ -1,17 +1,18 @@
-"""The function classes of DiSK's toy problems (Kag et al., "Scaffolding a Student to Instill Knowledge",
-ICLR 2023 submission, appendix A.1-A.2).
+"""The toy models: DiSK's function classes (Kag et al., "Scaffolding a Student to Instill Knowledge", ICLR 2023
+submission, appendix A.1-A.2) and the MLP of Hamidi et al.'s synthetic experiment (ECCV 2024).
 
 - 1-D intervals (A.1): unions of soft intervals ``h(x; a, b) = sigma_k(x - a) - sigma_k(x - b)`` (``k = 10``),
   one for the student, two for the teacher; ``f(x)`` is the probability of "blue" (label 1), the logits
   ``[log(1 - f), log f]``, computed in log space and floored at ``log(1e-6)``.
 - 2-D Gaussians (A.2): MLPs with batch norm then ReLU, 2 hidden units (student), 8 and 16 (teacher).
+- ``toy_mlp128`` (Hamidi et al.): D -> 128 -> 128 -> C with ReLU, no batch norm, as the authors' code.
 
 Features (the ``return_features=True`` contract): the MLPs return the input of the classifier; the interval
 models return the per-interval activations ``h_j(x)`` ``(B, n_intervals)``, from which the logits follow by
 the fixed map above (not a linear layer: the toy exception to the contract). No stage features:
 ``has_stages`` is False and ``forward_stages`` raises ConfigError. ``ensemble=S`` builds S independent copies
-(outputs ``(S, B, C)``); member ``i`` after :meth:`init_members` equals a single model of the same seed.
-Inputs are float vectors ``(B, D)`` (``in_channels`` is ``D``), not images. More: docs/toys.md §Models.
+(outputs ``(S, B, C)``) of the DiSK models; member ``i`` after :meth:`init_members` equals a single model of the
+same seed. Inputs are float vectors ``(B, D)`` (``in_channels`` is ``D``). More: docs/toys.md §Models.
 """
 
 from __future__ import annotations
@@ -246,3 +247,33 @@ def toy_mlp_student(num_classes: int = 3, in_channels: int = 2, ensemble=None):
     """Student of the 2-D problem: D -> 2 -> C with batch norm and ReLU (appendix A.2)."""
     _check(num_classes, in_channels, "toy_mlp_student", None, None)
     return BNMLP(in_channels, STUDENT_WIDTHS, num_classes, ensemble=ensemble)
+
+
+class ReluMLP(NoStages, nn.Module):
+    """``D -> widths... -> C``: ``nn.Linear`` layers (PyTorch's default init) with ReLU between them, no batch
+    norm, no dropout: the ``MLP`` of the authors' synthetic experiment (Hamidi et al., ECCV 2024, ToyGuassian-MSEKD:
+    ``fc1``/``fc2``/``fc3``, 128 hidden units). Features: the last hidden activation (the classifier's input)."""
+
+    def __init__(self, in_dim: int, widths: Sequence[int], out_dim: int):
+        super().__init__()
+        dims = [int(in_dim), *(int(w) for w in widths)]
+        self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:]))
+        self.fc = nn.Linear(dims[-1], int(out_dim))
+        self.feat_dim = dims[-1]
+
+    def forward(self, x: Tensor, return_features: bool = False):
+        h = x.to(self.fc.weight.dtype)
+        for layer in self.hidden:
+            h = torch.relu(layer(h))
+        logits = self.fc(h)
+        return (logits, h) if return_features else logits
+
+
+MLP128_WIDTHS = (128, 128)
+
+
+@register_model("toy_mlp128")
+def toy_mlp128(num_classes: int = 3, in_channels: int = 30):
+    """D -> 128 -> 128 -> C with ReLU (Hamidi et al. ECCV 2024's synthetic experiment; its data set: mse-gauss)."""
+    _check(num_classes, in_channels, "toy_mlp128", None, None)
+    return ReluMLP(in_channels, MLP128_WIDTHS, num_classes)
