@@ -195,6 +195,7 @@ def test_each_teacher_is_trained_once_and_named_everywhere(ce_mse_sweep):
         assert {"test_acc", "test_nll", "test_ece", "test_entropy"} <= set(st.data.metrics)
     views = client.get_experiment(eid).tags
     assert all(any(g in v for v in views.values()) for g in groups)  # one saved view per group
+    assert sum("params.`teacher_name`" in v or '"teacher_name"' in v for v in views.values()) >= len(groups) + 1
 
     again = kdtune_cli("sweep", spec, cwd=tmp)  # finished: prints its results, trains nothing
     assert again.returncode == 0 and "training" not in again.stdout, again.stdout[-2000:]

@@ -66,14 +66,17 @@ def view_id(group: str | None = None) -> str:
     return "kdtune-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", group).strip("-") or "group")
 
 
-def sweep_views(metric: str, mode: str, groups: Sequence[tuple[str, Sequence[str]]]) -> dict[str, dict]:
+def sweep_views(metric: str, mode: str, groups: Sequence[tuple[str, Sequence[str]]],
+                named_teachers: bool = False) -> dict[str, dict]:  # fmt: skip
     """``{view id: view}`` for a sweep: all trials, then one per ``(group, searched param names)``; each view
-    ``{"name", "state"}``. Capped at the UI's 40 (the all-trials view and the first 39 groups)."""
+    ``{"name", "state"}``. Capped at the UI's 40 (the all-trials view and the first 39 groups). A sweep of
+    several teachers (``named_teachers``) shows the ``teacher_name`` param beside the common columns."""
     from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH, TRIAL_FILTER
 
     order, asc = _col("metrics", metric), mode == "min"
     common = [_col("metrics", metric)] + ([_col("metrics", "test_acc")] if metric != "test_acc" else [])
-    common += [*(_col("params", n) for n in _COMMON_PARAMS), _col("tags", TAG_OUTCOME),
+    params = (*_COMMON_PARAMS, "teacher_name") if named_teachers else _COMMON_PARAMS
+    common += [*(_col("params", n) for n in params), _col("tags", TAG_OUTCOME),
                _col("tags", TAG_STOPPED_EPOCH)]  # fmt: skip
     trials = TRIAL_FILTER  # the trials, not the parent, stages or orphans (kdtune.tracking.client.is_trial_run)
     views = {ALL_TRIALS: {"name": "kdtune: all trials", "state": _state(trials, order, asc, common)}}

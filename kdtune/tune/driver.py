@@ -181,8 +181,8 @@ class Driver:
         )  # fmt: skip
         # MLflow's runs table opens with the columns to compare: all trials, and one view per group
         groups = [(g.name, p.chosen_hparams(g)) for g in p.groups]
-        self.record("the runs table's saved views", self.tracker.save_views,
-                    sweep_views(spec.metric, spec.mode, groups), hparams=dict(groups))  # fmt: skip
+        views = sweep_views(spec.metric, spec.mode, groups, named_teachers=bool(spec.teachers))
+        self.record("the runs table's saved views", self.tracker.save_views, views, hparams=dict(groups))
 
     def build_stages(self, p: SweepPlan, state: dict) -> dict:
         from kdtune.tune.stages import ensure_stage
