@@ -231,3 +231,16 @@ def test_a_ce_mse_sweep_plans_on_the_seeds_synthetic_data(tmp_path):
     p = plan(spec)
     assert [g.name for g in p.groups] == ["ce-toy_mlp128-kd", "mse-toy_mlp128-kd"]
     assert p.stages["teacher-mse"].config["hp"] == {"reduction": "mean"}
+
+
+def test_a_result_finds_a_group_by_its_teacher():
+    from kdtune.tune.results import SweepResult
+
+    gs = [{"group": "resnet8-ce", "student": "resnet8", "method": "ce"},
+          {"group": "ce-resnet8-kd", "teacher": "ce", "student": "resnet8", "method": "kd"},
+          {"group": "mse-resnet8-kd", "teacher": "mse", "student": "resnet8", "method": "kd"}]  # fmt: skip
+    r = SweepResult(name="x", experiment_dir="x", status="finished", metric="val_acc", mode="max", groups=gs)
+    assert r.group("kd", teacher="mse")["group"] == "mse-resnet8-kd" and r.group("ce")["group"] == "resnet8-ce"
+    with pytest.raises(KeyError, match="one group per teacher"):
+        r.group("kd")
+    assert "teacher" in r.table().splitlines()[0]

@@ -43,11 +43,17 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
-    def group(self, method: str, student: str | None = None) -> dict:
-        for g in self.groups:
-            if g["method"] == method and (student is None or g["student"] == student):
-                return g
-        raise KeyError(method)
+    def group(self, method: str, student: str | None = None, teacher: str | None = None) -> dict:
+        """The summary of the group of ``method`` (and ``student``, and ``teacher``'s name in a sweep of several
+        teachers); a sweep of several teachers needs ``teacher`` for a method that reads one."""
+        found = [g for g in self.groups if g["method"] == method and student in (None, g["student"])
+                 and teacher in (None, g.get("teacher"))]  # fmt: skip
+        if len({g.get("teacher") for g in found}) > 1:
+            raise KeyError(f"{method}: one group per teacher ({', '.join(sorted(g['teacher'] for g in found))}); "
+                           "name the teacher")  # fmt: skip
+        if not found:
+            raise KeyError(method)
+        return found[0]
 
     def table(self) -> str:
         """Best trial per (student, method), as a fixed-width text table."""
