@@ -286,6 +286,8 @@ class TrainConfig:
         for k in ("out", "overwrite", "resume", "save_every", "num_workers", "device", "eval_batch_size",
                   "teacher_store", "teacher_store_dir"):  # the store changes no output bit
             d.pop(k)
+        if d.get("hp"):
+            d["hp"] = identity_hp(self.method, d["hp"])
         return d
 
     def to_yaml(self) -> str:
@@ -293,6 +295,16 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def identity_hp(method: str, hp: dict[str, Any]) -> dict[str, Any]:
+    """``hp`` less each hyperparameter added to the method later (``HParam.added``) that holds its default: the
+    identity a run had before it existed (its stage key, its resume check)."""
+    from kdtune.losses import METHODS
+
+    declared = METHODS.get(method).hparams
+    return {k: v for k, v in hp.items()
+            if not (k in declared and declared[k].added and v == declared[k].default)}  # fmt: skip
 
 
 def scaled_milestones(epochs: int, fractions) -> list[int]:

@@ -150,6 +150,11 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
     from kdtune.losses import METHODS
 
     methods = _methods(raw.get("methods"), METHODS, TrainConfig)
+    if teachers and all(METHODS.get(m.name).needs_teacher for m in methods):
+        untaught = next((x for x in students if not any(t.students is None or x in t.students for t in teachers)), None)
+        if untaught is not None:
+            raise ConfigError(f"students lists {untaught}, but no teacher teaches it (each of teachers names its "
+                              f"students); add {untaught} to a teacher's students or drop it from students")  # fmt: skip
     needs_teacher = [m.name for m in methods if METHODS.get(m.name).needs_teacher]
     if needs_teacher and teacher is None and not teachers:
         raise ConfigError(
@@ -268,8 +273,10 @@ def _teachers(raw: Any, TrainConfig, base_dir: Path | None) -> tuple[TeacherSpec
     out: list[TeacherSpec] = []
     for i, r in enumerate(raw):
         if not isinstance(r, dict) or not r.get("name"):
-            raise ConfigError(f"teachers[{i}] needs a name, e.g. {{name: mse, model: resnet20, method: mse}}")
+            raise ConfigError(f"teachers[{i}] needs a name, e.g. {{name: mse, model: resnet20, method: mse}} (a stage) "
+                              "or {name: ce, checkpoint: path/to/teacher.pt}")  # fmt: skip
         name = str(r["name"])
+        r = {**r, "name": name}
         if not _TEACHER_RE.fullmatch(name):
             raise ConfigError(f"teachers[{i}].name={name!r} is not a valid teacher name; use up to 24 letters, digits "
                               "or '_' (it is part of group and stage names)")  # fmt: skip

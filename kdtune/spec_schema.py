@@ -120,7 +120,7 @@ def input_model() -> type[BaseModel]:
         "StageTrainFields", tuple(k for k in SWEEP_OWNED if k != "epochs"), "TrainConfig fields of a stage"
     )
     trial_fields = _train_model("TrainFields", SWEEP_OWNED, "TrainConfig fields shared by every trial")
-    Teacher = _written("Teacher", TeacherSpec, model=Model | None, train=stage_fields, students=list[Model] | None)
+    Teacher = _written("Teacher", TeacherSpec, model=Model | None, train=stage_fields, students=Union[list[Model], Model, None])  # noqa: UP007
     Scheduler = _written("Scheduler", SchedulerSpec)
     Tracking = _written("Tracking", TrackingSpec)
     return _written(

@@ -255,3 +255,21 @@ def test_cli_prints_the_comparison(sweep, capsys):
     assert main(["report", str(storage / EXP)]) == 0  # the experiment's directory
     out = capsys.readouterr().out
     assert "teacher comparison (ce, mse)" in out and "[-0.27, +4.27]" in out
+
+
+def test_the_repeated_configuration_is_reported_not_a_lucky_single_seed():
+    """The search picks lr 0.1 on seed 0 (92), the repeats pull its mean back to 90.33; lr 0.05 ran once (91).
+    The report shows the configuration the sweep chose and repeated, with its three seeds."""
+    from kdtune.report.table import Trial, best_rows
+
+    def trial(i, lr, seed, val, test):
+        return Trial(run_id=f"r{i}", name=f"t{i}", status="FINISHED", data="digits", teacher="resnet20", student="resnet8",
+                     method="kd", seed=str(seed), params={"method": "kd", "train.lr": lr, "seed": str(seed)},
+                     metrics={"val_acc": val, "test_acc": test})  # fmt: skip
+
+    trials = [trial(0, "0.1", 0, 92.0, 91.0), trial(1, "0.05", 0, 91.0, 90.0), trial(2, "0.1", 1, 89.0, 89.5),
+              trial(3, "0.1", 2, 90.0, 90.5)]  # fmt: skip
+    (row,) = best_rows(trials, "val_acc", "max")
+    assert row["run_ids"] == ["r0", "r2", "r3"] and row["n_seeds"] == 3 and row["test_accs"] == [91.0, 89.5, 90.5]
+    (row,) = best_rows(trials[:2], "val_acc", "max")  # before the repeats: the best single seed
+    assert row["run_ids"] == ["r0"] and row["n_seeds"] == 1

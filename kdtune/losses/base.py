@@ -35,7 +35,9 @@ class HParam:
     """A method hyperparameter: default, type and valid range.
 
     ``low``/``high`` bound the value; ``low_open``/``high_open`` make a bound strict (``0 < T``).
-    ``choices`` restricts to a set. ``doc`` says what the value weighs or controls.
+    ``choices`` restricts to a set. ``doc`` says what the value weighs or controls. ``added``: the date a
+    hyperparameter was added to an existing method; while it holds its default, a run's identity leaves it out
+    (``TrainConfig.identity``), so stages and runs keyed before it existed keep their keys and resume.
     """
 
     default: Any
@@ -46,6 +48,7 @@ class HParam:
     low_open: bool = False
     high_open: bool = False
     choices: tuple | None = None
+    added: str | None = None
 
     def range_text(self) -> str:
         if self.choices is not None:

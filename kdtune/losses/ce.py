@@ -60,7 +60,7 @@ class MSE(Method):
     hparams = {
         "weight": HParam(1.0, "weight of the MSE term", float, 0.0, None, low_open=True),
         "reduction": HParam("sum", "over the classes: sum (the paper's risk) or mean (sum / C, the authors' "
-                            "synthetic-experiment code)", str, choices=MSE_REDUCTIONS),
+                            "synthetic-experiment code)", str, choices=MSE_REDUCTIONS, added="2026-12-05"),
     }  # fmt: skip
 
     def losses(self, out: StepOutputs):

@@ -3,8 +3,8 @@
 Protocol (stated in every output): trials are grouped by data set, teacher (its architecture and, in a sweep
 of several teachers, its name: shown ``<name>:<architecture>``), student and method; within a group, trials
 that differ only in their seed are one configuration, scored by the mean of the sweep metric (a validation
-metric, ``val_acc`` by default; test metrics are refused for ranking) over its seeds; the best
-configuration's test accuracy is reported beside it (mean ± sample std over seeds), never used to choose.
+metric, ``val_acc`` by default; test metrics are refused for ranking) over its seeds, among the configurations
+with the most seeds (the one a sweep's repeats reran, once they ran); the best configuration's test accuracy is reported beside it (mean ± sample std over seeds), never used to choose.
 Each trial's value is the last one it logged (Tune's default "last" scope). FAILED trials are left out; runs
 still RUNNING (an interrupted sweep) count with what they logged.
 
@@ -260,7 +260,10 @@ def best_rows(
             mean, _ = _mean_std([t.metrics[metric] for t in item[1]])
             return (sign * mean, len(item[1]))
 
-        _, best = max(configs.items(), key=score)
+        # A configuration the sweep repeated over seeds is the one it chose (on its first seed): it is reported,
+        # never outranked by a configuration of one lucky seed whose mean no repeat has pulled back.
+        most = max(len({t.seed for t in c}) for c in configs.values())
+        _, best = max(((k, c) for k, c in configs.items() if len({t.seed for t in c}) == most), key=score)
         value, value_std = _mean_std([t.metrics[metric] for t in best])
         test, test_std = _mean_std([t.metrics.get("test_acc") for t in best])
         fit = {k: _mean_std([t.metrics.get(k) for t in best])[0] for k in TEACHER_FIT}
@@ -392,8 +395,9 @@ def _header(metric: str) -> list[str]:
 
 def protocol_note(metric: str, mode: str) -> str:
     return (
-        f"best configuration per method by the mean {metric} ({mode}) over its seeds, each trial's last value; "
-        "test_acc of that configuration is reported, not optimised (mean ± sample std over seeds)"
+        f"best configuration per method by the mean {metric} ({mode}) over its seeds, among those with the most seeds "
+        "(the one the repeats reran), each trial's last value; test_acc of that configuration is reported, not "
+        "optimised (mean ± sample std over seeds)"
     )
 
 

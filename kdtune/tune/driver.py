@@ -218,7 +218,7 @@ class Driver:
                 group=g.name, method=g.method, base=p.trial_base(g), experiment_dir=str(self.exp),
                 threads=max(1, int(spec.budget.cpus_per_trial)), tracking_uri=self.tracking_uri,
                 experiment_name=spec.name, parent_run_id=self.parent_run_id,
-                params={"student": g.student, "teacher": g.teacher_arch or "none", **named, "data": spec.data,
+                params={"student": g.student, "teacher": teacher_param(p, g), **named, "data": spec.data,
                         "group": g.name},
                 tags={f"kdtune.{k}": v for k, v in named.items()},
                 teacher_info=teacher.teacher_info() if teacher is not None else None,
@@ -424,6 +424,15 @@ def _in_thread(fn) -> Future:
 
     threading.Thread(target=run, name="kdtune-open-tracker", daemon=True).start()
     return fut
+
+
+def teacher_param(p: SweepPlan, g) -> str:
+    """A trial's ``teacher`` param: its teacher's architecture. A group without one logs the sweep's teacher where
+    the sweep has one (``teacher:``: its CE baseline stays in the pair's row of the report, as it always did), and
+    ``none`` in a sweep of several teachers, where no one teacher is the pair's."""
+    if g.teacher_arch:
+        return g.teacher_arch
+    return "none" if p.spec.teachers or p.teacher_arch is None else p.teacher_arch
 
 
 def stage_tags(p: SweepPlan, stage_name: str) -> dict[str, str]:

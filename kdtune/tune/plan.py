@@ -291,7 +291,8 @@ def plan(spec: SweepSpec, *, sources: dict | None = None, num_classes: int | Non
         return st
 
     teachers = plan_teachers(spec, stage, stages)
-    ce = {s: stage(f"ce-{s}", spec.ce_student_config(s)) for s in spec.students} if spec.needs_ce_student else {}
+    warm = dict.fromkeys(g.student for g in spec.groups() if METHODS.get(g.method).needs_init)  # DiSK's students
+    ce = {s: stage(f"ce-{s}", spec.ce_student_config(s)) for s in warm}
 
     groups = []
     for g in spec.groups():
