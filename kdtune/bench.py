@@ -377,6 +377,7 @@ def bf16_peak(device, override: float | None) -> float | None:
 def run(args) -> list[dict]:
     from kdtune.data import load_data
     from kdtune.engine.trainer import resolve_device
+    from kdtune.losses import METHODS
     from kdtune.models import create_model
     from kdtune.models.checkpoint import save_model
 
@@ -399,8 +400,6 @@ def run(args) -> list[dict]:
         if not bundle.in_memory:
             raise ConfigError(f"--data {args.data} is a folder data set; bench measures in-memory data sets")
     else:
-        from kdtune.losses import METHODS
-
         # CRD draws 16384 negatives of other classes per sample: a CIFAR-sized split for methods with indices
         full = any(METHODS.get(m).needs_indices for m in getattr(args, "method", None) or [])
         bundle = synthetic_bundle(50_000 if full else min(max(need, 4096), 50_000))
@@ -410,7 +409,13 @@ def run(args) -> list[dict]:
         torch.manual_seed(0)
         teacher = create_model(args.teacher, bundle.num_classes, bundle.in_channels)
         ckpt = str(Path(tmp) / "teacher.pt")
-        save_model(ckpt, teacher, args.teacher, bundle.num_classes, bundle.in_channels, {"bench": True})
+        heads = None  # HSAKD reads the teacher's rotation heads: untrained ones cost the same step
+        if any(METHODS.get(m).needs_teacher_heads for m in getattr(args, "method", None) or []):
+            from kdtune.models.aux_heads import build_aux_heads
+
+            heads = build_aux_heads(teacher, bundle.num_classes).state_dict()
+        save_model(ckpt, teacher, args.teacher, bundle.num_classes, bundle.in_channels, {"bench": True},
+                   aux_heads=heads)  # fmt: skip
         student = create_model(args.student, bundle.num_classes, bundle.in_channels)
         t_flops, s_flops = flops_per_image(teacher, student, in_shape, torch.device("cpu"))
         peak = bf16_peak(device, args.peak_tflops)

@@ -64,11 +64,17 @@ def _method_constraints(spec) -> None:
 
     classes, channels = DATASET_SHAPES[spec.data]
     split: dict = {}  # the training split's size and labels, read once for the methods with needs_indices
+    checked: set = set()  # (teacher architecture, student, method): all that a group's checks read of it
+    models: dict = {}  # one model per architecture (building one, its random init, is most of the time)
+    shapes: dict = {}  # probed stage shapes per (method's needs, student, teacher)
     for g in spec.groups():
         student, method = g.student, g.method
         t = spec.named_teacher(g.teacher)
         teacher_arch = t.model if t is not None else None
         cls = METHODS.get(method)
+        if (teacher_arch if cls.needs_teacher else None, student, method) in checked:
+            continue  # another teacher of the same architecture (CE and MSE teachers): the same checks
+        checked.add((teacher_arch if cls.needs_teacher else None, student, method))
         if getattr(cls, "extends_teacher", False):
             raise ConfigError(f"methods.{method} trains a teacher's auxiliary heads, a stage the sweep builds for the "
                               "methods that need it (hsakd), not a method to compare; drop it from methods")  # fmt: skip
@@ -93,12 +99,17 @@ def _method_constraints(spec) -> None:
         else:
             points, _ = fn.valid_starts(None if ms.starts is True else list(ms.starts))
         fixed = {k: o.value for k, o in ms.space.items() if o.kind == "fixed"}
-        s_model = create_model(student, num_classes=classes, in_channels=channels)
-        t_model = create_model(teacher_arch, num_classes=classes, in_channels=channels) if cls.needs_teacher else None
+        for arch in (student, teacher_arch if cls.needs_teacher else None):
+            if arch is not None and arch not in models:
+                models[arch] = create_model(arch, num_classes=classes, in_channels=channels)
+        s_model, t_model = models[student], models[teacher_arch] if cls.needs_teacher else None
+        skey = (cls.needs_student_stages, cls.needs_teacher_stages, student, teacher_arch if t_model else None)
         if not points:  # no starting point left: the configuration the space itself starts from
             points = [{k: v for k, v in fn.record()[0].items() if k in cls.hparams}]
         for point in points:
             try:
+                if skey not in shapes:  # a model without stages: its one-line error, named below
+                    shapes[skey] = _stage_shapes(cls, s_model, t_model, channels, DATASET_IMAGE_SIZES.get(spec.data))
                 hp = cls.resolve({k: v for k, v in {**point, **fixed}.items() if k in cls.hparams})
                 mctx = MethodContext(
                     num_classes=classes, epochs=spec.budget.epochs, steps_per_epoch=1, device=torch.device("cpu"),
@@ -106,7 +117,7 @@ def _method_constraints(spec) -> None:
                     teacher_feat_dim=getattr(t_model, "feat_dim", None) if t_model is not None else None,
                     init_error=0.0 if cls.needs_init else None,  # the CE-student stage measures it
                     train_batches=_no_batches,  # what a method needs to be built; nothing is trained here
-                    **_stage_shapes(cls, s_model, t_model, channels, DATASET_IMAGE_SIZES.get(spec.data)),
+                    **shapes[skey],
                     **(split if cls.needs_indices else {}),
                     extra=_teacher_heads(cls, t_model, classes),
                 )

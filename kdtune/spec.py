@@ -137,9 +137,8 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
 
     train = train_fields("train", raw.get("train") or {}, TrainConfig)
     ce_student = train_fields("ce_student", raw.get("ce_student") or {}, TrainConfig)
-    teacher = _teacher(raw.get("teacher"), TrainConfig, base_dir)
-    teachers = _teachers(raw.get("teachers"), TrainConfig, base_dir)
-    if teacher is not None and teachers:
+    teachers = _teachers(raw.get("teachers"), TrainConfig, base_dir)  # before the methods (and torch): fast refusals
+    if raw.get("teacher") is not None and teachers:
         raise ConfigError("the spec has both teacher and teachers; keep teachers (a list of named teachers) or "
                           "teacher (one), not both")  # fmt: skip
     for t in teachers:
@@ -150,6 +149,7 @@ def _parse(raw: dict, source: str | None, base_dir: Path | None) -> SweepSpec:
     from kdtune.losses import METHODS
 
     methods = _methods(raw.get("methods"), METHODS, TrainConfig)
+    teacher = _teacher(raw.get("teacher"), TrainConfig, base_dir)
     if teachers and all(METHODS.get(m.name).needs_teacher for m in methods):
         untaught = next((x for x in students if not any(t.students is None or x in t.students for t in teachers)), None)
         if untaught is not None:

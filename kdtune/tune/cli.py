@@ -74,6 +74,9 @@ def add_commands(sub) -> None:
     v.add_argument("spec", nargs="?", help="the sweep spec (YAML)")
     v.add_argument("--schema", action="store_true",
                    help="print the sweep spec's JSON Schema (for editors: completion and checks of spec files)")  # fmt: skip
+    v.add_argument("--step-times", metavar="FILE",
+                   help="a `kdtune bench --json FILE` made on your GPU: the GPU-hour estimate uses its measured "
+                   "images/s (default: counted FLOPs at an assumed 40%% of an H100's bf16 peak; docs/estimate.md)")  # fmt: skip
     v.set_defaults(func=_validate)
 
 
@@ -202,18 +205,25 @@ def _validate(args) -> int:
         from kdtune.errors import ConfigError
 
         raise ConfigError("kdtune validate needs a spec file (kdtune validate sweeps/digits.yaml), or --schema")
+    step_times = None
+    if args.step_times:  # a file that is no bench output: one line, before the spec is planned
+        from kdtune.tune.estimate import load_step_times
+
+        step_times = load_step_times(args.step_times)
     from kdtune.preflight import preflight
-    from kdtune.tune.runner import prepare
+    from kdtune.tune.plan import plan
 
     spec = _load(args)
     preflight(spec)
-    info = prepare(spec)
+    p = plan(spec)  # kdtune.tune.runner.prepare's description, from the one plan the estimate reads too
+    info = {"groups": [{"group": g.name, "parameters": p.space(g).describe(), "starts": g.starts, "notes": g.notes,
+                        "trials": g.budget, "fuse": g.fuse, "units": g.units} for g in p.groups]}  # fmt: skip
     b = spec.budget
-    teacher = "none"
-    if spec.teacher is not None:
-        teacher = spec.teacher.checkpoint or f"stage {spec.teacher.model} ({spec.teacher.method})"
+    teachers = [(f"{t.name}: " if t.name else "") + (t.checkpoint or f"stage {t.model} ({t.method})")
+                for t in spec.teacher_list()] or ["none"]  # fmt: skip
     print(f"spec {args.spec} is valid: experiment {spec.name} at {spec.experiment_dir}")
-    print(f"  data {spec.data}, teacher {teacher}, students {', '.join(spec.students)}")
+    print(f"  data {spec.data}, teacher{'s' if len(teachers) > 1 else ''} {'; '.join(teachers)}, "
+          f"students {', '.join(spec.students)}")  # fmt: skip
     total = sum(g["trials"] for g in info["groups"])
     print(f"  budget: {total} trials x {b.epochs} epochs in one Tune experiment, {b.concurrency} at a time, "
           f"{b.cpus_per_trial:g} CPU + {b.gpus_per_trial:g} GPU per trial; scheduler {spec.scheduler.name} per "
@@ -224,10 +234,19 @@ def _validate(args) -> int:
         )
         n = g["trials"]
         fused = f"; fused {g['fuse']} per Tune trial ({g['units']} bundles)" if g.get("fuse", 1) > 1 else ""
-        print(f"  {g['student']}-{g['method']}: {n} trial{'s' if n != 1 else ''}; searches {params}; "
+        print(f"  {g['group']}: {n} trial{'s' if n != 1 else ''}; searches {params}; "
               f"{len(g['starts'])} starting points{fused}")  # fmt: skip
         for n in g["notes"]:
             print(f"    ({n})")
+    try:
+        from kdtune.bench import BF16_PEAK_TFLOPS
+        from kdtune.tune.estimate import estimate
+
+        est = estimate(p, step_times=step_times, source=args.step_times or "", peak_name="H100",
+                       peak_flops=BF16_PEAK_TFLOPS["H100"] * 1e12)  # fmt: skip
+        print("\n".join("  " + ln for ln in est.lines()))
+    except Exception as e:  # noqa: BLE001 - the spec is valid; an estimate that fails must not say otherwise
+        print(f"  estimate: not available ({type(e).__name__}: {e})")
     return 0
 
 
