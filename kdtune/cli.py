@@ -95,15 +95,13 @@ def _bench(args) -> int:
 
 
 def _reproduce(args) -> int:
-    if args.what == "disk-toys":
-        from kdtune.reproduce.disk_toys import main as disk_main
+    import importlib
 
-        return int(disk_main(args.rest) or 0)
-    if args.what == "mse-teacher":
-        from kdtune.reproduce.mse_teacher import main as mse_main
+    from kdtune.reproduce import REPRODUCTIONS
 
-        return int(mse_main(args.rest) or 0)
-    raise KdtuneError(f"unknown reproduction {args.what!r}; available: disk-toys, mse-teacher")
+    if args.what not in REPRODUCTIONS:
+        raise KdtuneError(f"unknown reproduction {args.what!r}; available: {', '.join(REPRODUCTIONS)}")
+    return int(importlib.import_module(REPRODUCTIONS[args.what]).main(args.rest) or 0)
 
 
 def _store(args) -> int:
@@ -188,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "sweep's: <storage>/stages/teacher-store)")  # fmt: skip
     st.set_defaults(func=_store)
 
-    r = sub.add_parser("reproduce", help="reproduce a paper's result on the CPU (disk-toys, mse-teacher)")
-    r.add_argument("what", choices=["disk-toys", "mse-teacher"])
+    from kdtune.reproduce import REPRODUCTIONS
+
+    r = sub.add_parser("reproduce", help=f"reproduce a paper's result on the CPU ({', '.join(REPRODUCTIONS)})")
+    r.add_argument("what", choices=list(REPRODUCTIONS))
     r.add_argument("rest", nargs=argparse.REMAINDER, help="options of the reproduction (see its --help)")
     r.set_defaults(func=_reproduce)
 

@@ -8,7 +8,6 @@ by the killed driver, one that finished between two snapshots), closed by the ru
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,9 +15,10 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from kdtune.report import add_arguments, best_per_method, main_report  # noqa: E402
+from kdtune.report import best_per_method, main_report  # noqa: E402
 from kdtune.tracking import SweepTracker, TrialTracker, default_tracking_uri  # noqa: E402
 from kdtune.tracking.views import ALL_TRIALS, sweep_views, view_id, views_of  # noqa: E402
+from tests.report_cli import report_args  # noqa: E402
 
 EXP = "orph"
 GROUP = "resnet8-kd"
@@ -72,13 +72,6 @@ def swept(tmp_path_factory):
                            closed=closed)  # fmt: skip
 
 
-def _args(**kw):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    ns = p.parse_args([kw.pop("experiment")])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
 
 
 def test_orphans_are_closed_and_marked(swept):
@@ -91,7 +84,7 @@ def test_orphans_are_closed_and_marked(swept):
 
 
 def test_report_counts_the_trials_not_the_orphans(swept, capsys):
-    assert main_report(_args(experiment=str(swept.dir))) == 0
+    assert main_report(report_args(experiment=str(swept.dir))) == 0
     out = capsys.readouterr().out
     assert f"kdtune report: {EXP} ({N} trials)" in out, out
     (row,) = best_per_method(swept.uri, EXP)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 
 import pytest
@@ -10,9 +9,10 @@ import pytest
 pytest.importorskip("mlflow")
 
 from kdtune.errors import ConfigError, KdtuneError  # noqa: E402
-from kdtune.report import add_arguments, best_per_method, main_report  # noqa: E402
+from kdtune.report import best_per_method, main_report  # noqa: E402
 from kdtune.report.published import PUBLISHED, published  # noqa: E402
 from kdtune.tracking import SweepTracker, TrialTracker, default_tracking_uri  # noqa: E402
+from tests.report_cli import report_args  # noqa: E402
 
 EXP = "rep"
 PAIR = {"data": "cifar100", "teacher_model": "resnet32x4", "model": "resnet8x4"}
@@ -152,18 +152,11 @@ def test_ranking_by_test_or_minimising(experiment):
         best_per_method(uri, "nope")
 
 
-def _args(**kw):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    ns = p.parse_args([kw.pop("experiment")])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
 
 
 def test_main_report_writes_table_csv_markdown_and_plots(experiment, tmp_path, capsys):
     storage, uri, st, parent = experiment
-    args = _args(
+    args = report_args(
         experiment=EXP,
         storage=str(storage),
         csv=str(tmp_path / "r.csv"),
@@ -207,7 +200,7 @@ def _png_text(path):
 
 def test_plots_say_what_they_draw(experiment, tmp_path):
     storage, _, _, _ = experiment
-    assert main_report(_args(experiment=EXP, storage=str(storage), out=str(tmp_path))) == 0  # --out: plots
+    assert main_report(report_args(experiment=EXP, storage=str(storage), out=str(tmp_path))) == 0  # --out: plots
     curves = _png_text(tmp_path / "curves_cifar100_resnet32x4-resnet8x4.png")
     # the teacher's (its stage run) and the CE baseline's (the ce group's best) accuracy drawn in
     assert "teacher resnet32x4 (99.00)" in curves["Description"] and "CE baseline (69.00)" in curves["Description"]
@@ -244,7 +237,7 @@ def test_optuna_plots_of_the_mirrored_studies(experiment, tmp_path, capsys):
     lonely.add_trial(optuna.trial.create_trial(params={"beta": 1.0}, value=1.0,
                      distributions={"beta": optuna.distributions.FloatDistribution(0, 2)}))  # fmt: skip
     try:
-        assert main_report(_args(experiment=str(storage / EXP), out=str(tmp_path))) == 0
+        assert main_report(report_args(experiment=str(storage / EXP), out=str(tmp_path))) == 0
     finally:
         db.unlink()
     out = capsys.readouterr().out
@@ -279,7 +272,7 @@ def test_cli_report_finds_what_sweep_wrote_from_its_cwd(experiment, monkeypatch,
 
 def test_report_refuses_a_missing_experiment(tmp_path):
     with pytest.raises(KdtuneError, match="kdtune sweep"):
-        main_report(_args(experiment="ghost", storage=str(tmp_path)))
+        main_report(report_args(experiment="ghost", storage=str(tmp_path)))
     assert not (tmp_path / "ghost").exists()  # no empty database created
     with pytest.raises(KdtuneError, match="no MLflow store"):
         best_per_method(f"sqlite:///{tmp_path}/ghost/mlflow.db", "ghost")
@@ -352,7 +345,7 @@ def test_report_cell_shows_the_chosen_hyperparameters_csv_keeps_all(hp_sweep, tm
     from kdtune.losses import METHODS
 
     storage, uri, _, _ = hp_sweep
-    args = _args(experiment=HPS, storage=str(storage), csv=str(tmp_path / "h.csv"), markdown=str(tmp_path / "h.md"))
+    args = report_args(experiment=HPS, storage=str(storage), csv=str(tmp_path / "h.csv"), markdown=str(tmp_path / "h.md"))
     assert main_report(args) == 0
     out = capsys.readouterr().out
     disk_cell = ("tau_t=4, K=5, lambda_min=0.1, lambda_max=50, delta_offset=0.05, lambda_period=50, "

@@ -5,7 +5,6 @@ teacher without any of it."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 
@@ -14,7 +13,7 @@ import pytest
 pytest.importorskip("mlflow")
 stats = pytest.importorskip("scipy.stats")
 
-from kdtune.report import add_arguments, main_report  # noqa: E402
+from kdtune.report import main_report  # noqa: E402
 from kdtune.report.compare import (  # noqa: E402
     NA_SEEDS,
     TeacherComparison,
@@ -26,6 +25,7 @@ from kdtune.report.compare import (  # noqa: E402
 )
 from kdtune.report.table import Trial, best_rows  # noqa: E402
 from kdtune.tracking import SweepTracker, default_tracking_uri  # noqa: E402
+from tests.report_cli import report_args  # noqa: E402
 
 EXP = "teachers"
 SPEC = {
@@ -112,13 +112,6 @@ def sweep(tmp_path_factory):
     return storage, uri
 
 
-def _args(**kw):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    ns = p.parse_args([kw.pop("experiment")])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
 
 
 def _cells(line: str) -> list[str]:
@@ -152,7 +145,7 @@ def test_welch_against_scipy_and_by_hand():
 
 def test_report_prints_rows_per_teacher_and_the_comparison(sweep, tmp_path, capsys):
     storage, _ = sweep
-    args = _args(experiment=EXP, storage=str(storage), csv=str(tmp_path / "t.csv"), markdown=str(tmp_path / "t.md"))
+    args = report_args(experiment=EXP, storage=str(storage), csv=str(tmp_path / "t.csv"), markdown=str(tmp_path / "t.md"))
     assert main_report(args) == 0
     out = capsys.readouterr().out
     table, _, section = out.partition("teacher comparison (ce, mse)")
@@ -189,7 +182,7 @@ def test_report_prints_rows_per_teacher_and_the_comparison(sweep, tmp_path, caps
 
 def test_markdown_has_the_papers_layout_and_the_comparison(sweep, tmp_path, capsys):
     storage, _ = sweep
-    assert main_report(_args(experiment=EXP, storage=str(storage), markdown=str(tmp_path / "t.md"))) == 0
+    assert main_report(report_args(experiment=EXP, storage=str(storage), markdown=str(tmp_path / "t.md"))) == 0
     capsys.readouterr()
     md = (tmp_path / "t.md").read_text()
     head, _, section = md.partition("## Teacher comparison")

@@ -1,6 +1,25 @@
 """Reproductions of published results that run on a CPU: each module has ``main(argv=None) -> int``.
 
 - :mod:`kdtune.reproduce.disk_toys` -- DiSK's toy problems and its Table 1 (``kdtune reproduce disk-toys``).
+- :mod:`kdtune.reproduce.mse_teacher` -- the teacher-training seed's synthetic experiment
+  (``kdtune reproduce mse-teacher``).
 """
 
-REPRODUCTIONS = {"disk-toys": "kdtune.reproduce.disk_toys"}
+from __future__ import annotations
+
+import sys
+
+REPRODUCTIONS = {"disk-toys": "kdtune.reproduce.disk_toys", "mse-teacher": "kdtune.reproduce.mse_teacher"}
+
+
+def parse_config(build_parser, config_from_args, argv):
+    """A reproduction's options read and checked: ``(args, cfg)``, or ``None`` after printing the one-line refusal
+    (``kdtune: error: ...``) a bad option gets; its ``main`` then returns 2."""
+    from kdtune.errors import KdtuneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args, config_from_args(args)
+    except KdtuneError as e:
+        print(f"kdtune: error: {e}", file=sys.stderr)
+        return None

@@ -549,14 +549,12 @@ def config_from_args(args: argparse.Namespace) -> MseTeacherConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdtune.errors import KdtuneError
+    from kdtune.reproduce import parse_config
 
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except KdtuneError as e:
-        print(f"kdtune: error: {e}", file=sys.stderr)
+    parsed = parse_config(build_parser, config_from_args, argv)
+    if parsed is None:
         return 2
+    args, cfg = parsed
     import tempfile
 
     import torch
