@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kdtune validate spec | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe closed
     except Exception as e:
         from kdtune.errors import disk_full_message, is_disk_full
 

@@ -275,3 +275,20 @@ def test_sound_experiment_files_pass(tmp_path):
     (exp / "state.json").write_text('{"status": "interrupted", "groups": {}}')
     (exp / "spec.yaml").write_text("name: exp\n")
     check_experiment(exp)
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    """``kdtune validate spec | head -1``: the reader closing the pipe ends kdtune with 141 (as SIGPIPE would),
+    not a traceback, and no second error when Python flushes stdout at exit."""
+    import io
+    import os
+
+    from kdtune.cli import main
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone: every write raises BrokenPipeError
+    out = io.TextIOWrapper(os.fdopen(w, "wb", buffering=0), write_through=True)
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["validate", str(Path(__file__).resolve().parents[1] / "sweeps" / "digits.yaml")]) == 141
+    out.write("after")  # stdout now points at /dev/null
+    out.close()

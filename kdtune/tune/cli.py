@@ -244,9 +244,10 @@ def _validate(args) -> int:
 
         est = estimate(p, step_times=step_times, source=args.step_times or "", peak_name="H100",
                        peak_flops=BF16_PEAK_TFLOPS["H100"] * 1e12)  # fmt: skip
-        print("\n".join("  " + ln for ln in est.lines()))
+        lines = est.lines()
     except Exception as e:  # noqa: BLE001 - the spec is valid; an estimate that fails must not say otherwise
-        print(f"  estimate: not available ({type(e).__name__}: {e})")
+        lines = [f"estimate: not available ({type(e).__name__}: {e})"]
+    print("\n".join("  " + ln for ln in lines))
     return 0
 
 
