@@ -179,6 +179,9 @@ def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int 
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _term)
+    # Ctrl-C stops both, even where the shell started kdtune with SIGINT ignored (a background job of a script,
+    # `nohup ... &`): Python then leaves it ignored, and the dashboards would outlive every Ctrl-C.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for what, cmd, url in todo:
             children.append(Child(what, cmd, url, log_dir))
@@ -214,5 +217,6 @@ def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int 
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         for c in children:
             c.stop()

@@ -45,7 +45,13 @@ def test_dashboard_serves_both_and_ctrl_c_stops_both(experiment):
     pytest.importorskip("optuna_dashboard")
     from tests.browser import Dashboard
 
-    dash = Dashboard(experiment)  # waits for both addresses and for the optuna-dashboard to answer
+    # Started with SIGINT ignored, as a background job of a script (`nohup ... &`) starts it: Ctrl-C must stop it
+    # all the same (a dashboard that kept SIGINT ignored outlived this test's Ctrl-C and was killed, -9).
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        dash = Dashboard(experiment)  # waits for both addresses and for the optuna-dashboard to answer
+    finally:
+        signal.signal(signal.SIGINT, before)
     children: dict[str, tuple[str, int | None]] = {}
     try:
         children = {name: (dash._get(name), dash.pid(name)) for name in ("MLflow UI:", "Optuna dashboard:")}
