@@ -72,9 +72,10 @@ def _method_constraints(spec) -> None:
         t = spec.named_teacher(g.teacher)
         teacher_arch = t.model if t is not None else None
         cls = METHODS.get(method)
-        if (teacher_arch if cls.needs_teacher else None, student, method) in checked:
+        what = (teacher_arch if cls.needs_teacher else None, student, method)
+        if what in checked:
             continue  # another teacher of the same architecture (CE and MSE teachers): the same checks
-        checked.add((teacher_arch if cls.needs_teacher else None, student, method))
+        checked.add(what)
         if getattr(cls, "extends_teacher", False):
             raise ConfigError(f"methods.{method} trains a teacher's auxiliary heads, a stage the sweep builds for the "
                               "methods that need it (hsakd), not a method to compare; drop it from methods")  # fmt: skip

@@ -333,7 +333,7 @@ def check_trial_configs(spec: SweepSpec, TrainConfig) -> None:
     space, which knows what each parameter may be (:func:`kdtune.tune.spaces.build_space`, run by ``kdtune
     validate`` and ``kdtune sweep``). A config that fails without the fixed hyperparameters fails here."""
     placeholder = "<teacher stage>"
-    for _, student, method in dict.fromkeys((None, s, m) for _, s, m in spec.groups()):
+    for student, method in dict.fromkeys((g.student, g.method) for g in spec.groups()):  # once per pair
         base = spec.trial_base(student, method)
         fixed = {k: o.value for k, o in spec.method(method).space.items() if o.kind == "fixed"}
         base.update({"teacher": placeholder, "init": "<ce student stage>"})
