@@ -152,6 +152,9 @@ class TrackingSpec:
 
     enabled: bool = True
     uri: str | None = Field(None, description="null: sqlite:///<storage>/<name>/mlflow.db; or http://host:5000")
+    models: Literal["best", "all"] = Field(
+        "best", description="students logged as MLflow models: each group's best trial's (best) or every completed trial's (all)"
+    )
 
 
 @_frozen

@@ -59,7 +59,10 @@ def main_sweep(tmp_path_factory, request):
 
     tmp = tmp_path_factory.mktemp(f"sweep-fuse{request.param}")
     lines: list[str] = []
-    result = kdtune.sweep(make_spec(tmp, budget={**BUDGET, "fuse": request.param}), log=lines.append)  # the API
+    # tracking.models: the lone sweep logs each group's best student (the default), the fused one every student
+    models = "best" if request.param == 1 else "all"
+    spec = make_spec(tmp, budget={**BUDGET, "fuse": request.param}, tracking={"enabled": True, "models": models})
+    result = kdtune.sweep(spec, log=lines.append)  # the API
     return tmp, result, lines
 
 
@@ -186,10 +189,18 @@ def test_mlflow_runs(main_sweep):
                                          "tags.")) for c in kd_view[0]["state"]["selectedColumns"])  # fmt: skip
     # MLflow's own system metrics, on at least one trial (a trial shorter than one sample has none)
     assert any(k.startswith("system/cpu_utilization") for r in trial_runs for k in r.data.metrics)
-    # a completed trial's student is named after its trial, with a signature
+    # a student is named after its trial, with a signature: every completed trial's (tracking.models: all), or
+    # each group's best trial's, logged by the driver into that trial's run (best)
     done = [r for r in trial_runs if r.data.tags["kdtune.outcome"] == "completed"]
     models = client.search_logged_models([eid])
-    assert {m.name for m in models} >= {r.info.run_name for r in done} and "model" not in {m.name for m in models}
+    names = {m.name for m in models}
+    assert "model" not in names
+    if yaml.safe_load((tmp / "runs" / "mini" / "spec.yaml").read_text())["tracking"]["models"] == "all":
+        assert names >= {r.info.run_name for r in done}
+    else:
+        best_runs = {g["best"]["mlflow_run_id"] for g in result.groups}
+        assert {m.source_run_id for m in models} == best_runs and len(models) == len(best_runs) < len(done)
+        assert names == {r.info.run_name for r in trial_runs if r.info.run_id in best_runs}
     # the parent: the spec as one artifact, a handful of params
     assert "spec.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert parent.data.params["methods"] == "kd, disk" and len(parent.data.params) <= 25

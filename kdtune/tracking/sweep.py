@@ -284,6 +284,18 @@ class SweepTracker:
         retry_locked(self.client.set_terminated, self._parent(), check_status(status))
 
     # ------------------------------------------------------------------ registry
+    def log_trial_student(self, run_id: str, student, data, step: int = 0) -> str | None:
+        """Log a finished trial's student into its run (named after the trial, as a trial logs it itself when
+        ``tracking.models`` is ``all``); None when that run has a model already (a resumed sweep's second call)."""
+        from kdtune.tracking.trial import log_student, model_name
+
+        have = retry_locked(self.client.search_logged_models, [self.experiment_id],
+                            filter_string=f"source_run_id = {quote(run_id)}")  # fmt: skip
+        if have:
+            return None
+        name = model_name(retry_locked(self.client.get_run, run_id).info.run_name)
+        return log_student(self.client, self.tracking_uri, self.experiment_id, run_id, name, student, data, step)
+
     def register_best(
         self, run_id: str, artifact_path: str = "model", name: str | None = None, alias: str = "best"
     ) -> str:

@@ -283,58 +283,14 @@ class TrialTracker:
         log_path(self.client, self.run_id, path, artifact_path)
 
     def log_student(self, student, data, step: int = 0) -> str:
-        """The trained ``student`` as a LoggedModel named after the trial, with a signature (from one zero input
-        of ``data``'s shape: the engine normalises images before the model, so the model takes floats)."""
-        import torch
-        from mlflow.models import infer_signature
-
-        d = data
-        shape = (2, d.in_channels, d.image_size, d.image_size) if d.image_size else (2, d.in_channels)
-        module = getattr(student, "_orig_mod", student)
-        x = torch.zeros(shape)
-        was_training = module.training
-        try:  # on the module itself (no copy): eval mode for the one forward, then as it was
-            device = next(module.parameters()).device
-            module.eval()
-            with torch.inference_mode():
-                y = module(x.to(device)).float().cpu()
-        finally:
-            module.train(was_training)
-        signature = infer_signature(x.numpy(), y.numpy())
-        return self.log_model(student, name=model_name(self.trial_name), step=step, signature=signature)
+        """The trained ``student`` as a LoggedModel named after the trial (:func:`log_student`)."""
+        return log_student(self.client, self.tracking_uri, self.experiment_id, self.run_id, model_name(self.trial_name),
+                           student, data, step)  # fmt: skip
 
     def log_model(self, model, name: str = "model", step: int = 0, input_example=None, signature=None) -> str:
-        """Log ``model`` with ``mlflow.pytorch.log_model`` as a LoggedModel of this run; returns its URI.
-
-        A CPU copy of the module (unwrapped from ``torch.compile``) is pickled (MLflow's "pickle" format:
-        the default "pt2" export needs an input example and a traceable model); loading it needs kdtune
-        importable. Requirements are pinned here rather than inferred (inference loads the model in a
-        subprocess, seconds per call). Register it with :meth:`SweepTracker.register_best`.
-        """
-        import mlflow.pytorch
-        import torch
-
-        from kdtune.version import __version__
-
-        module = getattr(model, "_orig_mod", model)
-        module = copy.deepcopy(module).to("cpu").eval()
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"kdtune=={__version__}"]
-        logged = retry_locked(
-            self.client.create_logged_model, self.experiment_id, name=name, source_run_id=self.run_id
-        )
-        with global_tracking_uri(self.tracking_uri), _no_requirement_check():
-            info = mlflow.pytorch.log_model(
-                module,
-                name=name,
-                run_id=self.run_id,
-                model_id=logged.model_id,
-                step=int(step),
-                pip_requirements=requirements,
-                serialization_format="pickle",
-                input_example=input_example,
-                signature=signature,
-            )
-        return info.model_uri
+        """Log ``model`` as a LoggedModel of this run (:func:`log_model`); returns its URI."""
+        return log_model(self.client, self.tracking_uri, self.experiment_id, self.run_id, model, name, step,
+                         input_example, signature)  # fmt: skip
 
     # ------------------------------------------------------------------ end
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
@@ -371,3 +327,60 @@ class TrialTracker:
             self.end("KILLED", "interrupted")
         else:
             self.end("FAILED", f"{exc_type.__name__}: {exc}")
+
+
+def log_student(client, tracking_uri: str, experiment_id: str, run_id: str, name: str, student, data,
+                step: int = 0) -> str:
+    """The trained ``student`` as a LoggedModel ``name`` of run ``run_id``, with a signature (from one zero input
+    of ``data``'s shape: the engine normalises images before the model, so the model takes floats). ``data``
+    needs ``in_channels`` and ``image_size`` (None for vectors). A run ended already may be given one."""
+    import torch
+    from mlflow.models import infer_signature
+
+    d = data
+    shape = (2, d.in_channels, d.image_size, d.image_size) if d.image_size else (2, d.in_channels)
+    module = getattr(student, "_orig_mod", student)
+    x = torch.zeros(shape)
+    was_training = module.training
+    try:  # on the module itself (no copy): eval mode for the one forward, then as it was
+        device = next(module.parameters()).device
+        module.eval()
+        with torch.inference_mode():
+            y = module(x.to(device)).float().cpu()
+    finally:
+        module.train(was_training)
+    signature = infer_signature(x.numpy(), y.numpy())
+    return log_model(client, tracking_uri, experiment_id, run_id, student, name, step, signature=signature)
+
+
+def log_model(client, tracking_uri: str, experiment_id: str, run_id: str, model, name: str = "model",
+              step: int = 0, input_example=None, signature=None) -> str:
+    """Log ``model`` with ``mlflow.pytorch.log_model`` as a LoggedModel of run ``run_id``; returns its URI.
+
+    A CPU copy of the module (unwrapped from ``torch.compile``) is pickled (MLflow's "pickle" format:
+    the default "pt2" export needs an input example and a traceable model); loading it needs kdtune
+    importable. Requirements are pinned here rather than inferred (inference loads the model in a
+    subprocess, seconds per call). Register it with :meth:`SweepTracker.register_best`.
+    """
+    import mlflow.pytorch
+    import torch
+
+    from kdtune.version import __version__
+
+    module = getattr(model, "_orig_mod", model)
+    module = copy.deepcopy(module).to("cpu").eval()
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"kdtune=={__version__}"]
+    logged = retry_locked(client.create_logged_model, experiment_id, name=name, source_run_id=run_id)
+    with global_tracking_uri(tracking_uri), _no_requirement_check():
+        info = mlflow.pytorch.log_model(
+            module,
+            name=name,
+            run_id=run_id,
+            model_id=logged.model_id,
+            step=int(step),
+            pip_requirements=requirements,
+            serialization_format="pickle",
+            input_example=input_example,
+            signature=signature,
+        )
+    return info.model_uri

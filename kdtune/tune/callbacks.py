@@ -20,7 +20,15 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from kdtune.tune.protocol import Outcome, finite, group_of, member_rows, members_of, shared_unit
+from kdtune.tune.protocol import (
+    Outcome,
+    finite,
+    group_of,
+    member_curves,
+    member_rows,
+    members_of,
+    shared_unit,
+)
 from kdtune.tune.search import name_metric
 
 
@@ -220,6 +228,9 @@ class OptunaMirror(Callback):
         self._started.setdefault(trial.trial_id, time.time())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        for mid, curve in member_curves(result).items():
+            for epoch, value in curve or ():
+                self._curves.setdefault(mid, {})[int(epoch)] = float(value)
         for mid, r in member_rows(trial.trial_id, trial.config, result).items():
             if finite(r.get(self.metric)) and r.get("epoch") is not None:
                 self._curves.setdefault(mid, {})[int(r["epoch"])] = float(r[self.metric])

@@ -150,6 +150,7 @@ class Driver:
         from kdtune.tune.rayrt import SharedData
 
         shared = SharedData.put(checked.data)
+        self.data = checked.data
         ctxs = self.contexts(p, stages)
         self.marks["tune_start"] = time.time()
         tuning = Tuning(self.spec, self.exp, self.log)
@@ -205,6 +206,7 @@ class Driver:
         """Each group's :class:`TrialContext`: its base config, the MLflow params and tags of its trials (the
         teacher's architecture and, in a sweep of several teachers, its name), the figures its stages measured."""
         from kdtune.tune.fused import member_early_stopping
+        from kdtune.tune.search import report_epochs
         from kdtune.tune.trainable import TrialContext
 
         spec = self.spec
@@ -224,6 +226,8 @@ class Driver:
                 teacher_info=teacher.teacher_info() if teacher is not None else None,
                 init_info=ce.init_info() if ce is not None else None, metric=spec.metric, mode=spec.mode,
                 member_rule=member_early_stopping(spec) if g.prunes_members else None,
+                report_epochs=frozenset() if g.prunes_members else report_epochs(spec),  # a fused group: FIFO
+                models=spec.tracking.models,
             )  # fmt: skip
             g.search_fn = p.space(g, ce.result.get("train_error") if ce is not None else None)
             for note in g.notes:
@@ -281,6 +285,8 @@ class Driver:
                              stages_s=m["stages_done"] - m["t0"])  # fmt: skip
         self._refuse_all_failed(state, summaries)
         result.best = overall_best(summaries, spec.metric, spec.mode, spec.budget.epochs)
+        if spec.tracking.models == "best":
+            self._log_best_students(summaries)
         self._register_best(result)
         state.update(status="finished", finished=time.time(), best=result.best, slot_utilisation=util)
         result.wall_s = time.time() - m["t0"]
@@ -301,6 +307,28 @@ class Driver:
                 f"sweep {self.spec.name}: every trial failed; fix the cause and run `kdtune resume {self.exp}` "
                 "(with failures.on_resume: restart to train them anew):\n" + "\n".join(f"  {c}" for c in causes)
             )
+
+    def _log_best_students(self, summaries: list[dict]) -> None:
+        """``tracking.models: best``: each group's best trial's student (its ``final.pt``) as an MLflow model of
+        its run, logged here once every trial process let go of its run (one writer: the trial wrote the run
+        while it ran, the driver adds the model after), instead of by every trial: a logged model costs a
+        trial about 55 ms, more than a toy trial's epoch."""
+        if self.tracker is None:
+            return
+        from kdtune.models.checkpoint import load_model
+        from kdtune.tune.record import trial_folder
+
+        for s in summaries:
+            best = s.get("best") or {}
+            final = trial_folder(self.exp, str(best.get("trial_id"))) / "ckpt" / "final.pt"
+            if not best.get("mlflow_run_id") or not final.is_file():
+                continue
+            try:
+                student, _ = load_model(final, role="trial checkpoint")
+                self.tracker.log_trial_student(best["mlflow_run_id"], student, self.data,
+                                               step=int(best.get("epochs_run") or best.get("epoch") or 0))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - the sweep's figures stand without the model
+                self.log(f"note: {s['group']}: the best student was not logged to MLflow: {type(e).__name__}: {e}")
 
     def _register_best(self, result: SweepResult) -> None:
         if self.tracker is None or not result.best or not result.best.get("mlflow_run_id"):

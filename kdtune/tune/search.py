@@ -15,6 +15,7 @@ More: docs/grouped_search.md (why not Ray's ``OptunaSearch``, the order in which
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,13 +285,13 @@ class GroupedScheduler(_PickledState, TrialScheduler):
     def on_trial_result(self, tune_controller, trial, result) -> str:
         if not finite(result.get(self._metric)):  # a unit whose members all diverged: nothing to compare
             return TrialScheduler.CONTINUE
-        return self._sub(trial).on_trial_result(tune_controller, trial, result)
+        return self._sub(trial).on_trial_result(tune_controller, trial, by_epoch(result))
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
         if not finite((result or {}).get(self._metric)):  # no value to record (its members all diverged)
             self._sub(trial).on_trial_remove(tune_controller, trial)
             return
-        self._sub(trial).on_trial_complete(tune_controller, trial, result)
+        self._sub(trial).on_trial_complete(tune_controller, trial, by_epoch(result))
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         self._sub(trial).on_trial_remove(tune_controller, trial)
@@ -332,9 +333,35 @@ def name_metric(study, metric: str) -> None:
         study.set_metric_names([metric])
 
 
+def by_epoch(result: dict) -> dict:
+    """The result a group's scheduler reads: its ``training_iteration`` is the unit's epoch. A unit reports only
+    at the epochs its scheduler decides at (:func:`report_epochs`), so Tune's count of reports is not its epoch;
+    a scheduler pickled before this rule (``time_attr="training_iteration"``) reads the epoch all the same."""
+    epoch = result.get("epoch")
+    if epoch is None or result.get("training_iteration") == epoch:
+        return result
+    return {**result, "training_iteration": epoch}
+
+
+def report_epochs(spec) -> frozenset[int] | None:
+    """The epochs at which a group's scheduler decides, where every unit reports to Tune (besides its last
+    epoch and a progress report every few seconds): ASHA's rungs, none for FIFO; None (every epoch) for
+    HyperBand, whose brackets pause and resume trials. ASHA stops a unit at the first report at or past a
+    rung, so reporting at each rung's epoch gives the decisions of a report per epoch. The rungs are read from
+    the scheduler Ray builds (every epoch when its layout is not the one known)."""
+    if spec.scheduler.name == "none":
+        return frozenset()
+    if spec.scheduler.name != "asha":
+        return None
+    rungs = [m for b in getattr(make_scheduler(spec), "_brackets", None) or [None] for m, _ in getattr(b, "_rungs", ())]
+    if not rungs:
+        return None
+    return frozenset(int(math.ceil(m)) for m in rungs)
+
+
 def make_scheduler(spec):
-    """ASHA (default), HyperBand or none (FIFO), over epochs (``training_iteration``), for one group (see
-    :class:`GroupedScheduler`)."""
+    """ASHA (default), HyperBand or none (FIFO), over epochs (``training_iteration``, which
+    :class:`GroupedScheduler` sets to the unit's epoch: :func:`by_epoch`), for one group."""
     from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
 
     s = spec.scheduler

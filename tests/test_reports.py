@@ -1,0 +1,135 @@
+"""A unit reports to Tune at the epochs its scheduler decides at, its last epoch, and every few seconds
+(:data:`kdtune.tune.trainable.REPORT_EVERY_S`), not every epoch: ASHA decides as with a report per epoch,
+and the epochs between reports still reach Optuna (intermediate values) and MLflow (metric steps)."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from kdtune.spec import load_spec
+
+
+def _spec(scheduler, epochs: int = 30, **over):
+    return load_spec({"name": "x", "data": "digits", "teacher": {"model": "resnet8x4"}, "students": ["resnet8"],
+                      "methods": ["kd"], "budget": {"epochs": epochs}, "scheduler": scheduler, **over})  # fmt: skip
+
+
+def test_report_epochs_are_the_schedulers_decision_epochs():
+    from kdtune.tune.search import report_epochs
+
+    assert report_epochs(_spec({"name": "asha", "grace_period": 2, "reduction_factor": 2})) == {2, 4, 8, 16}
+    # rungs of a fractional reduction factor are reached at the first whole epoch past them
+    assert report_epochs(_spec({"name": "asha", "grace_period": 1, "reduction_factor": 1.5})) == {
+        1, 2, 3, 4, 6, 8, 12, 18, 26}  # fmt: skip
+    assert report_epochs(_spec("none")) == frozenset()
+    assert report_epochs(_spec("hyperband")) is None  # its brackets pause and resume: every epoch
+
+
+def _asha(spec):
+    from kdtune.tune.search import GroupedScheduler, make_scheduler
+
+    return GroupedScheduler(lambda: make_scheduler(spec), "val_acc", "max")
+
+
+@pytest.mark.parametrize("rf", [2, 3, 1.5])
+def test_asha_decides_alike_when_units_report_only_at_its_rungs(rf):
+    """Twelve units with random curves: ASHA fed every epoch, and ASHA fed only at ``report_epochs`` (Tune's
+    ``training_iteration`` then counts reports, not epochs), stop the same units at the same epochs."""
+    from kdtune.tune.search import GROUP_KEY, report_epochs
+
+    spec = _spec({"name": "asha", "grace_period": 1, "reduction_factor": rf}, epochs=20)
+    at = report_epochs(spec)
+    rng = random.Random(7)
+    curves = {f"t{i}": [rng.uniform(0, 100) for _ in range(20)] for i in range(12)}
+
+    def run(sparse: bool) -> dict[str, int]:
+        sched, stopped = _asha(spec), {}
+        trials = {t: SimpleNamespace(trial_id=t, config={GROUP_KEY: "g"}) for t in curves}
+        for t in trials.values():
+            sched.on_trial_add(None, t)
+        reports = dict.fromkeys(curves, 0)
+        for epoch in range(1, 21):  # the units advance in lockstep, in a shuffled order each epoch
+            for t in rng.sample(sorted(trials), len(trials)):
+                if t in stopped or (sparse and epoch not in at and epoch != 20):
+                    continue
+                reports[t] += 1
+                r = {"val_acc": curves[t][epoch - 1], "epoch": epoch, "training_iteration": reports[t]}
+                if epoch == 20:
+                    sched.on_trial_complete(None, trials[t], r)
+                elif sched.on_trial_result(None, trials[t], r) == "STOP":
+                    stopped[t] = epoch
+        return stopped
+
+    state = rng.getstate()
+    dense = run(False)
+    rng.setstate(state)
+    sparse = run(True)
+    assert dense and dense == sparse
+
+
+def test_a_unit_reports_at_its_decision_epochs_and_its_end_with_every_epochs_curve(monkeypatch):
+    """A 9-epoch unit under ASHA's rungs {1, 2, 4, 8}: five reports (the rungs and the last epoch), and the
+    reports' curves hold every epoch once, in order; with the clock past ``REPORT_EVERY_S`` it reports each epoch."""
+    from kdtune.tune import trainable as tr
+
+    def epochs_reported(report_epochs, clock_step: float = 0.0):
+        unit = tr.Unit.__new__(tr.Unit)
+        unit.ctx = SimpleNamespace(report_epochs=report_epochs, metric="val_acc")
+        unit.final, unit.records, unit.curves = {}, {"m": None}, {}
+        now = [0.0]
+        monkeypatch.setattr(tr.time, "monotonic", lambda: now[0])
+        unit.reported = 0.0
+        seen, curve = [], []
+        for epoch in range(1, 10):
+            now[0] += clock_step
+            unit.curves.setdefault("m", []).append([epoch, float(epoch)])
+            if epoch == 9:
+                unit.final["m"] = {"epoch": 9}  # the member closed at its last epoch
+            if unit._due(epoch):
+                seen.append(epoch)
+                curve += unit.curves.pop("m")
+                unit.curves, unit.reported = {}, now[0]
+        return seen, curve
+
+    seen, curve = epochs_reported(frozenset({1, 2, 4, 8}))
+    assert seen == [1, 2, 4, 8, 9] and [e for e, _ in curve] == list(range(1, 10))
+    assert epochs_reported(frozenset())[0] == [9]
+    assert epochs_reported(None)[0] == list(range(1, 10))
+    assert epochs_reported(frozenset(), clock_step=tr.REPORT_EVERY_S)[0] == list(range(1, 10))
+
+
+def test_a_sweep_reports_sparsely_yet_records_every_epoch(tmp_path):
+    """Through ``kdtune sweep``: 12-epoch toy trials without a scheduler report to Tune a few times each, yet
+    Optuna holds all 12 intermediate values of each trial and MLflow all 12 steps; the students are logged as
+    models for the group's best trial only (``tracking.models: best``)."""
+    import json
+
+    import optuna
+    from mlflow import MlflowClient
+
+    import kdtune
+
+    spec = {"name": "sparse", "data": "disk-gaussians", "teacher": {"model": "toy_mlp_teacher", "train": {"epochs": 3}},
+            "students": ["toy_mlp_student"], "methods": {"kd": {"trials": 3}},
+            "budget": {"trials": 3, "epochs": 12, "concurrency": 2}, "scheduler": "none",
+            "train": {"device": "cpu", "batch_size": 200}, "storage": str(tmp_path / "runs"), "seed": 1}  # fmt: skip
+    result = kdtune.sweep(spec, log=lambda s: None)
+    exp = tmp_path / "runs" / "sparse"
+    # each report to Tune carries the unit's pointer checkpoint, and Tune keeps them all: one folder a report
+    units = [d for d in (exp / "tune").glob("*/*") if d.is_dir() and any(d.glob("checkpoint_*"))]
+    reports = [len(list(d.glob("checkpoint_*"))) for d in units]
+    assert len(reports) == 3 and all(1 <= n < 12 for n in reports), reports
+    study = optuna.load_study(study_name=result.groups[0]["group"], storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [sorted(t.intermediate_values) for t in study.trials] == [list(range(1, 13))] * 3
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    eid = client.get_experiment_by_name("sparse").experiment_id
+    runs = client.search_runs([eid], "tags.`kdtune.role` = 'trial'")
+    assert len(runs) == 3
+    for r in runs:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == list(range(1, 13))
+    logged = client.search_logged_models([eid])
+    assert [m.source_run_id for m in logged] == [result.groups[0]["best"]["mlflow_run_id"]]
+    assert json.loads((exp / "results.json").read_text())["best"]["registered"].startswith("models:/sparse@best")
