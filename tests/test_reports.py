@@ -1,6 +1,7 @@
 """A unit reports to Tune at the epochs its scheduler decides at, its last epoch, and every few seconds
 (:data:`kdtune.tune.trainable.REPORT_EVERY_S`), not every epoch: ASHA decides as with a report per epoch,
-and the epochs between reports still reach Optuna (intermediate values) and MLflow (metric steps)."""
+and the epochs between reports still reach Optuna (intermediate values, from the members' epoch events) and
+MLflow (metric steps)."""
 
 from __future__ import annotations
 
@@ -70,35 +71,32 @@ def test_asha_decides_alike_when_units_report_only_at_its_rungs(rf):
     assert dense and dense == sparse
 
 
-def test_a_unit_reports_at_its_decision_epochs_and_its_end_with_every_epochs_curve(monkeypatch):
-    """A 9-epoch unit under ASHA's rungs {1, 2, 4, 8}: five reports (the rungs and the last epoch), and the
-    reports' curves hold every epoch once, in order; with the clock past ``REPORT_EVERY_S`` it reports each epoch."""
+def test_a_unit_reports_at_its_decision_epochs_and_its_end(monkeypatch):
+    """A 9-epoch unit under ASHA's rungs {1, 2, 4, 8} reports five times (the rungs and the last epoch); with
+    the clock past ``REPORT_EVERY_S`` between epochs it reports each epoch; without a scheduler only its end."""
     from kdtune.tune import trainable as tr
 
     def epochs_reported(report_epochs, clock_step: float = 0.0):
         unit = tr.Unit.__new__(tr.Unit)
         unit.ctx = SimpleNamespace(report_epochs=report_epochs, metric="val_acc")
-        unit.final, unit.records, unit.curves = {}, {"m": None}, {}
+        unit.final, unit.records = {}, {"m": None}
         now = [0.0]
         monkeypatch.setattr(tr.time, "monotonic", lambda: now[0])
         unit.reported = 0.0
-        seen, curve = [], []
+        seen = []
         for epoch in range(1, 10):
             now[0] += clock_step
-            unit.curves.setdefault("m", []).append([epoch, float(epoch)])
             if epoch == 9:
                 unit.final["m"] = {"epoch": 9}  # the member closed at its last epoch
             if unit._due(epoch):
                 seen.append(epoch)
-                curve += unit.curves.pop("m")
-                unit.curves, unit.reported = {}, now[0]
-        return seen, curve
+                unit.reported = now[0]
+        return seen
 
-    seen, curve = epochs_reported(frozenset({1, 2, 4, 8}))
-    assert seen == [1, 2, 4, 8, 9] and [e for e, _ in curve] == list(range(1, 10))
-    assert epochs_reported(frozenset())[0] == [9]
-    assert epochs_reported(None)[0] == list(range(1, 10))
-    assert epochs_reported(frozenset(), clock_step=tr.REPORT_EVERY_S)[0] == list(range(1, 10))
+    assert epochs_reported(frozenset({1, 2, 4, 8})) == [1, 2, 4, 8, 9]
+    assert epochs_reported(frozenset()) == [9]
+    assert epochs_reported(None) == list(range(1, 10))
+    assert epochs_reported(frozenset(), clock_step=tr.REPORT_EVERY_S) == list(range(1, 10))
 
 
 def test_a_sweep_reports_sparsely_yet_records_every_epoch(tmp_path):
@@ -131,5 +129,9 @@ def test_a_sweep_reports_sparsely_yet_records_every_epoch(tmp_path):
     for r in runs:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == list(range(1, 13))
     logged = client.search_logged_models([eid])
-    assert [m.source_run_id for m in logged] == [result.groups[0]["best"]["mlflow_run_id"]]
+    best_run = result.groups[0]["best"]["mlflow_run_id"]
+    assert [m.source_run_id for m in logged] == [best_run]
+    for r in runs:  # the group's best run alone has its checkpoint in MLflow; every trial's folder has its own
+        assert bool(client.list_artifacts(r.info.run_id, "checkpoints")) == (r.info.run_id == best_run)
+        assert (exp / "trials" / r.data.tags["kdtune.trial_id"] / "ckpt" / "best.pt").is_file()
     assert json.loads((exp / "results.json").read_text())["best"]["registered"].startswith("models:/sparse@best")

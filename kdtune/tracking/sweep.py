@@ -284,9 +284,11 @@ class SweepTracker:
         retry_locked(self.client.set_terminated, self._parent(), check_status(status))
 
     # ------------------------------------------------------------------ registry
-    def log_trial_student(self, run_id: str, student, data, step: int = 0) -> str | None:
+    def log_trial_student(self, run_id: str, student, data, step: int = 0, checkpoint: str | Path | None = None
+                          ) -> str | None:  # fmt: skip
         """Log a finished trial's student into its run (named after the trial, as a trial logs it itself when
-        ``tracking.models`` is ``all``); None when that run has a model already (a resumed sweep's second call)."""
+        ``tracking.models`` is ``all``), and its ``checkpoint`` (``best.pt``) under ``checkpoints/``; None when
+        that run has a model already (a resumed sweep's second call)."""
         from kdtune.tracking.trial import log_student, model_name
 
         have = retry_locked(self.client.search_logged_models, [self.experiment_id],
@@ -294,6 +296,8 @@ class SweepTracker:
         if have:
             return None
         name = model_name(retry_locked(self.client.get_run, run_id).info.run_name)
+        if checkpoint is not None and Path(checkpoint).is_file():
+            log_path(self.client, run_id, checkpoint, "checkpoints")
         return log_student(self.client, self.tracking_uri, self.experiment_id, run_id, name, student, data, step)
 
     def register_best(

@@ -160,7 +160,9 @@ class TrialTracker:
     >>> tt = TrialTracker(uri, "my-sweep", parent_run_id, trial_id="a1b2_00000", trial_name="kd_a1b2_00000")
     >>> tt.log_params({"T": 4.0}); tt.log_metrics({"val_acc": 71.2, "lr": 0.05}, step=0); tt.end("FINISHED")
 
-    ``resumed`` is True when an existing run of this trial id was found and continued.
+    ``resumed`` is True when an existing run of this trial id was found and continued. ``fresh``: the caller
+    knows no run of this trial id exists (no process opened the trial before), so none is searched for.
+    ``tags``: set on the run as it is created (or continued).
     """
 
     def __init__(
@@ -172,6 +174,8 @@ class TrialTracker:
         trial_name: str | None = None,
         background: bool = False,
         system_metrics: bool = False,
+        fresh: bool = False,
+        tags: Mapping[str, Any] | None = None,
     ):
         self.tracking_uri = normalize_tracking_uri(tracking_uri)
         self.background = background
@@ -183,7 +187,7 @@ class TrialTracker:
         self.trial_name = trial_name or self.trial_id
         self.client = get_client(self.tracking_uri)
         self.experiment_id = experiment_id_for(self.tracking_uri, experiment_name)
-        runs = search_all_runs(
+        runs = [] if fresh else search_all_runs(  # a search grows with the experiment: a fresh trial skips it
             self.client,
             [self.experiment_id],
             f"tags.`{TAG_TRIAL_ID}` = {quote(self.trial_id)}",
@@ -198,12 +202,15 @@ class TrialTracker:
                 retry_locked(self.client.update_run, self.run_id, status="RUNNING")
             if run.data.tags.get(TAG_FAILURE):
                 retry_locked(self.client.delete_tag, self.run_id, TAG_FAILURE)
+            if tags:
+                set_tags(self.client, self.run_id, tags)
         else:
-            tags = {TAG_ROLE: "trial", TAG_TRIAL_ID: self.trial_id, TAG_TRIAL_NAME: self.trial_name}
+            first = {str(k): str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
+            first.update({TAG_ROLE: "trial", TAG_TRIAL_ID: self.trial_id, TAG_TRIAL_NAME: self.trial_name})
             if parent_run_id:
-                tags[TAG_PARENT] = parent_run_id
-            run = retry_locked(
-                self.client.create_run, self.experiment_id, tags=tags, run_name=self.trial_name
+                first[TAG_PARENT] = parent_run_id
+            run = retry_locked(  # the run and its tags in one write
+                self.client.create_run, self.experiment_id, tags=first, run_name=self.trial_name
             )
             self.run_id = run.info.run_id
             self.resumed = False

@@ -22,6 +22,7 @@ from kdtune.spec import SweepSpec
 from kdtune.tune.experiment import SPEC_FILE, Experiment
 from kdtune.tune.plan import SweepPlan, plan, space_sources
 from kdtune.tune.protocol import GROUP_KEY, expand_members
+from kdtune.tune.repairs import log_best_students
 from kdtune.tune.results import (
     SweepFailed,
     SweepResult,
@@ -285,8 +286,8 @@ class Driver:
                              stages_s=m["stages_done"] - m["t0"])  # fmt: skip
         self._refuse_all_failed(state, summaries)
         result.best = overall_best(summaries, spec.metric, spec.mode, spec.budget.epochs)
-        if spec.tracking.models == "best":
-            self._log_best_students(summaries)
+        if spec.tracking.models == "best" and self.tracker is not None:  # the trials logged none themselves
+            log_best_students(self.tracker, self.exp, summaries, self.data, self.log)
         self._register_best(result)
         state.update(status="finished", finished=time.time(), best=result.best, slot_utilisation=util)
         result.wall_s = time.time() - m["t0"]
@@ -307,28 +308,6 @@ class Driver:
                 f"sweep {self.spec.name}: every trial failed; fix the cause and run `kdtune resume {self.exp}` "
                 "(with failures.on_resume: restart to train them anew):\n" + "\n".join(f"  {c}" for c in causes)
             )
-
-    def _log_best_students(self, summaries: list[dict]) -> None:
-        """``tracking.models: best``: each group's best trial's student (its ``final.pt``) as an MLflow model of
-        its run, logged here once every trial process let go of its run (one writer: the trial wrote the run
-        while it ran, the driver adds the model after), instead of by every trial: a logged model costs a
-        trial about 55 ms, more than a toy trial's epoch."""
-        if self.tracker is None:
-            return
-        from kdtune.models.checkpoint import load_model
-        from kdtune.tune.record import trial_folder
-
-        for s in summaries:
-            best = s.get("best") or {}
-            final = trial_folder(self.exp, str(best.get("trial_id"))) / "ckpt" / "final.pt"
-            if not best.get("mlflow_run_id") or not final.is_file():
-                continue
-            try:
-                student, _ = load_model(final, role="trial checkpoint")
-                self.tracker.log_trial_student(best["mlflow_run_id"], student, self.data,
-                                               step=int(best.get("epochs_run") or best.get("epoch") or 0))  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - the sweep's figures stand without the model
-                self.log(f"note: {s['group']}: the best student was not logged to MLflow: {type(e).__name__}: {e}")
 
     def _register_best(self, result: SweepResult) -> None:
         if self.tracker is None or not result.best or not result.best.get("mlflow_run_id"):

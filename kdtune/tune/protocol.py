@@ -97,22 +97,9 @@ def member_id(unit_id: str, i: int, size: int) -> str:
     return unit_id if size == 1 else f"{unit_id}-m{i}"
 
 
-CURVE_KEY = "curve"
-
-
 def report_rows(rows: dict[str, dict]) -> dict[str, Any]:
     """Members' figures as the flat keys a unit reports (``member/<id>/<key>``)."""
     return {f"{MEMBER_PREFIX}{mid}/{k}": v for mid, r in rows.items() for k, v in r.items() if v is not None}
-
-
-def member_curves(result: dict | None) -> dict[str, list]:
-    """Each member's ``[epoch, metric]`` pairs a unit reported since its previous report (the epochs it did
-    not report one by one: :data:`kdtune.tune.trainable.REPORT_EVERY_S`)."""
-    out = {}
-    for k, v in (result or {}).items():
-        if isinstance(k, str) and k.startswith(MEMBER_PREFIX) and k.endswith("/" + CURVE_KEY):
-            out[k[len(MEMBER_PREFIX):-len(CURVE_KEY) - 1]] = v
-    return out
 
 
 def member_rows(trial_id: str, config: dict | None, result: dict | None, *, ended: bool = False,
@@ -125,7 +112,7 @@ def member_rows(trial_id: str, config: dict | None, result: dict | None, *, ende
     for k, v in result.items():
         if isinstance(k, str) and k.startswith(MEMBER_PREFIX):
             mid, _, key = k[len(MEMBER_PREFIX):].rpartition("/")
-            if mid and key != CURVE_KEY:
+            if mid:
                 out.setdefault(mid, {})[key] = v
     members = members_of(trial_id, config)
     if not out and len(members) == 1 and result:  # a lone trial's result written before member rows

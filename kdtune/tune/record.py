@@ -119,7 +119,9 @@ class TrialRecord:
         self.folder = trial_folder(ctx.experiment_dir, member_id)
         self.ck = self.folder / "ckpt"
         self.tracker = None
+        self.fresh = False
         self.last: dict | None = None  # the figures of its latest epoch
+        self.end_tags: dict = {}  # tags its run gets with its outcome (how its unit ran: kdtune.bundle_mode)
 
     # ------------------------------------------------------------------ events and files
     def event(self, **kw) -> None:
@@ -128,8 +130,10 @@ class TrialRecord:
         write_event(self.folder, trial_id=self.id, **kw)
 
     def open(self) -> None:
-        """Take the record (its folder, its run): the ``open`` event says this process owns it now."""
+        """Take the record (its folder, its run): the ``open`` event says this process owns it now. ``fresh``:
+        no process opened it before (so it has no MLflow run yet)."""
         self.ck.mkdir(parents=True, exist_ok=True)
+        self.fresh = not any(e.get("event") == "open" for e in read_events(self.folder))
         self.event(event="open", nice=os.nice(0))
 
     def closed(self) -> None:
@@ -150,16 +154,15 @@ class TrialRecord:
         from kdtune.tracking import TrialTracker
         from kdtune.tracking.client import TAG_OUTCOME
 
-        tr = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, self.id, self.name,
-                          background=True, system_metrics=self.unit is None)  # fmt: skip
-        seed = self.config.get("train.seed", self.config.get("seed", ctx.base.get("seed")))
-        tr.log_trial_params(ctx.method, self.config, ctx.base,  # the names every trial logs (dkd.beta, train.lr)
-                            {**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed})  # fmt: skip
         t = {"kdtune.group": ctx.group, "kdtune.method": ctx.method, "kdtune.phase": ctx.phase,
              "kdtune.trial_dir": str(self.folder), TAG_OUTCOME: "running", **(tags or {})}  # fmt: skip
         if self.unit:
             t["kdtune.bundle"] = self.unit
-        tr.set_tags(t)
+        tr = TrialTracker(ctx.tracking_uri, ctx.experiment_name, ctx.parent_run_id, self.id, self.name,
+                          background=True, system_metrics=self.unit is None, fresh=self.fresh, tags=t)  # fmt: skip
+        seed = self.config.get("train.seed", self.config.get("seed", ctx.base.get("seed")))
+        tr.log_trial_params(ctx.method, self.config, ctx.base,  # the names every trial logs (dkd.beta, train.lr)
+                            {**ctx.params, "method": ctx.method, "phase": ctx.phase, "seed": seed})  # fmt: skip
         self.tracker = tr
 
     def restore(self, history: list[dict]) -> None:
@@ -173,11 +176,14 @@ class TrialRecord:
     def epoch(self, result: dict, **kw) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics(result, step=result["epoch"])
-        self.event(event="epoch", epoch=result["epoch"], orch_s=result.get("orch_s"), **kw)
+        metric = getattr(self.ctx, "metric", "val_acc")  # the curve the Optuna mirror reads (intermediate values)
+        self.event(event="epoch", epoch=result["epoch"], orch_s=result.get("orch_s"), **{metric: result.get(metric)},
+                   **kw)  # fmt: skip
         self.last = self.row(result, Outcome.RUNNING)
 
     def close(self, outcome: Outcome, m: dict, reason: str | None = None, model=None, data=None) -> dict:
-        """End the member: its artifacts (``best.pt``, and ``model`` for a completed one), its run's outcome and
+        """End the member: its artifacts (with ``tracking.models: all``: ``best.pt``, and ``model`` for a completed
+        one; else the driver logs them for each group's best), its run's outcome and
         status, ``done.json``, its end event. Returns its final row. A tracking failure costs no trained
         member: it is an ``unrecorded`` event the driver's repairs act on."""
         final = {**self.row(m, outcome), "epoch": m.get("epoch")}
@@ -188,13 +194,13 @@ class TrialRecord:
             from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
 
             try:
-                if (self.ck / "best.pt").is_file():
-                    tr.log_artifact(self.ck / "best.pt", "checkpoints")
+                if getattr(self.ctx, "models", "all") == "all" and (self.ck / "best.pt").is_file():
+                    tr.log_artifact(self.ck / "best.pt", "checkpoints")  # else the driver's, for the group's best
                 if model is not None:
                     tr.log_student(model, data, step=int(m.get("epoch") or 0))
             except Exception as e:  # noqa: BLE001
                 self.event(event="unrecorded", what="artifacts", reason=f"{type(e).__name__}: {e}"[:500])
-            tags = {TAG_OUTCOME: outcome.value}
+            tags = {**self.end_tags, TAG_OUTCOME: outcome.value}
             if outcome is not Outcome.COMPLETED:
                 tags[TAG_STOPPED_EPOCH] = m.get("epoch") or 0
             if outcome is Outcome.PRUNED and reason:

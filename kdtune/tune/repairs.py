@@ -1,6 +1,6 @@
 """What the driver repairs after its trials' processes are gone: MLflow runs a killed or stopped process left
 open or could not record, runs of trials Tune forgot (orphans), and the folders of errored trials a restart
-trains anew. One owner per record: a run is touched only once :func:`~kdtune.tune.record.trial_gone` says
+trains anew; and what it adds to trial runs then: each group's best student (``tracking.models: best``). One owner per record: a run is touched only once :func:`~kdtune.tune.record.trial_gone` says
 its process let go of it, and every write is idempotent, so a repair interrupted is a repair redone.
 """
 
@@ -112,3 +112,24 @@ def clear_errored(tune_dir: Path, exp: Path) -> None:
         shutil.rmtree(trial_folder(exp, tid), ignore_errors=True)
         for member in trial_folder(exp, tid).parent.glob(f"{tid}-m*"):
             shutil.rmtree(member, ignore_errors=True)
+
+
+def log_best_students(tracker, experiment_dir, summaries: list[dict], data, log=print) -> None:
+    """``tracking.models: best``: each group's best trial's student (its ``final.pt``) as an MLflow model of
+    its run, and its ``best.pt`` under ``checkpoints/``, added by the driver once every trial process let go
+    of its run, instead of by every trial (a logged model costs a trial about 55 ms, more than a toy trial's
+    epoch, and the checkpoint 8 ms). Idempotent: a run that has its model already is left as it is."""
+    from kdtune.models.checkpoint import load_model
+
+    for s in summaries:
+        best = s.get("best") or {}
+        final = trial_folder(experiment_dir, str(best.get("trial_id"))) / "ckpt" / "final.pt"
+        if not best.get("mlflow_run_id") or not final.is_file():
+            continue
+        try:
+            student, _ = load_model(final, role="trial checkpoint")
+            tracker.log_trial_student(best["mlflow_run_id"], student, data,
+                                      step=int(best.get("epochs_run") or best.get("epoch") or 0),
+                                      checkpoint=final.parent / "best.pt")  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the sweep's figures stand without the model
+            log(f"note: {s['group']}: the best student was not logged to MLflow: {type(e).__name__}: {e}")

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from kdtune.tune.protocol import (
-    CURVE_KEY,
     GROUP_KEY,
     Member,
     Outcome,
@@ -179,7 +178,6 @@ class Unit:
         self.engine = None
         self.pruner = None
         self.epochs = int(ctx.base.get("epochs") or 0)
-        self.curves: dict[str, list] = {}  # each member's (epoch, metric) since the unit's last report
         self.reported = time.monotonic()
 
     # ------------------------------------------------------------------ ownership
@@ -255,8 +253,7 @@ class Unit:
         start = unit.epoch
         for mid in live:
             self.records[mid].event(event="start", epoch=start, epochs=self.epochs, bundle_size=unit.size)
-            if self.records[mid].tracker is not None:  # how the unit ran: lone, or a fused bundle's mode
-                self.records[mid].tracker.set_tags({"kdtune.bundle_mode": unit.mode})
+            self.records[mid].end_tags["kdtune.bundle_mode"] = unit.mode  # lone, or a fused bundle's mode
         if self.shared:
             write_event(self.folder, event="start", trial_id=self.uid, epoch=start, members=list(unit.keys),
                         mode=unit.mode, exact=unit.exact, mode_exact=unit.mode_exact,
@@ -293,8 +290,6 @@ class Unit:
         for mid in live:
             merged[mid] = {**numeric(by[mid]), **figures}
             self.records[mid].epoch(merged[mid], save_ms=save_ms)
-            if finite(merged[mid].get(self.ctx.metric)):
-                self.curves.setdefault(mid, []).append([int(unit.epoch), float(merged[mid][self.ctx.metric])])
         self._decide(merged)
         if self._due(unit.epoch):
             self.report(figures)
@@ -326,10 +321,9 @@ class Unit:
 
     # ------------------------------------------------------------------ reports
     def report(self, figures: dict | None = None) -> None:
-        """One Tune report: the best live value of the metric (what Tune's scheduler reads), the epoch, every
-        member's row and its ``curve`` of ``[epoch, metric]`` since the last report (what the Optuna mirror
-        records as intermediate values); with a pointer checkpoint (the epoch) so a restored unit keeps Tune's
-        iteration count."""
+        """One Tune report: the best live value of the metric (what Tune's scheduler reads), the epoch, and every
+        member's row; with a pointer checkpoint (the epoch) so a restored unit keeps Tune's iteration count.
+        (The epochs between reports reach Optuna from the members' epoch events: :class:`OptunaMirror`.)"""
         from ray import tune
 
         rows = {mid: self.final.get(mid) or self.records[mid].last or {} for mid in self.records}
@@ -337,10 +331,9 @@ class Unit:
         best = (max(vals) if self.ctx.mode == "max" else min(vals)) if vals else math.nan
         epoch = max([int(r.get("epoch") or 0) for r in rows.values()], default=0)
         live = len(self._open())
-        curves = {mid: {CURVE_KEY: c} for mid, c in self.curves.items() if c}  # the epochs between reports
         result = {self.ctx.metric: best, "epoch": epoch, "trial_id": self.uid, "bundle_size": live,
-                  **(figures or {}), **report_rows(rows), **report_rows(curves)}  # fmt: skip
-        self.curves, self.reported = {}, time.monotonic()
+                  **(figures or {}), **report_rows(rows)}  # fmt: skip
+        self.reported = time.monotonic()
         pointer = self.folder / "tune-ckpt"
         pointer.mkdir(parents=True, exist_ok=True)
         write_json(pointer / "progress.json", {"epoch": epoch, "folder": str(self.folder)}, durable=False)

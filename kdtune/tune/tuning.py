@@ -77,7 +77,7 @@ class Tuning:
         mirror = OptunaMirror(f"sqlite:///{self.exp / 'optuna.db'}", spec.metric, spec.mode, spec.budget.epochs,
                               {s.name: s.space for s in searches},
                               {g.name: {"method": g.method, "student": g.student, "experiment": spec.name}
-                               for g in p.groups})  # fmt: skip
+                               for g in p.groups}, experiment_dir=str(self.exp))  # fmt: skip
         printer = ProgressPrinter(spec.metric, spec.budget.epochs, total=p.total_trials, log=self.log)
         return tune.Tuner(
             trainable,
