@@ -567,10 +567,12 @@ def test_optuna_mirror_drops_orphans_and_catches_up_after_a_restore(tmp_path):
         for ep in (1, 2):
             first.on_trial_result(0, [a, b], t, {"val_acc": t.last_result["val_acc"] - 2 + ep, "training_iteration": ep})
         first.on_trial_complete(0, [a, b], t)
+    first.flush()  # the writes are the mirror's writer thread's; Tune's end (on_experiment_end) waits for them
     assert ids() == ["a", "b"]
     # killed before the snapshot named b: the restored run knows a (finished) and asks c in b's place
     second = pickle.loads(pickle.dumps(first))
     second.on_trial_complete(0, [a, c], c)
+    second.flush()
     assert ids() == ["a", "c"]
     kept = {t.user_attrs["tune_trial_id"]: t for t in optuna.load_study(study_name="g", storage=url).get_trials()}
     assert kept["a"].value == 50.0 and kept["a"].intermediate_values == {1: 49.0, 2: 50.0}
@@ -578,4 +580,5 @@ def test_optuna_mirror_drops_orphans_and_catches_up_after_a_restore(tmp_path):
     optuna.delete_study(study_name="g", storage=url)
     third = pickle.loads(pickle.dumps(first))
     third.on_trial_complete(0, [a, c, d], d)
+    third.on_experiment_end([a, c, d])
     assert ids() == ["a", "c", "d"]
