@@ -144,12 +144,14 @@ def plan(exp_dir: Path, uri: str, mlflow_port: int | None, optuna_port: int | No
         p = mlflow_port or free_port()
         out.append(("MLflow UI", [script("mlflow"), "ui", "--backend-store-uri", uri, "--host", HOST, "--workers", "1",
                                   "--port", str(p)], f"http://{HOST}:{p}"))  # fmt: skip
-    db = exp_dir / "optuna.db"
-    if db.is_file():
+    from kdtune.tune.experiment import saved_optuna_storage
+
+    storage, _ = saved_optuna_storage(exp_dir)  # a shared database (tracking.optuna) shows every experiment's
+    if not storage.startswith("sqlite:///") or Path(storage.removeprefix("sqlite:///")).is_file():
         p = optuna_port or free_port()
         while out and str(p) == out[0][1][-1]:
             p = free_port()
-        out.append(("Optuna dashboard", [script("optuna-dashboard", "dashboard"), f"sqlite:///{db}",
+        out.append(("Optuna dashboard", [script("optuna-dashboard", "dashboard"), storage,
                                          "--host", HOST, "--port", str(p)], f"http://{HOST}:{p}"))  # fmt: skip
     return out
 
@@ -167,7 +169,7 @@ def run_dashboard(experiment: str, storage: str | None = None, mlflow_port: int 
         line = runs_line(uri, name) if uri.startswith(("http://", "https://")) else None
         if line:
             log(line)
-    if not (exp_dir / "optuna.db").is_file():
+    if not any(name == "Optuna dashboard" for name, _, _ in todo):
         log(f"Optuna dashboard: not started, {exp_dir / 'optuna.db'} does not exist yet (trials are mirrored "
             "as they finish)")  # fmt: skip
     if not todo:

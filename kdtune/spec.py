@@ -244,7 +244,8 @@ def _tracking(raw: Any) -> TrackingSpec:
         from kdtune.tracking.uri import normalize_tracking_uri
 
         uri = normalize_tracking_uri(uri)
-    return _build(TrackingSpec, "tracking.", enabled=read_field("tracking.", raw, "enabled"), uri=uri or None)
+    return _build(TrackingSpec, "tracking.", enabled=read_field("tracking.", raw, "enabled"), uri=uri or None,
+                  optuna=read_field("tracking.", raw, "optuna") or None, models=read_field("tracking.", raw, "models"))
 
 
 def _failures(raw: Any) -> FailureSpec:

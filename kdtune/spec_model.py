@@ -152,6 +152,10 @@ class TrackingSpec:
 
     enabled: bool = True
     uri: str | None = Field(None, description="null: sqlite:///<storage>/<name>/mlflow.db; or http://host:5000")
+    optuna: str | None = Field(
+        None, description="the Optuna mirror: null: <storage>/<name>/optuna.db; or a database URL shared by "
+        "experiments (postgresql://user@host/db), studies named <name>/<group>",
+    )
     models: Literal["best", "all"] = Field(
         "best", description="students logged as MLflow models: each group's best trial's (best) or every completed trial's (all)"
     )

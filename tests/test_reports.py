@@ -116,10 +116,11 @@ def test_a_sweep_reports_sparsely_yet_records_every_epoch(tmp_path):
             "train": {"device": "cpu", "batch_size": 200}, "storage": str(tmp_path / "runs"), "seed": 1}  # fmt: skip
     result = kdtune.sweep(spec, log=lambda s: None)
     exp = tmp_path / "runs" / "sparse"
-    # each report to Tune carries the unit's pointer checkpoint, and Tune keeps them all: one folder a report
-    units = [d for d in (exp / "tune").glob("*/*") if d.is_dir() and any(d.glob("checkpoint_*"))]
-    reports = [len(list(d.glob("checkpoint_*"))) for d in units]
-    assert len(reports) == 3 and all(1 <= n < 12 for n in reports), reports
+    # Tune's count of a unit's reports (training_iteration), from its last experiment snapshot
+    snapshot = sorted((exp / "tune" / "sweep").glob("experiment_state-*.json"))[-1]
+    last = [json.loads(t[1])["last_result"] for t in json.loads(snapshot.read_text())["trial_data"]]
+    reports = [r["training_iteration"] for r in last]
+    assert len(reports) == 3 and all(1 <= n < 12 for n in reports) and {r["epoch"] for r in last} == {12}, reports
     study = optuna.load_study(study_name=result.groups[0]["group"], storage=f"sqlite:///{exp / 'optuna.db'}")
     assert [sorted(t.intermediate_values) for t in study.trials] == [list(range(1, 13))] * 3
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")

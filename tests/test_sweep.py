@@ -66,6 +66,13 @@ def main_sweep(tmp_path_factory, request):
     return tmp, result, lines
 
 
+def same_spec(tmp, **over) -> dict:
+    """The fixture's spec again: its budget (fuse) and tracking read back from the experiment's saved spec."""
+    saved = yaml.safe_load((tmp / "runs" / "mini" / "spec.yaml").read_text())
+    tracking = {"enabled": True, "models": saved["tracking"]["models"]}
+    return make_spec(tmp, **{"budget": result_budget(tmp), "tracking": tracking, **over})
+
+
 def result_budget(tmp) -> dict:
     """The budget the fixture's sweep ran with (its fuse), read back from the experiment's saved spec."""
     return {**BUDGET, "fuse": yaml.safe_load((tmp / "runs" / "mini" / "spec.yaml").read_text())["budget"]["fuse"]}
@@ -107,7 +114,7 @@ def test_sweep_results_and_stages(main_sweep):
     # a later sweep with the same stage definition reuses it
     from kdtune.tune.stages import ensure_stage
 
-    spec = load_spec(make_spec(tmp, budget=result_budget(tmp)))
+    spec = load_spec(same_spec(tmp))
     again = ensure_stage("teacher", spec.teacher_stage_config(), spec.stages_dir, log=lines.append)
     assert again.cached and str(again.dir) == result.stages["teacher"]["dir"]
     # the experiment folder
@@ -218,10 +225,10 @@ def test_second_call_reports_a_finished_sweep_and_a_changed_spec_is_refused(main
 
     tmp, result, _ = main_sweep
     lines: list[str] = []
-    again = sweep(make_spec(tmp, budget=result_budget(tmp)), log=lines.append)
+    again = sweep(same_spec(tmp), log=lines.append)
     assert "already finished" in lines[0]
     assert [g["best"]["trial_id"] for g in again.groups] == [g["best"]["trial_id"] for g in result.groups]
-    changed = make_spec(tmp, budget={**result_budget(tmp), "trials": 4})
+    changed = same_spec(tmp, budget={**result_budget(tmp), "trials": 4})
     with pytest.raises(ConfigError, match=r"budget\.trials"):
         sweep(changed)
 

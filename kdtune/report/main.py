@@ -153,12 +153,13 @@ def main_report(args) -> int:
             plot_loss_terms,
             stage_values,
         )
+        from kdtune.tune.experiment import saved_optuna_storage
 
         out_dir = Path(getattr(args, "out", None) or getattr(args, "plots_dir", None) or exp_dir / "report")
         pngs = plot_curves(client, rows, metric, out_dir, stage_values(client, exp.experiment_id))
         pngs += plot_loss_terms(client, rows, out_dir)
         pngs += plot_accuracy(rows, out_dir)
-        imp_pngs, imps = plot_importances(trials, metric, mode, out_dir, exp.name, optuna_db=exp_dir / "optuna.db")
+        imp_pngs, imps = plot_importances(trials, metric, mode, out_dir, exp.name, optuna=saved_optuna_storage(exp_dir))
         for key, imp in imps.items():
             top = ", ".join(f"{k} {v:.2f}" for k, v in list(imp.items())[:5])
             print(f"importance {key}: {top}")

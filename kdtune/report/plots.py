@@ -271,15 +271,16 @@ def study_from_trials(trials: list[Trial], metric: str, mode: str, method: str):
     return study
 
 
-def mirror_studies(optuna_db: Path) -> list:
-    """Every study of the sweep's Optuna mirror (one per group), ``[]`` without the file."""
-    if not Path(optuna_db).is_file():
+def mirror_studies(storage: str, prefix: str = "") -> list:
+    """Every study of the sweep's Optuna mirror (one per group) in ``storage``, those named ``prefix...`` in
+    a database shared by experiments; ``[]`` without the file of a SQLite mirror."""
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         return []
     import optuna
 
-    storage = f"sqlite:///{Path(optuna_db).absolute()}"
     try:
-        return [optuna.load_study(study_name=n, storage=storage) for n in optuna.get_all_study_names(storage)]
+        return [optuna.load_study(study_name=n, storage=storage) for n in optuna.get_all_study_names(storage)
+                if n.startswith(prefix)]  # fmt: skip
     except Exception:  # an unreadable or foreign database: fall back to MLflow
         return []
 
@@ -385,12 +386,13 @@ def plot_importances(
     mode: str,
     out_dir: str | Path,
     experiment: str,
-    optuna_db: str | Path | None = None,
+    optuna: tuple[str, str] | None = None,
     note: Callable[[str], None] = print,
 ) -> tuple[list[Path], dict[str, dict[str, float]]]:
-    """The Optuna plots of every mirrored study (:func:`plot_studies`), and for each method no study covers,
-    its importances from the MLflow runs (an in-memory study named after the method)."""
-    studies = mirror_studies(Path(optuna_db)) if optuna_db else []
+    """The Optuna plots of every mirrored study (:func:`plot_studies`; ``optuna``: the mirror's storage and
+    study prefix, :func:`kdtune.tune.experiment.optuna_storage`), and for each method no study covers, its
+    importances from the MLflow runs (an in-memory study named after the method)."""
+    studies = mirror_studies(*optuna) if optuna else []
     paths, found = plot_studies(studies, metric, out_dir, note)
     covered = {s.user_attrs.get("method") for s in studies}
     by_method: dict[str, list[Trial]] = {}

@@ -211,8 +211,9 @@ class OptunaMirror(Callback):
     with writes queued leaves them to the next driver's reconciliation (:meth:`_reconcile`)."""
 
     def __init__(self, storage_url: str, metric: str, mode: str, epochs: int, spaces: dict | None = None,
-                 group_attrs: dict | None = None, experiment_dir: str | None = None):  # fmt: skip
+                 group_attrs: dict | None = None, experiment_dir: str | None = None, prefix: str = ""):  # fmt: skip
         self.storage_url = storage_url
+        self.prefix = prefix  # of its studies' names in a database shared by experiments (tracking.optuna)
         self.experiment_dir = experiment_dir  # where each member's epoch events hold its whole curve
         self.metric = metric
         self.mode = mode
@@ -284,7 +285,7 @@ class OptunaMirror(Callback):
             if not self._studies and self.storage_url.startswith("sqlite:///"):  # once, before its first study
                 whole_optuna_db(Path(self.storage_url.removeprefix("sqlite:///")))
             study = optuna.create_study(
-                storage=self.storage_url, study_name=group, load_if_exists=True,
+                storage=self.storage_url, study_name=getattr(self, "prefix", "") + group, load_if_exists=True,
                 direction="maximize" if self.mode == "max" else "minimize",
             )  # fmt: skip
             name_metric(study, self.metric)
@@ -313,7 +314,7 @@ class OptunaMirror(Callback):
         restored Tune run (the searcher asked anew in its place: an orphan, as its MLflow run is tagged): the
         study is rebuilt without it. A finished trial the study lacks (a driver killed in the middle of such a
         rebuild) is mirrored from Tune's record of it."""
-        if group is None or group in self._reconciled or not self.storage_url.startswith("sqlite:///"):
+        if group is None or group in self._reconciled:
             return
         self._reconciled.add(group)
         try:
@@ -334,7 +335,7 @@ class OptunaMirror(Callback):
         import optuna
 
         attrs = dict(study.user_attrs)
-        optuna.delete_study(study_name=group, storage=self.storage_url)
+        optuna.delete_study(study_name=getattr(self, "prefix", "") + group, storage=self.storage_url)
         self._studies.pop(group, None)
         self._have.pop(group, None)
         new = self.study(group)  # created anew: direction, metric name and the group's attributes

@@ -25,6 +25,28 @@ STATE_FILE = "state.json"
 SPEC_FILE = "spec.yaml"
 RESULTS_FILE = "results.json"
 DEFAULT_STORAGE = "runs/sweeps"
+OPTUNA_FILE = "optuna.db"
+
+
+def optuna_storage(exp_dir: str | Path, url: str | None = None) -> tuple[str, str]:
+    """Where the Optuna mirror of an experiment lives, and the prefix of its studies' names: the experiment's
+    own ``optuna.db`` (studies named by group), or ``tracking.optuna``, a database shared by experiments
+    (PostgreSQL beside a tracking server: ``postgresql://user@host/db``), where a study is
+    ``<experiment>/<group>``."""
+    exp_dir = Path(exp_dir)
+    if not url:
+        return f"sqlite:///{exp_dir.absolute() / OPTUNA_FILE}", ""
+    return url, f"{exp_dir.name}/"
+
+
+def saved_optuna_storage(exp_dir: str | Path) -> tuple[str, str]:
+    """:func:`optuna_storage` of an experiment as its saved ``spec.yaml`` names it."""
+    try:
+        raw = yaml.safe_load((Path(exp_dir) / SPEC_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    tracking = raw.get("tracking") if isinstance(raw, dict) else None
+    return optuna_storage(exp_dir, tracking.get("optuna") if isinstance(tracking, dict) else None)
 
 
 class Experiment:

@@ -322,7 +322,8 @@ class Unit:
     # ------------------------------------------------------------------ reports
     def report(self, figures: dict | None = None) -> None:
         """One Tune report: the best live value of the metric (what Tune's scheduler reads), the epoch, and every
-        member's row; with a pointer checkpoint (the epoch) so a restored unit keeps Tune's iteration count.
+        member's row; with a pointer checkpoint (the epoch) so a restored unit keeps Tune's iteration count,
+        but for its last report.
         (The epochs between reports reach Optuna from the members' epoch events: :class:`OptunaMirror`.)"""
         from ray import tune
 
@@ -334,6 +335,8 @@ class Unit:
         result = {self.ctx.metric: best, "epoch": epoch, "trial_id": self.uid, "bundle_size": live,
                   **(figures or {}), **report_rows(rows)}  # fmt: skip
         self.reported = time.monotonic()
+        if not live:  # the unit's last report: a unit restored after it finds its members done (done.json)
+            return tune.report(result)  # and no pointer is worth Tune's 7 ms of persisting one
         pointer = self.folder / "tune-ckpt"
         pointer.mkdir(parents=True, exist_ok=True)
         write_json(pointer / "progress.json", {"epoch": epoch, "folder": str(self.folder)}, durable=False)

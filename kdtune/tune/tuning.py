@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kdtune.errors import DiskFullError, disk_full_message
 from kdtune.spec import SweepSpec
+from kdtune.tune.experiment import optuna_storage
 from kdtune.tune.plan import SweepPlan
 from kdtune.tune.protocol import GROUP_KEY, expand_members
 from kdtune.tune.results import repeat_stats
@@ -74,10 +75,11 @@ class Tuning:
                                        max_concurrent=spec.budget.concurrency)  # fmt: skip
         scheduler = GroupedScheduler(partial(make_scheduler, spec), spec.metric, spec.mode,
                                      fifo_groups=tuple(g.name for g in p.groups if g.prunes_members))  # fmt: skip
-        mirror = OptunaMirror(f"sqlite:///{self.exp / 'optuna.db'}", spec.metric, spec.mode, spec.budget.epochs,
+        url, prefix = optuna_storage(self.exp, spec.tracking.optuna)
+        mirror = OptunaMirror(url, spec.metric, spec.mode, spec.budget.epochs,
                               {s.name: s.space for s in searches},
                               {g.name: {"method": g.method, "student": g.student, "experiment": spec.name}
-                               for g in p.groups}, experiment_dir=str(self.exp))  # fmt: skip
+                               for g in p.groups}, experiment_dir=str(self.exp), prefix=prefix)  # fmt: skip
         printer = ProgressPrinter(spec.metric, spec.budget.epochs, total=p.total_trials, log=self.log)
         return tune.Tuner(
             trainable,
