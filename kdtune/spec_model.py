@@ -127,6 +127,10 @@ class Budget:
     cpus_per_trial: float = Field(1.0, gt=0, le=1024)
     gpus_per_trial: float = Field(0.0, ge=0, le=64, description="fractional GPUs are bookkeeping only")
     repeats: int = Field(1, ge=1, le=100, description="reruns of each method's best configuration over seeds")
+    repeat_warm_start: Literal["shared", "seed"] = Field(
+        "shared", description="a warm-started method's repeats (DiSK): from the sweep's one CE student (shared), "
+        "or each from a CE student trained on the repeat's own seed (seed)"
+    )
     fuse: Union[FuseCount, Literal["auto"]] = Field(  # noqa: UP007
         1, description="trials of a group trained as one fused bundle (1: unfused; auto: picked per device)"
     )

@@ -7,7 +7,10 @@ the number of runs in that minimum with their mean test accuracy; ``--json FILE`
 DiSK's guide statistics at the end of training.
 
 All seeds train at once as one ensemble (parameters with a leading seed dimension, see
-:mod:`kdtune.models.toys`); run ``i`` depends only on its seed ``i``, not on how many seeds run.
+:mod:`kdtune.models.toys`); run ``i`` depends only on its seed ``i``, not on how many seeds run. That is
+``--protocol fixed`` (the default): fixed hyperparameters. ``--protocol paper`` selects them by the paper's own scan
+through ``kdtune sweep`` instead (:mod:`kdtune.reproduce.disk_paper`, which states its contract); each protocol
+refuses the other's options.
 
 More: docs/toys.md §Reproduction (the protocol, what the paper leaves open and what kdtune chose, how a
 run's minimum is identified).
@@ -253,7 +256,7 @@ class ProblemResult:
     guide: dict[str, float] = field(default_factory=dict)
 
 
-def _train_teacher(p: Problem, cfg: ToyConfig, tick) -> nn.Module:
+def train_teacher(p: Problem, cfg: ToyConfig, tick) -> nn.Module:
     r = max(cfg.teacher_restarts, 1)
     seeds = [10_000 + i for i in range(r)]
     ens = p.make_teacher(r)
@@ -272,7 +275,7 @@ def _train_teacher(p: Problem, cfg: ToyConfig, tick) -> nn.Module:
 
 def run_problem(p: Problem, cfg: ToyConfig, tick=None) -> ProblemResult:
     t0 = time.time()
-    teacher = _train_teacher(p, cfg, tick)
+    teacher = train_teacher(p, cfg, tick)
     with torch.no_grad():
         t_logits, t_feats = teacher(p.train.x, return_features=True)
     teacher_acc = float(accuracy(teacher, p.test))
@@ -390,9 +393,12 @@ def _classes(key: str) -> list[str]:
     return [*PAPER[key]["ours"], "other"]
 
 
-def results_json(results: list[ProblemResult], cfg: ToyConfig) -> dict:
-    """Counts per method and minimum, mean test accuracy per method and per minimum, DiSK's guide statistics."""
-    out: dict = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}}
+def results_json(results: list[ProblemResult], cfg: ToyConfig | None, settings: dict | None = None) -> dict:
+    """Counts per method and minimum, mean test accuracy per method and per minimum, DiSK's guide statistics.
+    ``settings`` replaces the fixed protocol's (``cfg``) in the output (the paper protocol's)."""
+    if settings is None:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
+    out: dict = {"settings": settings}
     for r in results:
         paper = PAPER[r.key]
         entry: dict = {"rule": paper["rule"], "note": paper["note"], "teacher_acc": r.teacher_acc,
@@ -407,25 +413,32 @@ def results_json(results: list[ProblemResult], cfg: ToyConfig) -> dict:
             }
             entry[meth.lower()] = {"counts": counts, "acc": acc_by, "mean_acc": sum(accs) / len(accs)}
         g = r.guide
-        entry["disk"].update({"guide_g_wrong": g.get("g_wrong"), "guide_g_right": g.get("g_right"),
-                              "guide_g_mean": g.get("g_mean"), "guide_helped_frac": g.get("helped_frac"),
-                              "delta": g.get("delta")})  # fmt: skip
+        if g:  # the fixed protocol's guide statistics (the paper protocol reads no guide back)
+            entry["disk"].update({"guide_g_wrong": g.get("g_wrong"), "guide_g_right": g.get("g_right"),
+                                  "guide_g_mean": g.get("g_mean"), "guide_helped_frac": g.get("helped_frac"),
+                                  "delta": g.get("delta")})  # fmt: skip
         out[r.key] = entry
     return out
 
 
-def format_table(results: list[ProblemResult], cfg: ToyConfig) -> str:
-    delta = "each seed's CE student's training error (A.5)" if cfg.delta is None else f"{cfg.delta}"
-    if cfg.delta is None and cfg.delta_offset:
-        delta += f" {cfg.delta_offset:+g}"
-    lines = [
-        f"DiSK toy problems (Kag et al., ICLR 2023 submission, Table 1): {cfg.seeds} runs per method, "
-        f"{cfg.epochs} epochs, KD/DiSK start: {cfg.init}",
-        f"DiSK: tau_t {cfg.tau_t}, lambda {cfg.lambda_min}..{cfg.lambda_max}, Lambda_T {cfg.lambda_period}, "
-        f"delta = {delta}, help {cfg.help_norm}, budget {cfg.budget_relax}/{cfg.budget_norm}, "
-        f"{cfg.alternate}: {cfg.guide_epochs} guide passes per {cfg.round_epochs} student epochs",
-        "cells: runs in that minimum (their mean test accuracy); * = global minimum; paper: Table 1, 100 runs",
-    ]
+def format_table(results: list[ProblemResult], cfg: ToyConfig | None, header: list[str] | None = None,
+                 notes: dict[str, list[str]] | None = None) -> str:
+    """The table beside the paper's Table 1. ``header`` replaces the fixed protocol's settings lines (``cfg``);
+    ``notes[key]`` are lines printed under problem ``key``'s rows (the paper protocol's selection)."""
+    if header is not None:
+        lines = list(header)
+    else:
+        delta = "each seed's CE student's training error (A.5)" if cfg.delta is None else f"{cfg.delta}"
+        if cfg.delta is None and cfg.delta_offset:
+            delta += f" {cfg.delta_offset:+g}"
+        lines = [
+            f"DiSK toy problems (Kag et al., ICLR 2023 submission, Table 1): {cfg.seeds} runs per method, "
+            f"{cfg.epochs} epochs, KD/DiSK start: {cfg.init}",
+            f"DiSK: tau_t {cfg.tau_t}, lambda {cfg.lambda_min}..{cfg.lambda_max}, Lambda_T {cfg.lambda_period}, "
+            f"delta = {delta}, help {cfg.help_norm}, budget {cfg.budget_relax}/{cfg.budget_norm}, "
+            f"{cfg.alternate}: {cfg.guide_epochs} guide passes per {cfg.round_epochs} student epochs",
+            "cells: runs in that minimum (their mean test accuracy); * = global minimum; paper: Table 1, 100 runs",
+        ]
     for r in results:
         paper = PAPER[r.key]
         classes = _classes(r.key)
@@ -452,6 +465,7 @@ def format_table(results: list[ProblemResult], cfg: ToyConfig) -> str:
                 f"mistakes, {g['g_right']:.2f} on its right answers; g > 0.5 on {100 * g['helped_frac']:.0f}% of "
                 f"the examples (budget delta {100 * g['delta']:.0f}%)"
             )
+        lines += (notes or {}).get(r.key, [])
         if paper["note"]:
             lines.append(f"note: {paper['note']}")
     lines += ["", "method rows: mean test accuracy of all runs, then the runs in each minimum."]
@@ -463,7 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kdtune reproduce disk-toys",
         description="DiSK's Table 1: how often CE, KD and DiSK land in each minimum of the two toy problems.",
+        epilog="--protocol paper: per toy one `kdtune sweep` (A.1's scan selected on the validation split, then "
+        "--seeds seeds of each method's selection); it reads --seeds, --first-seed, --epochs, --problems, "
+        "--batch-size, --teacher-restarts, --data-seed, --json and the options marked (paper). "
+        "Full run: kdtune reproduce disk-toys --protocol paper --storage runs/disk-paper (docs/toys.md).",
     )
+    p.add_argument("--protocol", choices=("fixed", "paper"), default="fixed",
+                   help="fixed: the defaults below, 100 seeds at once (default); paper: the paper's scan through "
+                   "kdtune sweep")  # fmt: skip
     p.add_argument("--seeds", type=int, default=d.seeds, help="runs per method (paper: 100)")
     p.add_argument("--first-seed", type=int, default=d.first_seed)
     p.add_argument(
@@ -514,7 +535,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None, help="also write the counts and accuracies as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for these tiny ops)")
     p.add_argument("--no-progress", action="store_true")
+    paper = p.add_argument_group("the paper protocol (--protocol paper)")
+    paper.add_argument("--storage", default="runs/sweeps", help="(paper) where the sweeps live (kdtune sweep --storage)")
+    paper.add_argument("--name", default="disk-paper", help="(paper) the sweeps are <name>-intervals, <name>-gaussians")
+    paper.add_argument("--disk-trials", type=int, default=100, help="(paper) DiSK's TPE trials per toy (default 100)")
+    paper.add_argument("--kd-alphas", default="0,0.1,0.5,0.9,1", help="(paper) KD's alpha (CE weight) grid (A.1)")
+    paper.add_argument("--kd-temps", default="1,2,4", help="(paper) KD's temperature grid (A.1)")
+    paper.add_argument("--concurrency", type=int, default=2, help="(paper) trials at a time, 1 CPU each")
     return p
+
+
+# The options only the paper protocol reads (kdtune.reproduce.disk_paper), refused by the fixed one.
+PAPER_ONLY = ("storage", "name", "disk_trials", "kd_alphas", "kd_temps", "concurrency")
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The options ``argv`` sets (argparse dests), whatever their values: the parser again, defaults suppressed."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 def config_from_args(args: argparse.Namespace) -> ToyConfig:
@@ -558,8 +598,23 @@ def config_from_args(args: argparse.Namespace) -> ToyConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The fixed protocol (``--protocol fixed``); ``kdtune reproduce disk-toys`` runs
+    :func:`kdtune.reproduce.disk_paper.main`, which hands the fixed protocol here."""
     from kdtune.reproduce import parse_config
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = build_parser().parse_args(argv)
+    given = given_options(argv)
+    if first.protocol == "paper":
+        print("kdtune: error: --protocol paper runs through `kdtune reproduce disk-toys --protocol paper` "
+              "(kdtune.reproduce.disk_paper.main)", file=sys.stderr)  # fmt: skip
+        return 2
+    paper_only = [d for d in PAPER_ONLY if d in given]
+    if paper_only:
+        flag = "--" + paper_only[0].replace("_", "-")
+        print(f"kdtune: error: {flag} is an option of --protocol paper; add --protocol paper or drop it",
+              file=sys.stderr)  # fmt: skip
+        return 2
     parsed = parse_config(build_parser, config_from_args, argv)
     if parsed is None:
         return 2

@@ -204,11 +204,9 @@ class _TrialCopy:
 class OptunaMirror(Callback):
     """Copy each finished Tune trial into the Optuna study of its group in ``storage_url`` (SQLite).
 
-    The writes happen on one thread of their own, in the order units end: an Optuna trial written through
-    RDBStorage takes 45-65 ms of SQLAlchemy on 2 cores, and Tune's loop, which every unit's report waits on,
-    would stop that long at each unit's end. Only that thread touches the storage (no two writers in one
-    process); Tune's loop hands it copies of what it needs. ``on_experiment_end`` waits for it. A driver killed
-    with writes queued leaves them to the next driver's reconciliation (:meth:`_reconcile`)."""
+    One thread of its own writes, in the order units end (an Optuna trial through RDBStorage takes 45-65 ms on
+    2 cores, which Tune's loop, and every report waiting on it, would lose), and alone touches the storage;
+    ``on_experiment_end`` waits for it. A kill leaves queued writes to the next driver's :meth:`_reconcile`."""
 
     def __init__(self, storage_url: str, metric: str, mode: str, epochs: int, spaces: dict | None = None,
                  group_attrs: dict | None = None, experiment_dir: str | None = None, prefix: str = ""):  # fmt: skip

@@ -135,13 +135,16 @@ def summarize(group: str, student: str, method: str, members: list[MemberResult]
 
 
 def repeat_stats(summary: dict, repeats: list[MemberResult], seeds: list[int]) -> dict:
-    """Mean ± std of validation and test accuracy over a group's best trial and its completed repeats."""
+    """Mean ± std of validation and test accuracy over a group's best trial and its completed repeats, and the
+    repeats themselves (``runs``: trial id, seed, outcome), so that a reader finds their folders."""
     best = summary["best"]
     ms = [r.metrics for r in repeats if r.outcome is Outcome.COMPLETED]
     vals = [v for v in [best.get("val_acc"), *(m.get("val_acc") for m in ms)] if finite(v)]
     tests = [v for v in [best.get("test_acc"), *(m.get("test_acc") for m in ms)] if finite(v)]
+    runs = [{"trial_id": r.metrics["trial_id"], "seed": r.config.get("train.seed"), "outcome": r.outcome.value}
+            for r in repeats]  # fmt: skip
     return {"seeds": seeds, "n": len(tests), "val_mean": _mean(vals), "val_std": _std(vals),
-            "test_mean": _mean(tests), "test_std": _std(tests), "test": tests}  # fmt: skip
+            "test_mean": _mean(tests), "test_std": _std(tests), "test": tests, "runs": runs}  # fmt: skip
 
 
 def rank(t: dict, metric: str, mode: str, epochs: int):

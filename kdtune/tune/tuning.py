@@ -132,11 +132,19 @@ class Tuning:
         spec, b = self.spec, self.spec.budget
         path = self.exp / "tune" / REPEATS_NAME
         seeds = [spec.seed + k for k in range(1, b.repeats)]
-        rctxs = {f"{g}-repeats": replace(c, group=f"{g}-repeats", phase="repeat", member_rule=None)
+        # budget.repeat_warm_start: seed: a warm-started group's repeat starts from the CE student of its own seed
+        # (its init measured by the trial: init_info None), not from the sweep's one CE student
+        warm = {g for g, c in ctxs.items() if b.repeat_warm_start == "seed" and c.base.get("init")}
+        rctxs = {f"{g}-repeats": replace(c, group=f"{g}-repeats", phase="repeat", member_rule=None,
+                                         init_info=None if g in warm else c.init_info)
                  for g, c in ctxs.items()}  # fmt: skip
         trainable = make_trainable(run_trial, rctxs, shared, b)
-        points = [{**s["best"]["config"], GROUP_KEY: f"{s['group']}-repeats", "train.seed": seed}
-                  for s in summaries if s.get("best") for seed in seeds]  # fmt: skip
+        best = [s for s in summaries if s.get("best")]
+        inits = self.seed_warm_starts(sorted({(ctxs[s["group"]].params["student"], seed) for s in best
+                                              if s["group"] in warm for seed in seeds}))  # fmt: skip
+        points = [{**s["best"]["config"], GROUP_KEY: f"{s['group']}-repeats", "train.seed": seed,
+                   **({"train.init": inits[(ctxs[s["group"]].params["student"], seed)]} if s["group"] in warm else {})}
+                  for s in best for seed in seeds]  # fmt: skip
         if not points:
             return []
         if tune.Tuner.can_restore(str(path), storage_filesystem=atomic_local_fs()):
@@ -157,6 +165,30 @@ class Tuning:
                 mine = [m for m in members if m.config.get(GROUP_KEY) == f"{s['group']}-repeats"]
                 s["repeats"] = repeat_stats(s, mine, [spec.seed, *seeds])
         return list(results)
+
+    def seed_warm_starts(self, need: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """The CE student of each (student, seed) in ``need``: the sweep's ``ce-<student>`` stage on that seed
+        (``ce-<student>-seed<k>``, cached under the stages like any stage), ``concurrency`` built at a time.
+        Returns their ``final.pt`` paths."""
+        if not need:
+            return {}
+        from concurrent.futures import ThreadPoolExecutor
+
+        from kdtune.tune.stages import ensure_stage
+
+        spec, b = self.spec, self.spec.budget
+        res = {"num_cpus": b.cpus_per_trial, "num_gpus": 1 if b.gpus_per_trial > 0 else 0}
+        self.log(f"repeats' warm starts: {len(need)} CE students, one per (student, seed) "
+                 f"(budget.repeat_warm_start: seed)")  # fmt: skip
+
+        def build(item: tuple[str, int]) -> tuple[tuple[str, int], str]:
+            student, seed = item
+            cfg = {**spec.ce_student_config(student), "seed": seed}
+            st = ensure_stage(f"ce-{student}-seed{seed}", cfg, spec.stages_dir, resources=res, log=lambda s: None)
+            return item, str(st.model_path)
+
+        with ThreadPoolExecutor(max_workers=max(1, b.concurrency)) as pool:
+            return dict(pool.map(build, need))
 
 
 def fixed_points(points: list[dict]):
