@@ -7,7 +7,10 @@ FLOPs per image and, on a GPU, the fraction of the device's bf16 dense peak reac
 fused bundles (:mod:`kdtune.engine.bundle`) of K KD students, measured in the same run. Imports nothing of
 Ray, Optuna or MLflow.
 
-More: docs/bench.md (what each loop does, how the FLOPs are counted, the fused columns).
+``--sweep N`` and ``--simulate N`` measure the sweep path instead (:mod:`kdtune.tune.scale`): a real sweep of N
+1-epoch toy trials, or N trials that report at once through the sweep's driver; these import Ray, Optuna and MLflow.
+
+More: docs/bench.md (what each loop does, how the FLOPs are counted, the fused columns; Sweep scale).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -98,6 +102,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not in the table")
+    g = p.add_argument_group("sweep scale (docs/bench.md, Sweep scale)")
+    g.add_argument("--sweep", type=int, default=None, metavar="N",
+                   help="instead: a real sweep of N 1-epoch KD trials (--spec) and its orchestration per trial, driver "
+                   "RSS, MLflow and Optuna latency, `kdtune report` time and 'database is locked' count, beside targets")  # fmt: skip
+    g.add_argument("--simulate", type=int, default=None, metavar="N",
+                   help="instead: N trials that report at once through the sweep's driver (its Tuner, searcher, scheduler "
+                   "and Optuna mirror, an MLflow run each): where the driver's time goes as trials accumulate")  # fmt: skip
+    g.add_argument("--spec", default=None, help="the sweep spec of --sweep/--simulate (default sweeps/scale-toy.yaml)")
+    g.add_argument("--storage", default=None,
+                   help="where its experiment is written and kept (default: a temporary folder, removed after)")  # fmt: skip
+    g.add_argument("--concurrency", type=int, default=None, help="trials at a time (default: the spec's)")
+    g.add_argument("--probes", type=int, default=10, help="MLflow probes as the experiment grows (default 10)")
+    g.add_argument("--bucket", type=int, default=500, help="--simulate: trials per row of its table (default 500)")
+    g.add_argument("--tpe-window", type=int, default=None, metavar="W",
+                   help="--simulate: the searcher's TPE reads the best 25 and the W most recent trials (a bound)")  # fmt: skip
+    g.add_argument("--tpe-sizes", type=int, nargs="*", default=None, metavar="S",
+                   help="--simulate: also time TPE's ask on studies of these sizes per sampler knob (default: those of "
+                   "500 2000 5000 10000 up to N; none: skip)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -538,6 +560,8 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(args) -> int:
+    if getattr(args, "sweep", None) is not None or getattr(args, "simulate", None) is not None:
+        return scale_main(args)
     if args.exactness:
         return exactness_main(args)
     results = run(args)
@@ -566,3 +590,134 @@ def exactness_main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- sweep scale
+def default_scale_spec() -> Path:
+    """``sweeps/scale-toy.yaml`` of the working directory, else of kdtune's checkout."""
+    here = Path("sweeps/scale-toy.yaml")
+    return here if here.is_file() else Path(__file__).resolve().parents[1] / "sweeps" / "scale-toy.yaml"
+
+
+def scale_main(args) -> int:
+    """``kdtune bench --sweep N`` / ``--simulate N``: the figures of :mod:`kdtune.tune.scale`, printed beside the
+    issue's targets; ``--json FILE`` writes them all."""
+    from kdtune.tune import scale
+
+    if args.sweep is not None and args.simulate is not None:
+        raise ConfigError("--sweep and --simulate are two benchmarks: give one")
+    n = args.sweep if args.sweep is not None else args.simulate
+    for name, v in (("--sweep/--simulate", n), ("--probes", args.probes), ("--bucket", args.bucket)):
+        if v < 1:
+            raise ConfigError(f"{name}={v} is out of range; it must be >= 1")
+    if args.tpe_window is not None and args.tpe_window < 250:
+        raise ConfigError(f"--tpe-window {args.tpe_window}: at least 250 (TPE's best 25 are a tenth of its trials)")
+    spec = Path(args.spec) if args.spec else default_scale_spec()
+    storage = args.storage or tempfile.mkdtemp(prefix="kdtune-scale-")
+    try:
+        if args.sweep is not None:
+            fig = scale.sweep_bench(n, spec, storage, args.concurrency, args.probes)
+            text = format_sweep(fig)
+        else:
+            sizes = args.tpe_sizes if args.tpe_sizes is not None else [s for s in (500, 2000, 5000, 10000) if s <= max(n, 500)]
+            fig = scale.simulate(n, spec, storage, args.concurrency, args.bucket, args.tpe_window, args.probes, sizes)
+            text = format_simulation(fig)
+        print(text, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(fig, indent=2, default=str))
+    finally:
+        if not args.storage:
+            shutil.rmtree(storage, ignore_errors=True)
+    return 0
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def _verdict(v, target) -> str:
+    return "-" if v is None else ("ok" if v <= target else "MISSED")
+
+
+def format_sweep(f: dict) -> str:
+    """The figures of ``--sweep``, each beside its target."""
+    from kdtune.tables import table
+    from kdtune.tune.scale import LOCKED
+
+    o, r, rep, lk, t = f["orchestration"], f["rss"], f["report"], f["locked"], f["targets"]
+    lines = [f"kdtune bench --sweep {f['trials']}: a real sweep ({f['spec']}), {f['concurrency']} slots, "
+             f"{f['finished']} trials finished in {f['wall_s']:.0f} s ({f['stages_s'] or 0:.0f} s of stages); "
+             f"experiment {f['experiment']}", f"per trial, {o['trials'] - o['slots']} trials after the first of each "
+             f"of {o['slots']} slots (ms):"]  # fmt: skip
+    names = {"orch": "orchestration: slot time - train - eval", "start": "  trial start (open -> start)",
+             "epoch": "  the epoch's bookkeeping (start -> epoch - train - eval)", "close": "  close (epoch -> done)",
+             "report": "  Tune's report (done -> closed)", "gap": "  between trials on a slot (Tune + driver)",
+             "work": "train + eval (not orchestration)"}  # fmt: skip
+    body = [[label, _ms(o[k]["median"]), _ms(o[k]["p90"]), f"<= {t['orch_ms']:.0f}" if k == "orch" else "",
+             _verdict(o[k]["median"], t["orch_ms"]) if k == "orch" else ""] for k, label in names.items()]  # fmt: skip
+    lines += table(["", "median", "p90", "target", "verdict"], body).splitlines()
+    util = f"{100 * f['slot_utilisation']:.1f}%" if f["slot_utilisation"] is not None else "-"
+    lines.append(f"slot utilisation: {util} (the driver's: trial processes' open -> closed over slots x the fit's wall); "
+                 f"held {100 * (o['held'] or 0):.1f}% and training {100 * (o['training'] or 0):.1f}% of first open -> last closed")  # fmt: skip
+    lines.append(f"driver RSS: {_ms(r['start_mb'])} MB after the first trial, {_ms(r['end_mb'])} MB at the last, peak "
+                 f"{_ms(r['peak_mb'])}; growth {_ms(r['per_1000_trials_mb'])} MB per 1,000 finished trials (least "
+                 f"squares over {r['samples']} samples), target <= {t['rss_mb_per_1000']:.0f}: "
+                 f"{_verdict(r['per_1000_trials_mb'], t['rss_mb_per_1000'])}")  # fmt: skip
+    if f["mlflow"]:
+        keys = ["lookup_ms", "create_ms", "log_metrics_ms", "set_tags_ms", "end_ms"]
+        lines.append("MLflow on the experiment's store, by trials finished (median of 3 probes, ms; the last: after the sweep):")
+        lines += table(["trials", "lookup by trial id", "create_run", "log_metrics", "set_tags", "end"],
+                       [[p["trials"], *(_ms(p.get(k)) for k in keys)] for p in f["mlflow"]]).splitlines()  # fmt: skip
+    lines += calls_table(f["driver_calls"])
+    ok = f["trials"] >= t["report_trials"]
+    lines.append(f"kdtune report: {rep['wall_s']:.1f} s, peak RSS {rep['peak_rss_mb']:.0f} MB (exit {rep['rc']}); target <= "
+                 f"{t['report_s']:.0f} s on {t['report_trials']:,} trials: "
+                 + (_verdict(rep["wall_s"], t["report_s"]) if ok else f"not judged on {f['trials']} trials"))  # fmt: skip
+    lines.append(f"\"{LOCKED}\": {lk['count']} (in {lk['files']} files: the experiment folder, the Ray session's logs; "
+                 f"and the driver's and the report's output), target 0: {_verdict(lk['count'], 0)}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def calls_table(calls: dict) -> list[str]:
+    """The driver's timed calls by buckets (``scale.timed``)."""
+    from kdtune.tables import table
+
+    labels = {"ask": "searcher ask", "tell": "Optuna tell", "mirror": "mirror to optuna.db", "snapshot": "Tune snapshot"}
+    rows = [[labels.get(k, k), b["calls"], b["n"], _ms(b["median"]), _ms(b["p90"])] for k, bs in calls.items() for b in bs]
+    if not rows:
+        return []
+    return ["the driver's calls, by buckets of calls (the k-th ask sees a study of k - 1 trials; snapshots: every 2 s; ms):",
+            *table(["call", "calls", "n", "median", "p90"], rows).splitlines()]
+
+
+def format_simulation(f: dict) -> str:
+    """The figures of ``--simulate``: totals, the trials' figures by buckets, the driver's calls, TPE by study size."""
+    from kdtune.tables import table
+
+    tpe = f"TPE windowed to the best 25 + {f['tpe_window']} most recent" if f["tpe_window"] else "TPE as kdtune makes it"
+    share = ", ".join(f"{k} {v:.1f}%" for k, v in f["driver_share_pct"].items())
+    lines = [f"kdtune bench --simulate {f['trials']}: trials that report at once through the sweep's driver (its Tuner, "
+             f"searcher with {tpe}, scheduler, Optuna mirror; an MLflow run per trial), {f['concurrency']} slots",
+             f"fit {f['fit_s']:.1f} s, {f['trials_per_s']:.2f} trials/s; a trial's slot time median {_ms(f['slot_ms']['median'])} "
+             f"ms (p90 {_ms(f['slot_ms']['p90'])}), between trials on a slot {_ms(f['gap_ms']['median'])} ms (p90 "
+             f"{_ms(f['gap_ms']['p90'])})", f"the driver's time in its calls, share of the fit's wall: {share}",
+             f"per bucket of {f['bucket']} trials, medians (ms): the trial's record (TrialRecord: its MLflow run and events), "
+             "the trial, the time before it on its slot (Tune + driver), and the driver's RSS at the bucket's end:"]  # fmt: skip
+    keys = [("trials", "trials"), ("rec_open_run", "open_run (run, params, tags)"), ("rec_epoch", "epoch (hand-off, event)"),
+            ("rec_close", "close (metrics, outcome, end)"), ("in_trial", "in trial"), ("gap", "between trials"),
+            ("rss_mb", "driver RSS MB")]  # fmt: skip
+    rows = [[b.get(k) if k == "trials" else _ms(b.get(k)) for k, _ in keys] for b in f["buckets"]]
+    lines += table([h for _, h in keys], rows).splitlines()
+    lines += calls_table(f["driver_calls"])
+    r = f["rss"]
+    lines.append(f"driver RSS: {_ms(r['start_mb'])} -> {_ms(r['end_mb'])} MB (peak {_ms(r['peak_mb'])}); growth "
+                 f"{_ms(r['per_1000_trials_mb'])} MB per 1,000 finished trials, target <= {f['targets']['rss_mb_per_1000']:.0f}: "
+                 f"{_verdict(r['per_1000_trials_mb'], f['targets']['rss_mb_per_1000'])}")  # fmt: skip
+    if f["mlflow"]:
+        lines.append("MLflow lookup of a trial id among the experiment's runs, by trials finished (median of 3, ms): "
+                     + ", ".join(f"{p['trials']}: {_ms(p.get('lookup_ms'))}" for p in f["mlflow"]))  # fmt: skip
+    if f["tpe"]:
+        lines.append("TPE's ask (ask + the space; a tell after each) on an in-memory study of N complete trials of the "
+                     "space, median of 10 (ms):")
+        lines += table(list(f["tpe"][0]), [list(r.values()) for r in f["tpe"]]).splitlines()
+    return "\n".join(lines)
