@@ -116,7 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probes", type=int, default=10, help="MLflow probes as the experiment grows (default 10)")
     g.add_argument("--bucket", type=int, default=500, help="--simulate: trials per row of its table (default 500)")
     g.add_argument("--tpe-window", type=int, default=None, metavar="W",
-                   help="--simulate: the searcher's TPE reads the best 25 and the W most recent trials (a bound)")  # fmt: skip
+                   help="--simulate: the searcher's TPE reads the best 25 and the W most recent trials (kdtune's bound: "
+                   "1000); 0: Optuna's TPE reading every trial")  # fmt: skip
     g.add_argument("--tpe-sizes", type=int, nargs="*", default=None, metavar="S",
                    help="--simulate: also time TPE's ask on studies of these sizes per sampler knob (default: those of "
                    "500 2000 5000 10000 up to N; none: skip)")  # fmt: skip
@@ -610,8 +611,9 @@ def scale_main(args) -> int:
     for name, v in (("--sweep/--simulate", n), ("--probes", args.probes), ("--bucket", args.bucket)):
         if v < 1:
             raise ConfigError(f"{name}={v} is out of range; it must be >= 1")
-    if args.tpe_window is not None and args.tpe_window < 250:
-        raise ConfigError(f"--tpe-window {args.tpe_window}: at least 250 (TPE's best 25 are a tenth of its trials)")
+    if args.tpe_window is not None and 0 < args.tpe_window < 250 or (args.tpe_window or 0) < 0:
+        raise ConfigError(f"--tpe-window {args.tpe_window}: 0 (unbounded) or at least 250 (TPE's best 25 are a tenth "
+                          "of its trials)")  # fmt: skip
     spec = Path(args.spec) if args.spec else default_scale_spec()
     storage = args.storage or tempfile.mkdtemp(prefix="kdtune-scale-")
     try:
@@ -694,7 +696,9 @@ def format_simulation(f: dict) -> str:
     """The figures of ``--simulate``: totals, the trials' figures by buckets, the driver's calls, TPE by study size."""
     from kdtune.tables import table
 
-    tpe = f"TPE windowed to the best 25 + {f['tpe_window']} most recent" if f["tpe_window"] else "TPE as kdtune makes it"
+    w = f["tpe_window"]
+    tpe = ("Optuna's TPE reading every trial" if w == 0 else f"TPE windowed to the best 25 + {w} most recent" if w
+           else "TPE as kdtune makes it (best 25 + 1000 most recent)")  # fmt: skip
     share = ", ".join(f"{k} {v:.1f}%" for k, v in f["driver_share_pct"].items())
     lines = [f"kdtune bench --simulate {f['trials']}: trials that report at once through the sweep's driver (its Tuner, "
              f"searcher with {tpe}, scheduler, Optuna mirror; an MLflow run per trial), {f['concurrency']} slots",

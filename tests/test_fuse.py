@@ -143,10 +143,7 @@ def test_searcher_asks_k_members_per_bundle_and_tells_each_its_outcome(tmp_path)
     assert len(s.studies["g"].trials) == 5  # one Optuna trial per member
 
     def res(**members):
-        out = {"val_acc": 0.0}
-        for mid, r in members.items():
-            out.update(report_rows({mid.replace("_", "-"): r}))
-        return out
+        return {"val_acc": 0.0, **report_rows({mid.replace("_", "-"): r for mid, r in members.items()})}
 
     # bundle t0: m1 pruned after epoch 1 (told at once), m0 completes
     s.on_trial_result("t0", res(t0_m0={"epoch": 1, "val_acc": 50.0, "outcome": "running"},

@@ -118,15 +118,24 @@ def test_windowed_tpe_reads_a_bounded_study():
         study.tell(t, float(i % 97))  # the best are spread over the whole study
     study.ask().suggest_float("x", 0, 1)  # one left running
     trials = study.get_trials(deepcopy=False)
-    kept = scale.recent(trials, 100)
+    from kdtune.tune.search import TPE_WINDOW, WindowedTPESampler, recent
+
+    kept = recent(trials, 100)
     best = sorted((t for t in trials if t.value is not None), key=lambda t: -t.value)[:25]
     assert {t.number for t in best} <= {t.number for t in kept} and trials[-1] in kept
     assert {t.number for t in trials[-100:]} <= {t.number for t in kept} and len(kept) < 150
-    assert scale.recent(trials[:50], 100) == trials[:50]
-    w = optuna.create_study(direction="maximize", sampler=scale.WindowedTPESampler(250, seed=0))
+    assert recent(trials[:50], 100) == trials[:50]
+    w = optuna.create_study(direction="maximize", sampler=WindowedTPESampler(250, seed=0))
     w.add_trials(trials[:300])
     t = w.ask()
     assert 0 <= t.suggest_float("x", 0, 1) <= 1 and "_get_trials" not in vars(w)  # the cut was for that ask only
+    # a study within kdtune's window samples exactly as Optuna's TPE does
+    asked = []
+    for sampler in (optuna.samplers.TPESampler(seed=3), WindowedTPESampler(TPE_WINDOW, seed=3)):
+        s = optuna.create_study(direction="maximize", sampler=sampler)
+        s.add_trials(trials[:300])
+        asked.append([s.ask().suggest_float("x", 0, 1) for _ in range(5)])
+    assert asked[0] == asked[1]
     rows = scale.tpe_scaling(lambda t: t.suggest_float("x", 0, 1), [300], window=250, reps=2)
     assert list(rows[0]) == ["trials", "default", "n_ei_candidates=8", "multivariate=False", "window=250"]
     assert all(v > 0 for v in rows[0].values())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import heapq
 import json
 import os
 import queue
@@ -22,8 +21,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-from optuna.samplers import TPESampler
 
 from kdtune.errors import ConfigError
 from kdtune.tune.protocol import GROUP_KEY
@@ -337,11 +334,14 @@ def sim_trial(config: dict, ctxs: dict | None = None, data=None) -> None:
 def simulate(n: int, spec_path: str | Path, storage: str | Path, concurrency: int | None = None, bucket: int = 500,
              window: int | None = None, probes: int = 10, tpe_sizes=(), log=print) -> dict:  # fmt: skip
     """``n`` trials of :func:`sim_trial` through the sweep's Tuner (:meth:`Tuning.new_tuner`: searcher, scheduler, Optuna
-    mirror, progress; ``window``: its TPE is :class:`WindowedTPESampler`), and their figures by buckets of ``bucket`` trials."""
+    mirror, progress; ``window``: its TPE reads that many recent trials, 0: all, None: kdtune's
+    :data:`~kdtune.tune.search.TPE_WINDOW`), and their figures by buckets of ``bucket`` trials."""
+    from optuna.samplers import TPESampler
+
     from kdtune.tracking import SweepTracker, default_tracking_uri
     from kdtune.tune.plan import plan
     from kdtune.tune.rayrt import init_ray, make_trainable, shutdown_ray
-    from kdtune.tune.search import GroupedOptunaSearch
+    from kdtune.tune.search import GroupedOptunaSearch, WindowedTPESampler
     from kdtune.tune.trainable import TrialContext
     from kdtune.tune.tuning import TUNE_NAME, Tuning
 
@@ -357,10 +357,11 @@ def simulate(n: int, spec_path: str | Path, storage: str | Path, concurrency: in
     started = init_ray()
     try:
         with watch, timed(watch.calls) as undo:
-            if window:  # the searcher's studies sample with WindowedTPESampler
+            if window is not None:  # the searcher's TPE another window (0: Optuna's, unbounded), not kdtune's
                 undo.callback(setattr, GroupedOptunaSearch, "_new_study", new := GroupedOptunaSearch._new_study)
                 GroupedOptunaSearch._new_study = lambda self, name, seed: setattr(
-                    study := new(self, name, seed), "sampler", WindowedTPESampler(window, seed=seed)) or study
+                    study := new(self, name, seed), "sampler",
+                    WindowedTPESampler(window, seed=seed) if window else TPESampler(seed=seed)) or study
             tuning = Tuning(spec, exp, watch.log)
             tuner = tuning.new_tuner(p, make_trainable(sim_trial, ctxs, None, spec.budget))
             t0 = time.time()
@@ -390,39 +391,12 @@ def simulate(n: int, spec_path: str | Path, storage: str | Path, concurrency: in
             "targets": TARGETS, "tpe": tpe_scaling(p.searches()[0].space, list(tpe_sizes), window or 1000) if tpe_sizes else []}  # fmt: skip
 
 
-def recent(trials: list, window: int, maximize: bool = True) -> list:
-    """``trials`` (by number) cut to the best 25 complete ones (TPE's "below" group never holds more), the running
-    ones and the ``window`` most recent."""
-    from optuna.trial import TrialState
-
-    if len(trials) <= window:
-        return trials
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    keep = {t.number for t in heapq.nsmallest(25, done, key=lambda t: -t.value if maximize else t.value)}
-    keep |= {t.number for t in trials[-window:]}
-    return [t for t in trials if t.number in keep or t.state == TrialState.RUNNING]
-
-
-class WindowedTPESampler(TPESampler):
-    """Optuna's TPESampler whose TPE reads a study's :func:`recent` trials: its ask bounded in the study's size."""
-
-    def __init__(self, window: int = 1000, **kw):
-        super().__init__(**kw)
-        self.window = window
-
-    def _sample(self, study, trial, search_space):
-        full, up = study._get_trials, study.direction.name == "MAXIMIZE"
-        study._get_trials = lambda *a, **k: recent(full(*a, **k), self.window, up)  # for this ask only
-        try:
-            return super()._sample(study, trial, search_space)
-        finally:
-            del study._get_trials
-
-
 def tpe_scaling(space, sizes: list[int], window: int = 1000, reps: int = 10, seed: int = 0) -> list[dict]:
     """Median ms of one ask (``study.ask()`` and ``space``; a tell after each) on an in-memory study of each size (complete
     trials at random points, two running), per sampler: kdtune's TPE, and with a knob changed."""
     import optuna
+
+    from kdtune.tune.search import WindowedTPESampler
 
     variants = {"default": {}, "n_ei_candidates=8": {"n_ei_candidates": 8}, "multivariate=False": {"multivariate": False},
                 f"window={window}": None}  # fmt: skip

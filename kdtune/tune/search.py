@@ -15,11 +15,13 @@ More: docs/grouped_search.md (why not Ray's ``OptunaSearch``, the order in which
 
 from __future__ import annotations
 
+import heapq
 import math
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from optuna.samplers import TPESampler
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher, SearchGenerator
 
@@ -93,7 +95,7 @@ class GroupedOptunaSearch(_PickledState, Searcher):
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # also in a restored copy (no __init__)
         study = optuna.create_study(
             study_name=name, direction="maximize" if self.mode == "max" else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            sampler=WindowedTPESampler(window=TPE_WINDOW, seed=seed),
         )  # fmt: skip
         name_metric(study, self.metric)
         return study
@@ -331,6 +333,41 @@ def name_metric(study, metric: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         study.set_metric_names([metric])
+
+
+# TPE reads the best 25 complete trials (its "below" group never holds more), the running ones and this many recent
+TPE_WINDOW = 1000
+
+
+def recent(trials: list, window: int, maximize: bool = True) -> list:
+    """``trials`` (by number) cut to the best 25 complete ones (TPE's "below" group never holds more), the running
+    ones and the ``window`` most recent."""
+    from optuna.trial import TrialState
+
+    if len(trials) <= window:
+        return trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    keep = {t.number for t in heapq.nsmallest(25, done, key=lambda t: -t.value if maximize else t.value)}
+    keep |= {t.number for t in trials[-window:]}
+    return [t for t in trials if t.number in keep or t.state == TrialState.RUNNING]
+
+
+class WindowedTPESampler(TPESampler):
+    """Optuna's TPESampler whose TPE reads a study's :func:`recent` trials: its ask bounded in the study's size
+    (TPE reads every trial at each ask: 62 ms at 10,000 trials, 12.5 ms with a window of 1,000; measured by
+    ``kdtune bench --simulate``). A study of at most ``window`` trials samples exactly as TPESampler does."""
+
+    def __init__(self, window: int = 1000, **kw):
+        super().__init__(**kw)
+        self.window = window
+
+    def _sample(self, study, trial, search_space):
+        full, up = study._get_trials, study.direction.name == "MAXIMIZE"
+        study._get_trials = lambda *a, **k: recent(full(*a, **k), self.window, up)  # for this ask only
+        try:
+            return super()._sample(study, trial, search_space)
+        finally:
+            del study._get_trials
 
 
 def by_epoch(result: dict) -> dict:
