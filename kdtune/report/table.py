@@ -51,6 +51,7 @@ BOOKKEEPING = frozenset(
         "teacher_name",
         "init",
         "method",
+        "group",
         "amp",
         "channels_last",
         "compile",
@@ -209,17 +210,24 @@ def pretty(value: str) -> str:
 
 
 def hparam_keys(method: str, trials: list[Trial]) -> list[str]:
-    """Params shown as a method's hyperparameters: its declared ones, prefixed ones, and any that vary."""
-    declared = _declared_hparams(method)
+    """Params shown as a method's hyperparameters: its declared ones, prefixed ones, and any that vary. The
+    method's declaration (which imports the losses, and torch: 2 s of a report) is read only for a plain key
+    that does not vary (runs logged before params were prefixed by method)."""
     values: dict[str, set[str]] = {}
     for t in trials:
         for k, v in t.params.items():
             values.setdefault(k, set()).add(v)
-    keys = []
+    keys, declared = [], None
     for k in sorted(values):
         if k in SEED_KEYS or k in VOLATILE or k in BOOKKEEPING or k.startswith("kdtune."):
             continue
-        if short_hparam(k, method) in declared or k != short_hparam(k, method) or len(values[k]) > 1:
+        if k != short_hparam(k, method) or len(values[k]) > 1:
+            keys.append(k)
+            continue
+        if "." in k:  # another prefix (train.lr): no method declares it
+            continue
+        declared = _declared_hparams(method) if declared is None else declared
+        if k in declared:
             keys.append(k)
     return keys
 
