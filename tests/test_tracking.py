@@ -118,6 +118,27 @@ def test_trial_child_run_params_and_metrics(sweep):
     ]
 
 
+def test_background_logging_batches_epochs_and_flush_writes_at_once(sweep, monkeypatch):
+    """Epochs logged within BATCH_S of each other go to MLflow in one write (an epoch's write alone costs a
+    toy trial more than its epoch); flush() writes what is queued without waiting out the window."""
+    from kdtune.tracking import trial as trial_mod
+
+    st, parent, uri = sweep
+    monkeypatch.setattr(trial_mod, "BATCH_S", 30.0)
+    tt = TrialTracker(uri, EXP, parent, trial_id="batch_00000", background=True)
+    calls = []
+    real = tt.client.log_batch
+    monkeypatch.setattr(tt.client, "log_batch", lambda run_id, **kw: (calls.append(len(kw.get("metrics") or [])),
+                                                                       real(run_id, **kw))[1])  # fmt: skip
+    for epoch in range(1, 11):
+        tt.log_metrics({"train_loss": 1.0 / epoch, "val_acc": 10.0 * epoch}, step=epoch)
+    t0 = time.monotonic()
+    tt.flush()
+    assert time.monotonic() - t0 < 10 and calls == [20]  # ten epochs, one write, well inside the 30 s window
+    assert [m.step for m in st.client.get_metric_history(tt.run_id, "val_acc")] == list(range(1, 11))
+    tt.end("FINISHED")
+
+
 def test_background_logging_keeps_order_and_end_waits_for_it(sweep, monkeypatch):
     """Metrics logged from a thread of the tracker's own: in order, all there once end() returns, and the
     thread gone after it; a write that fails is raised by flush(), not lost in silence."""
