@@ -159,7 +159,7 @@ class Driver:
         self.marks["tune_end"] = time.time()
         summaries = self.summaries(p, results)
         repeats = tuning.repeats(summaries, ctxs, shared) if self.spec.budget.repeats > 1 else []
-        self.marks["fit_wall"] = time.time() - self.marks["tune_start"]
+        self.marks["fit_wall"] = self.marks["tune_end"] - self.marks["tune_start"]  # the search's (not the repeats')
         self.release_trials(results, repeats, summaries)
         return self.conclude(state, summaries)
 
@@ -341,7 +341,7 @@ class Driver:
         if util is not None:
             tl = state["timeline"]
             log(f"slot utilisation: {100 * util:.1f}% (trial wall time / ({b.concurrency} slots x "
-                f"{fmt_duration(self.marks['fit_wall'])} after the stages); first trial "
+                f"{fmt_duration(self.marks['fit_wall'])} of the search); first trial "
                 f"{tl.get('first_trial_open', 0) - tl['tune_start']:.1f}s after Tune started, last one ended "
                 f"{tl['tune_end'] - tl.get('last_trial_closed', tl['tune_end']):.1f}s before Tune returned")  # fmt: skip
         orch = orchestration_summary(summaries)
