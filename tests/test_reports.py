@@ -136,3 +136,20 @@ def test_a_sweep_reports_sparsely_yet_records_every_epoch(tmp_path):
         assert bool(client.list_artifacts(r.info.run_id, "checkpoints")) == (r.info.run_id == best_run)
         assert (exp / "trials" / r.data.tags["kdtune.trial_id"] / "ckpt" / "best.pt").is_file()
     assert json.loads((exp / "results.json").read_text())["best"]["registered"].startswith("models:/sparse@best")
+
+
+def test_tune_snapshots_keep_their_period_while_cheap_and_back_off_when_not():
+    """kdtune.tune.rayrt.bound_snapshots: Tune's snapshot every 2 s, unless one took longer than 2 s / 19: then
+    19 times its duration (Tune's own "auto" share, 5 %), back to 2 s once they are cheap again."""
+    from kdtune.tune.rayrt import bound_snapshots, ray_private
+
+    bound_snapshots()
+    bound_snapshots()  # once is enough; twice changes nothing
+    manager = ray_private("ray.tune.execution.experiment_state", "_ExperimentCheckpointManager")
+    m = manager.__new__(manager)
+    m._auto_checkpoint_enabled, m._checkpoint_period = False, 2.0
+    periods = []
+    for took in (0.01, 0.5, 3.0, 0.05):
+        m._update_auto_checkpoint_time(time_taken=took)
+        periods.append(round(m._checkpoint_period, 6))
+    assert periods == [2.0, 9.5, 57.0, 2.0]

@@ -2,7 +2,8 @@
 trainable, the shared-storage check, and the only place kdtune touches Ray's private functions.
 
 Private Ray functions used (:data:`RAY_PRIVATE`): reading Tune's experiment snapshot (its trial list, for the
-searcher's rebuild on resume) and the search generator's newest checkpoint. ``tests/test_layers.py`` imports
+searcher's rebuild on resume) and the search generator's newest checkpoint, and the snapshots' period
+(:func:`bound_snapshots`). ``tests/test_layers.py`` imports
 each of them, so a Ray release that moves one fails there, loudly, not in the middle of a resumed sweep.
 """
 
@@ -25,7 +26,8 @@ from kdtune.storage import atomic_write_text
 DRIVER_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial
     "RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter, silent at verbose=0
-    # Snapshot the experiment (trials, searcher) every 2 s instead of 10: a killed driver loses less.
+    # Snapshot the experiment (trials, searcher) every 2 s instead of 10: a killed driver loses less (longer
+    # while a snapshot costs more than 5 % of that: bound_snapshots).
     "TUNE_GLOBAL_CHECKPOINT_S": "2",
     # Ray runs its workers at nice 15; the trials are the sweep's work: they run at the driver's priority
     # (``nice kdtune sweep`` lowers them all). Measured in docs/orchestration.md.
@@ -41,7 +43,29 @@ RAY_PRIVATE = (
     ("ray.tune.search.search_generator", "_load_newest_checkpoint"),
     ("ray.tune.experiment.trial", "_TrainingRunMetadata"),
     ("ray.tune.utils.serialization", "_loads_with_cloudpickle"),
+    ("ray.tune.execution.experiment_state", "_ExperimentCheckpointManager"),
 )
+SNAPSHOT_SHARE = 19  # a snapshot waits at least this many times its own duration after it (Tune's "auto": 5 %)
+
+
+def bound_snapshots() -> None:
+    """Tune snapshots the experiment every ``TUNE_GLOBAL_CHECKPOINT_S`` (2 s here), whatever a snapshot costs,
+    and a snapshot grows with every trial (about 23 KB of JSON each: 73 ms at 200 trials, seconds by 10,000).
+    Its "auto" period keeps it to 5 % of the driver's time but waits 10 s at least. This keeps 2 s while a
+    snapshot is cheap and grows the period to 19 times the last snapshot's duration when it is not."""
+    manager = ray_private("ray.tune.execution.experiment_state", "_ExperimentCheckpointManager")
+    if getattr(manager, "_kdtune_bounded", False):
+        return
+    original = manager._update_auto_checkpoint_time
+
+    def update(self, time_taken: float) -> None:
+        if self._auto_checkpoint_enabled:  # TUNE_GLOBAL_CHECKPOINT_S=auto, set by the user: Tune's own rule
+            return original(self, time_taken)
+        base = self.__dict__.setdefault("_kdtune_base_period", self._checkpoint_period)
+        self._checkpoint_period = max(base, float(time_taken) * SNAPSHOT_SHARE)
+
+    manager._update_auto_checkpoint_time = update
+    manager._kdtune_bounded = True
 
 
 def ray_private(module: str, name: str):
@@ -64,6 +88,7 @@ def init_ray() -> bool:
     """Start (or join, with RAY_ADDRESS) Ray quietly; False when this process already had Ray running."""
     for k, v in DRIVER_ENV.items():
         os.environ.setdefault(k, v)
+    bound_snapshots()
     import ray
 
     if ray.is_initialized():
