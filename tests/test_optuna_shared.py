@@ -51,3 +51,30 @@ def test_tracking_fields_are_read_and_bad_values_refused_in_one_line():
         load_spec({**base, "tracking": {"models": "some"}})
     with pytest.raises(ConfigError, match=r"tracking\.optuna=3 must be a string"):
         load_spec({**base, "tracking": {"optuna": 3}})
+
+
+def test_an_optuna_storage_that_cannot_be_opened_is_refused_before_ray(tmp_path):
+    """A shared database Optuna cannot use (here MLflow's own store: both keep a table ``alembic_version``) is
+    refused in one line by ``kdtune sweep`` before anything runs."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    mlflow_db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(mlflow_db).search_experiments()  # the store made, with its schema
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""name: refused
+data: disk-gaussians
+teacher: {{model: toy_mlp_teacher, train: {{epochs: 1}}}}
+students: [toy_mlp_student]
+methods: [kd]
+budget: {{trials: 1, epochs: 1}}
+tracking: {{optuna: "{mlflow_db}"}}
+storage: {tmp_path / "runs"}
+""")
+    r = subprocess.run([sys.executable, "-m", "kdtune", "sweep", str(spec)], capture_output=True, text=True, timeout=120)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "tracking.optuna=" in err[0] and "not MLflow's" in err[0], err
+    assert not (tmp_path / "runs" / "refused" / "trials").exists()

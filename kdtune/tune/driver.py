@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kdtune.errors import ConfigError, DiskFullError, KdtuneError, is_disk_full
 from kdtune.spec import SweepSpec
-from kdtune.tune.experiment import SPEC_FILE, Experiment
+from kdtune.tune.experiment import SPEC_FILE, Experiment, check_optuna_storage
 from kdtune.tune.plan import SweepPlan, plan, space_sources
 from kdtune.tune.protocol import GROUP_KEY, expand_members
 from kdtune.tune.repairs import log_best_students
@@ -111,6 +111,8 @@ class Driver:
             from kdtune.tracking import check_tracking_uri
 
             check_tracking_uri(self.tracking_uri)
+        if spec.tracking.optuna:
+            check_optuna_storage(spec.tracking.optuna)
         return Checked(the_plan, data)
 
     def begin(self, state: dict, checked: Checked) -> dict:

@@ -39,6 +39,20 @@ def optuna_storage(exp_dir: str | Path, url: str | None = None) -> tuple[str, st
     return url, f"{exp_dir.name}/"
 
 
+def check_optuna_storage(url: str) -> None:
+    """``tracking.optuna`` opened once before Ray starts (its tables made if new); ConfigError in one line when
+    it cannot be, e.g. MLflow's own database (both keep a table ``alembic_version``)."""
+    import optuna
+
+    try:
+        optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001 - a bad URL, an unreachable server, a foreign schema: one line each
+        why = " ".join(str(e).split())[:300]
+        hint = ("give Optuna a database (or schema) of its own on that server, not MLflow's"
+                if "schema" in why else "check the URL, the server and the driver's access to it")  # fmt: skip
+        raise ConfigError(f"tracking.optuna={url!r} cannot be opened ({type(e).__name__}: {why}); {hint}") from None
+
+
 def saved_optuna_storage(exp_dir: str | Path) -> tuple[str, str]:
     """:func:`optuna_storage` of an experiment as its saved ``spec.yaml`` names it."""
     try:
