@@ -111,8 +111,7 @@ class Driver:
             from kdtune.tracking import check_tracking_uri
 
             check_tracking_uri(self.tracking_uri)
-        if spec.tracking.optuna:
-            check_optuna_storage(spec.tracking.optuna)
+        check_optuna_storage(spec.tracking.optuna)  # a shared database for the Optuna mirror, when named
         return Checked(the_plan, data)
 
     def begin(self, state: dict, checked: Checked) -> dict:
@@ -152,8 +151,7 @@ class Driver:
         self.marks["stages_done"] = time.time()
         from kdtune.tune.rayrt import SharedData
 
-        shared = SharedData.put(checked.data)
-        self.data = checked.data
+        shared, self.data = SharedData.put(checked.data), checked.data
         ctxs = self.contexts(p, stages)
         self.marks["tune_start"] = time.time()
         tuning = Tuning(self.spec, self.exp, self.log)

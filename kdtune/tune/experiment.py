@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from kdtune.errors import ConfigError
+from kdtune.errors import ConfigError, KdtuneError
 from kdtune.spec import SweepSpec, diff_specs, load_spec
 from kdtune.storage import atomic_write_text
 
@@ -39,9 +39,11 @@ def optuna_storage(exp_dir: str | Path, url: str | None = None) -> tuple[str, st
     return url, f"{exp_dir.name}/"
 
 
-def check_optuna_storage(url: str) -> None:
+def check_optuna_storage(url: str | None) -> None:
     """``tracking.optuna`` opened once before Ray starts (its tables made if new); ConfigError in one line when
-    it cannot be, e.g. MLflow's own database (both keep a table ``alembic_version``)."""
+    it cannot be, e.g. MLflow's own database (both keep a table ``alembic_version``). None: nothing to check."""
+    if not url:
+        return
     import optuna
 
     try:
@@ -99,8 +101,14 @@ class Experiment:
 
     def resume_diff(self, spec: SweepSpec) -> list[str]:
         """The fields in which ``spec`` differs from the spec this experiment began with (``storage`` is where
-        it lies now, not a change of the sweep)."""
-        return [d for d in diff_specs(self.saved_spec_dict(), spec.to_dict()) if d != "storage"]
+        it lies now, not a change of the sweep). A field the saved spec lacks (added by a later kdtune) counts
+        as its default, as the saved spec reads."""
+        saved = self.saved_spec_dict()
+        try:
+            saved = load_spec(saved).to_dict()
+        except KdtuneError:  # compared as written; what cannot be read is refused where it is loaded
+            pass
+        return [d for d in diff_specs(saved, spec.to_dict()) if d != "storage"]
 
     def check_same_spec(self, spec: SweepSpec) -> None:
         diff = self.resume_diff(spec)
