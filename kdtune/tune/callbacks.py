@@ -222,8 +222,7 @@ class OptunaMirror(Callback):
         self._curves: dict[str, dict[int, float]] = {}
         self._started: dict[str, float] = {}
         self._reconciled: set[str] = set()  # groups checked against Tune's trial list in this driver process
-        # per group, the member ids its study holds, read once per process (not at each unit's end: it grew)
-        self._have: dict[str, set] = {}
+        self._have: dict[str, set] = {}  # per group, the member ids its study holds: read once per process
         self._queue: queue.Queue | None = None
         self._handed: set[str] = set()  # groups whose Tune trial list went to the writer (for its reconciliation)
 
@@ -241,10 +240,9 @@ class OptunaMirror(Callback):
         group = group_of(trial.config)
         if group is None:
             return
-        listed = None
-        if group not in getattr(self, "_handed", set()):
-            self._handed = getattr(self, "_handed", set()) | {group}
-            listed = [_TrialCopy.of(t) for t in trials]
+        handed = self.__dict__.setdefault("_handed", set())
+        listed = None if group in handed else [_TrialCopy.of(t) for t in trials]
+        handed.add(group)
         if getattr(self, "_queue", None) is None:
             self._queue = queue.Queue()
             threading.Thread(target=self._writer, args=(self._queue,), name="optuna-mirror", daemon=True).start()
@@ -274,6 +272,9 @@ class OptunaMirror(Callback):
             self._queue.put(None)
             self._queue = None
 
+    def _study_name(self, group: str) -> str:
+        return getattr(self, "prefix", "") + group  # a mirror pickled before prefixes has none
+
     def study(self, group: str):
         if group not in self._studies:
             import optuna
@@ -282,7 +283,7 @@ class OptunaMirror(Callback):
             if not self._studies and self.storage_url.startswith("sqlite:///"):  # once, before its first study
                 whole_optuna_db(Path(self.storage_url.removeprefix("sqlite:///")))
             study = optuna.create_study(
-                storage=self.storage_url, study_name=getattr(self, "prefix", "") + group, load_if_exists=True,
+                storage=self.storage_url, study_name=self._study_name(group), load_if_exists=True,
                 direction="maximize" if self.mode == "max" else "minimize",
             )  # fmt: skip
             name_metric(study, self.metric)
@@ -332,7 +333,7 @@ class OptunaMirror(Callback):
         import optuna
 
         attrs = dict(study.user_attrs)
-        optuna.delete_study(study_name=getattr(self, "prefix", "") + group, storage=self.storage_url)
+        optuna.delete_study(study_name=self._study_name(group), storage=self.storage_url)
         self._studies.pop(group, None)
         self.__dict__.setdefault("_have", {}).pop(group, None)
         new = self.study(group)  # created anew: direction, metric name and the group's attributes
@@ -341,8 +342,7 @@ class OptunaMirror(Callback):
         new.add_trials(kept)
 
     def _event_curve(self, mid: str) -> dict[int, float]:
-        """A member's metric at each epoch it trained, from its ``epoch`` events: a unit reports to Tune only
-        at its scheduler's epochs (:func:`kdtune.tune.search.report_epochs`), its events hold every epoch."""
+        """A member's metric at each epoch, from its ``epoch`` events (Tune sees only :func:`report_epochs`)."""
         if getattr(self, "experiment_dir", None) is None:  # a mirror pickled before it had one
             return {}
         from kdtune.tune.record import read_events, trial_folder

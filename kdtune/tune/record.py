@@ -194,10 +194,11 @@ class TrialRecord:
             from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
 
             try:
-                if getattr(self.ctx, "models", "all") == "all" and (self.ck / "best.pt").is_file():
-                    tr.log_artifact(self.ck / "best.pt", "checkpoints")  # else the driver's, for the group's best
-                if model is not None:
-                    tr.log_student(model, data, step=int(m.get("epoch") or 0))
+                if getattr(self.ctx, "models", "all") == "all":  # else the driver's, for each group's best
+                    if (self.ck / "best.pt").is_file():
+                        tr.log_artifact(self.ck / "best.pt", "checkpoints")
+                    if model is not None:
+                        tr.log_student(model, data, step=int(m.get("epoch") or 0))
             except Exception as e:  # noqa: BLE001
                 self.event(event="unrecorded", what="artifacts", reason=f"{type(e).__name__}: {e}"[:500])
             tags = {**self.end_tags, TAG_OUTCOME: outcome.value}

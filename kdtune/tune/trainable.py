@@ -316,7 +316,7 @@ class Unit:
         model = None
         if outcome is Outcome.COMPLETED and unit is not None:
             unit.save_model(mid, rec.ck / "final.pt")
-            model = unit.student(mid) if self.ctx.models == "all" else None
+            model = unit.student(mid)
         self.final[mid] = rec.close(outcome, m, reason, model=model, data=unit.data if unit is not None else None)
 
     # ------------------------------------------------------------------ reports
