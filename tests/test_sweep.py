@@ -589,3 +589,11 @@ def test_optuna_mirror_drops_orphans_and_catches_up_after_a_restore(tmp_path):
     third.on_trial_complete(0, [a, c, d], d)
     third.on_experiment_end([a, c, d])
     assert ids() == ["a", "c", "d"]
+    # killed between d's end and its write, then resumed with nothing left to run in the group: the study gets d
+    # at the end of the Tune run that ran nothing (CI's kill test at a trial's "done" moment lost it so)
+    e = trial("e", 90.0)
+    study = optuna.load_study(study_name="g", storage=url)
+    fourth = pickle.loads(pickle.dumps(first))
+    fourth.on_experiment_end([a, c, d, e])
+    assert ids() == ["a", "c", "d", "e"]
+    assert [t.value for t in study.get_trials() if t.user_attrs["tune_trial_id"] == "e"] == [90.0]

@@ -243,10 +243,13 @@ class OptunaMirror(Callback):
         handed = self.__dict__.setdefault("_handed", set())
         listed = None if group in handed else [_TrialCopy.of(t) for t in trials]
         handed.add(group)
+        self._enqueue((group, _TrialCopy.of(trial), listed, failed))
+
+    def _enqueue(self, job: tuple) -> None:
         if getattr(self, "_queue", None) is None:
             self._queue = queue.Queue()
             threading.Thread(target=self._writer, args=(self._queue,), name="optuna-mirror", daemon=True).start()
-        self._queue.put((_TrialCopy.of(trial), listed, failed))
+        self._queue.put(job)
 
     def _writer(self, q: queue.Queue) -> None:
         while True:
@@ -254,10 +257,11 @@ class OptunaMirror(Callback):
             try:
                 if job is None:
                     return
-                current, listed, failed = job
-                if listed is not None:
-                    self._reconcile(group_of(current.config), listed, current)
-                self._mirror(current, failed=failed)
+                group, current, listed, failed = job
+                if listed is not None:  # the group's first unit in this process, or (no unit) the last check
+                    self._reconcile(group, listed, current)
+                if current is not None:
+                    self._mirror(current, failed=failed)
             finally:
                 q.task_done()
 
@@ -267,6 +271,12 @@ class OptunaMirror(Callback):
             self._queue.join()
 
     def on_experiment_end(self, trials, **info):
+        """Every group no unit ended in this process is checked too: a driver killed between a unit's end and
+        its write, then resumed with nothing left to run in that group, would leave the study short of it."""
+        listed = [_TrialCopy.of(t) for t in trials]
+        for group in {group_of(t.config) for t in listed} - {None} - self.__dict__.setdefault("_handed", set()):
+            self._handed.add(group)
+            self._enqueue((group, None, listed, False))
         self.flush()
         if getattr(self, "_queue", None) is not None:
             self._queue.put(None)
@@ -323,7 +333,7 @@ class OptunaMirror(Callback):
             if len(kept) < len(mirrored):
                 self._rebuild(group, study, kept)
             for t in trials:
-                if t.trial_id != current.trial_id and group_of(t.config) == group and t.status in ("TERMINATED", "ERROR"):
+                if (current is None or t.trial_id != current.trial_id) and group_of(t.config) == group and t.status in ("TERMINATED", "ERROR"):
                     self._mirror(t, failed=t.status == "ERROR")
         except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
             print(f"kdtune: warning: could not check study {group} in {self.storage_url} against Tune's trials: {e}")
