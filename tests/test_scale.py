@@ -80,6 +80,12 @@ def test_simulation_gives_ask_time_by_buckets(tmp_path):
 
     assert "searcher ask" in format_simulation(f) and "open_run" in format_simulation(f)
     assert len(list((tmp_path / "scale-toy-sim60" / "trials").glob("*/done.json"))) == 60  # each record closed
+    # Tune's statistics of every numeric key of a finished trial are dropped (ForgetStatistics): its snapshot,
+    # written from the driver's trials after the run, holds none; the last result is kept
+    state = json.loads(next((tmp_path / "scale-toy-sim60" / "tune").glob("*/experiment_state-*.json")).read_text())
+    metas = [json.loads(meta) for _, meta in state["trial_data"]]
+    assert len(metas) == 60 and all(m["metric_analysis"] == {} and m["metric_n_steps"] == {} for m in metas)
+    assert all(m["last_result"].get("t_close") for m in metas)
 
 
 def test_the_figures_of_planted_records(tmp_path):

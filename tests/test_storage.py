@@ -446,7 +446,7 @@ def test_the_optuna_mirror_database_is_made_whole_before_use(tmp_path):
 
     import optuna
 
-    from kdtune.tune.callbacks import whole_optuna_db
+    from kdtune.tune.experiment import whole_optuna_db
 
     def studies(db):
         with sqlite3.connect(db) as con:

@@ -139,6 +139,61 @@ def test_background_logging_batches_epochs_and_flush_writes_at_once(sweep, monke
     tt.end("FINISHED")
 
 
+def test_a_short_trial_run_is_created_logged_and_ended_in_three_writes(sweep, monkeypatch):
+    """In the background a trial's params, its epochs' metrics and the tags ``end`` is given (its outcome) go to
+    MLflow in one ``log_batch`` (each was a write of 10-15 ms on SQLite, as long as a toy trial's epoch);
+    what a resumed run holds already is not logged again, and a changed param still becomes a tag."""
+    from kdtune.tracking import trial as trial_mod
+
+    st, parent, uri = sweep
+    monkeypatch.setattr(trial_mod, "BATCH_S", 30.0)
+    writes = []
+    for name in ("create_run", "log_batch", "set_terminated", "set_tag", "update_run"):
+        real = getattr(st.client.__class__, name)
+        monkeypatch.setattr(st.client.__class__, name, lambda self, *a, _r=real, _n=name, **kw: (
+            writes.append((_n, {k: len(v or []) for k, v in kw.items() if k in ("metrics", "params", "tags")})),
+            _r(self, *a, **kw))[1])  # fmt: skip
+    tt = TrialTracker(uri, EXP, parent, trial_id="three_00000", background=True, fresh=True, tags={"a": 1})
+    tt.log_params({"T": 4.0, "nested": {"x": 1}})
+    for epoch in (1, 2):
+        tt.log_metrics({"val_acc": 50.0 + epoch, "train_loss": 1.0}, step=epoch)
+    tt.end("FINISHED", tags={"kdtune.outcome": "completed"})
+    assert writes == [("create_run", {"tags": 5}), ("log_batch", {"metrics": 4, "params": 2, "tags": 1}),
+                      ("set_terminated", {})], writes  # fmt: skip
+    run = st.client.get_run(tt.run_id)
+    assert run.data.params == {"T": "4.0", "nested.x": "1"} and run.info.status == "FINISHED"
+    assert run.data.tags["kdtune.outcome"] == "completed" and run.data.tags["a"] == "1"
+    assert sorted(m.step for m in st.client.get_metric_history(tt.run_id, "val_acc")) == [1, 2]
+    writes.clear()
+    again = TrialTracker(uri, EXP, parent, trial_id="three_00000", background=True)  # resumed: found by trial id
+    again.log_params({"T": 2.0, "nested": {"x": 1}, "seed": 3})
+    again.end("FAILED", "diverged: nan loss", tags={"kdtune.outcome": "diverged"})
+    run = st.client.get_run(tt.run_id)
+    assert run.data.params == {"T": "4.0", "nested.x": "1", "seed": "3"} and run.info.status == "FAILED"
+    assert run.data.tags["kdtune.changed_param.T"] == "2.0" and run.data.tags["kdtune.outcome"] == "diverged"
+    assert run.data.tags["kdtune.failure_reason"] == "diverged: nan loss"
+    assert [w for w in writes if w[0] == "log_batch"] == [("log_batch", {"metrics": 0, "params": 1, "tags": 3})]
+
+
+def test_log_entities_keeps_to_mlflows_batch_limits(sweep):
+    from mlflow.entities import Metric, Param, RunTag
+
+    from kdtune.tracking.client import log_entities
+
+    st, parent, uri = sweep
+    tt = TrialTracker(uri, EXP, parent, trial_id="limits_00000")
+    sizes = []
+    real = tt.client.log_batch
+    tt.client.log_batch = lambda run_id, **kw: (sizes.append(tuple(len(kw[k]) for k in ("metrics", "params", "tags"))),
+                                                real(run_id, **kw))[1]  # fmt: skip
+    log_entities(tt.client, tt.run_id, [Metric("m", float(i), 0, i) for i in range(1500)],
+                 [Param(f"p{i}", "1") for i in range(150)], [RunTag(f"t{i % 120}", str(i)) for i in range(240)])
+    assert sizes == [(800, 100, 100), (700, 50, 20)], sizes
+    run = st.client.get_run(tt.run_id)
+    assert len(run.data.params) == 150 and run.data.tags["t0"] == "120"  # a tag given twice keeps its last
+    assert len(st.client.get_metric_history(tt.run_id, "m")) == 1500
+
+
 def test_background_logging_keeps_order_and_end_waits_for_it(sweep, monkeypatch):
     """Metrics logged from a thread of the tracker's own: in order, all there once end() returns, and the
     thread gone after it; a write that fails is raised by flush(), not lost in silence."""

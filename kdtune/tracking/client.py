@@ -381,15 +381,11 @@ def metric_entities(metrics: Mapping[str, Any], step: int, timestamp_ms: int | N
     return out
 
 
-def log_params_once(
-    client, run_id: str, params: Mapping[str, Any], existing: dict[str, str]
-) -> dict[str, str]:
-    """Log params not yet on the run; a key already there with another value goes to a tag instead.
-
-    MLflow refuses to change a param. On resume the same values come again and are skipped; a value that
-    differs is kept as tag ``kdtune.changed_param.<key>`` rather than failing the trial. Returns what was
-    logged (``existing`` is updated in place).
-    """
+def param_entities(params: Mapping[str, Any], existing: dict[str, str]) -> tuple[list, list]:
+    """The ``Param`` entities of ``params`` not yet on the run, and a ``RunTag`` for each key already there with
+    another value (MLflow refuses to change a param: on resume the same values come again and are skipped; a
+    value that differs is kept as tag ``kdtune.changed_param.<key>`` rather than failing the trial).
+    ``existing`` is updated in place with what is new."""
     from mlflow.entities import Param, RunTag
 
     new: dict[str, str] = {}
@@ -401,22 +397,35 @@ def log_params_once(
                 changed[key] = val
             continue
         new[key] = val
-    items = list(new.items())
-    for i in range(0, len(items), PARAMS_PER_BATCH):
-        chunk = [Param(k, v) for k, v in items[i : i + PARAMS_PER_BATCH]]
-        retry_locked(client.log_batch, run_id, params=chunk)
-    if changed:
-        tags = [RunTag(clean_key(f"kdtune.changed_param.{k}"), v[:MAX_TAG_VALUE]) for k, v in changed.items()]
-        for i in range(0, len(tags), PARAMS_PER_BATCH):
-            retry_locked(client.log_batch, run_id, tags=tags[i : i + PARAMS_PER_BATCH])
     existing.update(new)
-    return new
+    tags = [RunTag(clean_key(f"kdtune.changed_param.{k}"), v[:MAX_TAG_VALUE]) for k, v in changed.items()]
+    return [Param(k, v) for k, v in new.items()], tags
+
+
+def log_params_once(
+    client, run_id: str, params: Mapping[str, Any], existing: dict[str, str]
+) -> dict[str, str]:
+    """Log params not yet on the run (:func:`param_entities`); returns what was logged."""
+    ps, tags = param_entities(params, existing)
+    log_entities(client, run_id, params=ps, tags=tags)
+    return {p.key: p.value for p in ps}
+
+
+def log_entities(client, run_id: str, metrics: Iterable = (), params: Iterable = (), tags: Iterable = ()) -> None:
+    """Metrics, params and tags of one run in as few ``log_batch`` writes as MLflow's limits allow (per write:
+    1,000 entities, of them at most 100 params and 100 tags). A tag given twice keeps its last value."""
+    metrics, params = list(metrics), list(params)
+    tags = list({t.key: t for t in tags}.values())
+    while metrics or params or tags:
+        p, params = params[:PARAMS_PER_BATCH], params[PARAMS_PER_BATCH:]
+        t, tags = tags[:PARAMS_PER_BATCH], tags[PARAMS_PER_BATCH:]
+        room = METRICS_PER_BATCH - len(p) - len(t)
+        m, metrics = metrics[:room], metrics[room:]
+        retry_locked(client.log_batch, run_id, metrics=m, params=p, tags=t)
 
 
 def log_metric_entities(client, run_id: str, metrics: Iterable) -> None:
-    metrics = list(metrics)
-    for i in range(0, len(metrics), METRICS_PER_BATCH):
-        retry_locked(client.log_batch, run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+    log_entities(client, run_id, metrics=metrics)
 
 
 def log_path(client, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

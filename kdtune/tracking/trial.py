@@ -5,8 +5,10 @@ Ray's ``MLflowLoggerCallback`` makes a second run for every trial restored after
 parent run, tagged ``kdtune.trial_id``; a restored or retried trial finds that run again and continues it
 (status back to RUNNING, metrics appended at their epochs). All calls use explicit run ids, so several
 trials can share a process. Each ``log_metrics`` is one ``log_batch`` round trip; with ``background=True``
-that round trip happens on a thread of the tracker's own, off the training loop, in order, and ``flush()``
-(called by ``end()``) waits for it and raises what it could not log. ``backfill(history)`` logs the epochs a
+that round trip happens on a thread of the tracker's own, off the training loop, in order, merged with what
+else came within ``BATCH_S`` (the params, the metrics of later epochs, the tags ``end`` is given: a one-epoch
+trial's run is three writes, created, logged, ended), and ``flush()`` (called by ``end()``) waits for it and
+raises what it could not log. ``backfill(history)`` logs the epochs a
 resumed trial's checkpoint holds but its run lacks (a process killed between its checkpoint and its log).
 """
 
@@ -33,10 +35,11 @@ from kdtune.tracking.client import (
     ensure_experiment,
     get_client,
     global_tracking_uri,
+    log_entities,
     log_metric_entities,
-    log_params_once,
     log_path,
     metric_entities,
+    param_entities,
     quote,
     retry_locked,
     search_all_runs,
@@ -231,8 +234,10 @@ class TrialTracker:
         self.log_params(trial_params(method, config, base, extra))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log hyperparameters (nested mappings flattened with dots); values already logged are skipped."""
-        log_params_once(self.client, self.run_id, params, self._params)
+        """Log hyperparameters (nested mappings flattened with dots); values already logged are skipped. In the
+        background, with the first metrics (a run's params are visible at most ``BATCH_S`` after this)."""
+        ps, tags = param_entities(params, self._params)
+        self._write((), ps, tags)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log the numeric values of ``metrics`` at ``step`` (the epoch) in one round trip.
@@ -240,14 +245,17 @@ class TrialTracker:
         ``None``, booleans and strings are skipped; NaN and infinities are logged as they are (a diverged
         loss is worth seeing).
         """
-        entities = metric_entities(metrics, step)  # stamped now, whenever they are written
+        self._write(metric_entities(metrics, step))  # stamped now, whenever they are written
+
+    def _write(self, metrics=(), params=(), tags=()) -> None:
+        """Now, or with ``background``, by the writer thread in its next write."""
         if not self.background:
-            log_metric_entities(self.client, self.run_id, entities)
+            log_entities(self.client, self.run_id, metrics, params, tags)
             return
         if self._queue is None:
             self._queue = queue.Queue()
             threading.Thread(target=self._writer, name=f"mlflow-{self.trial_id}", daemon=True).start()
-        self._queue.put(entities)
+        self._queue.put((list(metrics), list(params), list(tags)))
 
     def _writer(self) -> None:
         # Import what log_model needs while the trial trains, not after its last epoch (over a second).
@@ -267,9 +275,9 @@ class TrialTracker:
                 except queue.Empty:
                     break
             try:
-                entities = [e for it in items if it is not None and it is not _FLUSH for e in it]
-                if self._error is None and entities:
-                    log_metric_entities(self.client, self.run_id, entities)
+                parts = [it for it in items if it is not None and it is not _FLUSH]
+                if self._error is None and parts:
+                    log_entities(self.client, self.run_id, *([e for p in parts for e in p[i]] for i in range(3)))
             except BaseException as e:  # noqa: BLE001 - kept and raised by flush()
                 self._error = e
             finally:
@@ -314,12 +322,21 @@ class TrialTracker:
                          input_example, signature)  # fmt: skip
 
     # ------------------------------------------------------------------ end
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
-        """End the run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` goes to tag kdtune.failure_reason."""
+    def end(self, status: str = "FINISHED", reason: str | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` goes to tag kdtune.failure_reason;
+        ``tags`` (the outcome) are written with the last metrics, in one write."""
+        from mlflow.entities import RunTag
+
         status = check_status(status)
         if self._monitor is not None:
             self._monitor.finish()  # its last samples, before the run is closed
             self._monitor = None
+        tags = {**(tags or {})}
+        if reason:
+            text = " ".join(str(reason).split()) if len(str(reason)) < 300 else str(reason)
+            tags[TAG_FAILURE] = text
+        if tags:
+            self._write(tags=[RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()])
         unlogged = None
         try:
             self.flush()
@@ -328,9 +345,8 @@ class TrialTracker:
         if self._queue is not None:
             self._queue.put(None)
             self._queue = None
-        if reason:
-            text = " ".join(str(reason).split()) if len(str(reason)) < 300 else str(reason)
-            retry_locked(self.client.set_tag, self.run_id, TAG_FAILURE, text[:MAX_TAG_VALUE])
+        if unlogged is not None and reason:  # the reason at least, however the batch failed
+            retry_locked(self.client.set_tag, self.run_id, TAG_FAILURE, tags[TAG_FAILURE][:MAX_TAG_VALUE])
         retry_locked(self.client.set_terminated, self.run_id, status)
         self.ended = True
         if unlogged is not None:

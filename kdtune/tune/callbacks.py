@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import queue
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
+from kdtune.tune.experiment import whole_optuna_db
 from kdtune.tune.protocol import (
     Outcome,
     finite,
@@ -32,6 +32,24 @@ from kdtune.tune.protocol import (
     shared_unit,
 )
 from kdtune.tune.search import name_metric
+
+
+class ForgetStatistics(Callback):
+    """Tune keeps, for every numeric key of every result of every trial (the config's values included), six
+    running statistics and two deques (``Trial.metric_analysis``): 28 MB per 1,000 one-epoch trials of the
+    driver's memory (tracemalloc, docs/bench.md), read only by ``ResultGrid.get_best_result`` with a scope other
+    than "last", which kdtune never calls (the results are its own records'). A finished trial's are dropped;
+    a trial Tune retries starts them again."""
+
+    def _drop(self, trial) -> None:
+        md = trial.run_metadata
+        md.metric_analysis, md.metric_n_steps = {}, {}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._drop(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._drop(trial)
 
 
 class TrialNamer:
@@ -155,36 +173,6 @@ class ProgressPrinter(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._running.pop(trial.trial_id, None)
         self._members_done(trial, failed=True)
-
-
-def whole_optuna_db(path: Path) -> None:
-    """Make the mirror's SQLite database whole before it is used. A new one is built under a temporary name
-    and renamed into place. SQLite runs each of Optuna's ``CREATE`` statements on its own, and Optuna adds no
-    index to a table that already exists. So a driver killed between ``CREATE TABLE studies`` and its unique
-    index left a database that took one study name twice: the Optuna trials of one group split over two
-    studies. One left that way without a duplicate yet gets the index now."""
-    import sqlite3
-
-    if not path.exists():
-        import optuna
-
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
-        storage.remove_session()
-        storage.engine.dispose()
-        os.replace(tmp, path)
-        return
-    con = sqlite3.connect(path)
-    try:
-        names = [r[0] for r in con.execute("SELECT study_name FROM studies")]
-        if len(names) == len(set(names)):
-            con.execute("CREATE UNIQUE INDEX IF NOT EXISTS ix_studies_study_name ON studies (study_name)")
-            con.commit()
-    except sqlite3.Error:
-        pass  # a damaged database is refused in one line by the preflight, before Ray starts
-    finally:
-        con.close()
 
 
 @dataclass

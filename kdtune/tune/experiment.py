@@ -12,6 +12,7 @@ More: docs/sweep_storage.md §The experiment folder (the layout, file by file).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,33 @@ def find_experiment(experiment: str, storage: str | None = None) -> Path:
         f"no sweep experiment {experiment!r}: neither {p} nor {q} holds a {SPEC_FILE}; give the experiment's "
         "directory, or its name with --storage <path>"
     )
+
+
+def whole_optuna_db(path: Path) -> None:
+    """Make the mirror's SQLite database whole before it is used. A new one is built under a temporary name
+    and renamed into place. SQLite runs each of Optuna's ``CREATE`` statements on its own, and Optuna adds no
+    index to a table that already exists. So a driver killed between ``CREATE TABLE studies`` and its unique
+    index left a database that took one study name twice: the Optuna trials of one group split over two
+    studies. One left that way without a duplicate yet gets the index now."""
+    import sqlite3
+
+    if not path.exists():
+        import optuna
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+        storage.remove_session()
+        storage.engine.dispose()
+        os.replace(tmp, path)
+        return
+    con = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in con.execute("SELECT study_name FROM studies")]
+        if len(names) == len(set(names)):
+            con.execute("CREATE UNIQUE INDEX IF NOT EXISTS ix_studies_study_name ON studies (study_name)")
+            con.commit()
+    except sqlite3.Error:
+        pass  # a damaged database is refused in one line by the preflight, before Ray starts
+    finally:
+        con.close()

@@ -208,8 +208,7 @@ class TrialRecord:
                 tags["kdtune.stop_reason"] = reason
             failed = outcome in (Outcome.DIVERGED, Outcome.FAILED)
             try:
-                tr.set_tags(tags)
-                tr.end("FAILED" if failed else "FINISHED", f"{outcome.value}: {reason}" if failed else None)
+                tr.end("FAILED" if failed else "FINISHED", f"{outcome.value}: {reason}" if failed else None, tags=tags)
             except Exception as e:  # noqa: BLE001 - the member is trained: the driver records its run afterwards
                 self.event(event="unrecorded", what="run", reason=f"{type(e).__name__}: {e}"[:500])
         if outcome is not Outcome.FAILED:  # a failed member is trained again by a retry or a resume

@@ -94,14 +94,14 @@ class Tuning:
     def run_config(self, name: str, callbacks: list):
         from ray import tune
 
-        from kdtune.tune.callbacks import DiskFullStop, DiskFullWatch
+        from kdtune.tune.callbacks import DiskFullStop, DiskFullWatch, ForgetStatistics
         from kdtune.tune.tunefs import atomic_local_fs
 
         # Every Tune checkpoint is kept (a pointer: one small progress.json per epoch): a driver killed between
         # two snapshots restores a unit from the checkpoint its snapshot names, which must still exist.
         return tune.RunConfig(
             name=name, storage_path=str(self.exp / "tune"), storage_filesystem=atomic_local_fs(), verbose=0,
-            callbacks=[*callbacks, DiskFullWatch()], stop=DiskFullStop(),
+            callbacks=[*callbacks, DiskFullWatch(), ForgetStatistics()], stop=DiskFullStop(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=self.spec.failures.max_failures),
         )  # fmt: skip
