@@ -62,13 +62,20 @@ def answering(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+# The children's environment, under the user's own: MLflow's job runner (GenAI judges and prompt optimisation,
+# which kdtune does not use) starts eight processes with ``mlflow ui`` that spent 15 CPU-seconds of a 2-core
+# machine in its first 20 s: the first view of a 2,000-trial experiment opened in 16 s, 4-6 s without them
+# (docs/bench.md, §Sweep scale).
+CHILD_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class Child:
     def __init__(self, name: str, cmd: list[str], url: str, log_dir: Path):
         self.name, self.cmd, self.url = name, cmd, url
         self.log = log_dir / f"{name.split()[0].lower()}.log"
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)  # fmt: skip
+                                         start_new_session=True, env={**CHILD_ENV, **os.environ})  # fmt: skip
 
     def tail(self, n: int = 5) -> str:
         try:

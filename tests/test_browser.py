@@ -46,7 +46,7 @@ def seen(tmp_path_factory):
     out = subprocess.run([sys.executable, "-m", "kdtune", "sweep", str(tmp / "shown.yaml")], capture_output=True,
                          text=True, env=env, cwd=tmp, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return browser.shoot(tmp / "runs" / "shown", tmp / "shots")
+    return {**browser.shoot(tmp / "runs" / "shown", tmp / "shots"), "exp": tmp / "runs" / "shown"}
 
 
 def test_runs_table_opens_on_the_trials_view(seen):
@@ -91,3 +91,19 @@ def test_screenshots_are_pictures(seen):
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
         assert (width, height) == (browser.VIEWPORT["width"], browser.VIEWPORT["height"]), path
+
+
+def test_each_saved_view_and_study_page_opens_and_is_timed(seen):
+    """``python -m tests.browser --time`` (how docs/bench.md times a 2,000-trial experiment's pages): every saved
+    view and every study page, ready by its content (the runs table's rows, the History plot's points)."""
+    got = browser.time_views(seen["exp"], repeats=2, timeout_s=120)
+    lines = browser.timing_lines(got)
+    pages = {(p["kind"], p["name"]): p for p in got["pages"]}
+    for key in (("mlflow", "kdtune-trials"), ("mlflow", "kdtune-resnet8-kd"), ("optuna", "resnet8-kd"),
+                ("optuna", "resnet8-dkd")):  # fmt: skip
+        assert key in pages, (key, lines)
+        assert all(t is not None and t > 0 for t in pages[key]["times"]), lines
+    trials = pages[("mlflow", "kdtune-trials")]["loads"][-1]
+    assert trials["rows"] == len(seen["trial_names"]) and str(len(seen["trial_names"])) in str(trials["matching"])
+    assert pages[("optuna", "resnet8-kd")]["loads"][-1]["trials"] >= 1
+    assert got["startup_s"] > 0 and len(lines) == 1 + len(got["pages"])

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,20 @@ def experiment(tmp_path_factory):
     study = optuna.create_study(study_name="resnet8-kd", storage=f"sqlite:///{exp / 'optuna.db'}")
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
     return exp
+
+
+def _pgid(pid: str) -> int | None:
+    try:
+        return os.getpgid(int(pid))
+    except (ProcessLookupError, ValueError):
+        return None
+
+
+def _cmdline(p) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _alive(pgid: int) -> bool:
@@ -64,6 +79,12 @@ def test_dashboard_serves_both_and_ctrl_c_stops_both(experiment):
             pending = [u for u in pending if not answering(u)]
             time.sleep(0.5)
         assert not pending, (pending, dash.lines)
+        # MLflow's job runner is off (it cost a 2,000-trial experiment's first view 10 s of CPU): one process
+        # of the MLflow group has the setting, none runs a job consumer
+        env = (Path("/proc") / str(children["MLflow UI:"][1]) / "environ").read_bytes().split(b"\0")
+        assert b"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in env
+        group = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p.name) == children["MLflow UI:"][1]]
+        assert not any(b"huey" in _cmdline(p) for p in group), [_cmdline(p) for p in group]
         # then the address to open: the experiment's runs table in Model training mode, on kdtune's view
         assert dash.trials_url.startswith(children["MLflow UI:"][0] + "/#/experiments/") and dash.trials_url.endswith(
             "/runs?workflowType=machine_learning&viewStateShareKey=kdtune-trials"), dash.trials_url
