@@ -145,3 +145,32 @@ def test_windowed_tpe_reads_a_bounded_study():
     rows = scale.tpe_scaling(lambda t: t.suggest_float("x", 0, 1), [300], window=250, reps=2)
     assert list(rows[0]) == ["trials", "default", "n_ei_candidates=8", "multivariate=False", "window=250"]
     assert all(v > 0 for v in rows[0].values())
+
+
+def test_the_driver_runs_tune_with_a_short_gil_switch_interval_and_restores_it():
+    """Tune's loop wakes often while the mirror's thread holds the GIL: during ``fit`` the driver's switch interval
+    is SWITCH_S, and Python's own comes back after it, also when ``fit`` raises."""
+    import sys
+    from types import SimpleNamespace
+
+    from kdtune.tune.tuning import SWITCH_S, Tuning
+
+    seen = []
+    before = sys.getswitchinterval()
+
+    class Results(list):
+        num_terminated, num_errors = 1, 0
+
+    def fit():
+        seen.append(sys.getswitchinterval())
+        return Results([1])
+
+    assert Tuning.tune_fit(SimpleNamespace(), SimpleNamespace(fit=fit), 1, Path("x")) == [1]
+    assert seen == [pytest.approx(SWITCH_S)] and SWITCH_S < before and sys.getswitchinterval() == before
+
+    def boom():
+        raise RuntimeError("fit failed")
+
+    with pytest.raises(RuntimeError, match="fit failed"):
+        Tuning.tune_fit(SimpleNamespace(), SimpleNamespace(fit=boom), 1, Path("x"))
+    assert sys.getswitchinterval() == before
