@@ -597,3 +597,10 @@ def test_optuna_mirror_drops_orphans_and_catches_up_after_a_restore(tmp_path):
     fourth.on_experiment_end([a, c, d, e])
     assert ids() == ["a", "c", "d", "e"]
     assert [t.value for t in study.get_trials() if t.user_attrs["tune_trial_id"] == "e"] == [90.0]
+    # Ctrl-C: Tune ends the live units as TERMINATED without on_trial_complete, then on_experiment_end; a unit
+    # started in that process and ended by no callback is not finished (it resumes from Tune's snapshot)
+    f = trial("f", 10.0)
+    fifth = pickle.loads(pickle.dumps(first))
+    fifth.on_trial_start(0, [a, c, d, e, f], f)
+    fifth.on_experiment_end([a, c, d, e, f])
+    assert ids() == ["a", "c", "d", "e"]

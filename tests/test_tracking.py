@@ -175,6 +175,29 @@ def test_a_short_trial_run_is_created_logged_and_ended_in_three_writes(sweep, mo
     assert [w for w in writes if w[0] == "log_batch"] == [("log_batch", {"metrics": 0, "params": 1, "tags": 3})]
 
 
+def test_a_write_that_failed_is_tried_once_more_at_the_end_with_all_that_came_after(sweep, monkeypatch):
+    """The writer's first batch (the params and the first epochs) fails (a store away, or locked past the retries): what
+    came after is kept, not written out of order, and end() writes all of it once more, with the outcome tags,
+    before the run is closed; the run is whole and end() does not raise."""
+    from kdtune.tracking import trial as trial_mod
+
+    st, parent, uri = sweep
+    monkeypatch.setattr(trial_mod, "BATCH_S", 0.0)
+    tt = TrialTracker(uri, EXP, parent, trial_id="lost_00000", background=True, fresh=True)
+    real, fails = tt.client.log_batch, []
+    monkeypatch.setattr(tt.client, "log_batch", lambda run_id, **kw: fails.append(1) or (
+        (_ for _ in ()).throw(RuntimeError("store unavailable")) if len(fails) == 1 else real(run_id, **kw)))  # fmt: skip
+    tt.log_params({"T": 4.0})
+    for epoch in (1, 2, 3):
+        tt.log_metrics({"val_acc": 50.0 + epoch}, step=epoch)
+        time.sleep(0.05)
+    tt.end("FINISHED", tags={"kdtune.outcome": "completed"})
+    run = st.client.get_run(tt.run_id)
+    assert run.data.params == {"T": "4.0"} and run.data.tags["kdtune.outcome"] == "completed"
+    assert sorted(m.step for m in st.client.get_metric_history(tt.run_id, "val_acc")) == [1, 2, 3]
+    assert run.info.status == "FINISHED" and len(fails) >= 2
+
+
 def test_log_entities_keeps_to_mlflows_batch_limits(sweep):
     from mlflow.entities import Metric, Param, RunTag
 
@@ -192,6 +215,11 @@ def test_log_entities_keeps_to_mlflows_batch_limits(sweep):
     run = st.client.get_run(tt.run_id)
     assert len(run.data.params) == 150 and run.data.tags["t0"] == "120"  # a tag given twice keeps its last
     assert len(st.client.get_metric_history(tt.run_id, "m")) == 1500
+    sizes.clear()  # long values: a request stays under a server's 1 MB
+    log_entities(tt.client, tt.run_id, params=[Param(f"long{i}", "x" * 5000) for i in range(100)],
+                 tags=[RunTag(f"longtag{i}", "y" * 5000) for i in range(100)])  # fmt: skip
+    assert sum(sizes[0][1:]) <= 141 and all(p + t for _, p, t in sizes) and sum(p for _, p, _ in sizes) == 100, sizes
+    assert sum(t for _, _, t in sizes) == 100
 
 
 def test_background_logging_keeps_order_and_end_waits_for_it(sweep, monkeypatch):

@@ -411,14 +411,28 @@ def log_params_once(
     return {p.key: p.value for p in ps}
 
 
+BATCH_CHARS = 700_000  # a log_batch's params and tags, in characters: an MLflow server refuses a request over 1 MB
+
+
 def log_entities(client, run_id: str, metrics: Iterable = (), params: Iterable = (), tags: Iterable = ()) -> None:
     """Metrics, params and tags of one run in as few ``log_batch`` writes as MLflow's limits allow (per write:
-    1,000 entities, of them at most 100 params and 100 tags). A tag given twice keeps its last value."""
+    1,000 entities, of them at most 100 params and 100 tags, and a request under 1 MB on a server: params and
+    tags up to :data:`BATCH_CHARS` characters). A tag given twice keeps its last value."""
     metrics, params = list(metrics), list(params)
     tags = list({t.key: t for t in tags}.values())
+
+    def take(items: list, chars: int) -> tuple[list, list, int]:
+        n = 0
+        while n < min(len(items), PARAMS_PER_BATCH):
+            size = len(items[n].key) + len(str(items[n].value))
+            if n and chars + size > BATCH_CHARS:
+                break
+            chars, n = chars + size, n + 1
+        return items[:n], items[n:], chars
+
     while metrics or params or tags:
-        p, params = params[:PARAMS_PER_BATCH], params[PARAMS_PER_BATCH:]
-        t, tags = tags[:PARAMS_PER_BATCH], tags[PARAMS_PER_BATCH:]
+        p, params, chars = take(params, 0)
+        t, tags, _ = take(tags, chars) if chars < BATCH_CHARS else ([], tags, chars)
         room = METRICS_PER_BATCH - len(p) - len(t)
         m, metrics = metrics[:room], metrics[room:]
         retry_locked(client.log_batch, run_id, metrics=m, params=p, tags=t)

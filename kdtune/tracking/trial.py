@@ -189,6 +189,7 @@ class TrialTracker:
         self.background = background
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
+        self._lost: list[tuple[list, list, list]] = []  # what the writer could not write (end() tries it again)
         self.experiment_name = experiment_name
         self.parent_run_id = parent_run_id
         self.trial_id = str(trial_id)
@@ -233,6 +234,11 @@ class TrialTracker:
         """A Tune trial's params, named so runs of different methods compare: see :func:`trial_params`."""
         self.log_params(trial_params(method, config, base, extra))
 
+    @property
+    def params(self) -> dict[str, str]:
+        """The params the run holds (found on resume) or was given (written, or queued to be)."""
+        return dict(self._params)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log hyperparameters (nested mappings flattened with dots); values already logged are skipped. In the
         background, with the first metrics (a run's params are visible at most ``BATCH_S`` after this)."""
@@ -274,12 +280,15 @@ class TrialTracker:
                     items.append(q.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            parts = [it for it in items if it is not None and it is not _FLUSH]
             try:
-                parts = [it for it in items if it is not None and it is not _FLUSH]
-                if self._error is None and parts:
+                if self._error is None and not self._lost and parts:
                     log_entities(self.client, self.run_id, *([e for p in parts for e in p[i]] for i in range(3)))
+                else:  # after a failed write, in order: kept for end()'s one more try
+                    self._lost.extend(parts)
             except BaseException as e:  # noqa: BLE001 - kept and raised by flush()
                 self._error = e
+                self._lost.extend(parts)
             finally:
                 for _ in items:
                     q.task_done()
@@ -345,6 +354,13 @@ class TrialTracker:
         if self._queue is not None:
             self._queue.put(None)
             self._queue = None
+        if self._lost:  # a write that failed (a store locked past the retries): once more, all of it, in order
+            lost, self._lost = self._lost, []
+            try:
+                log_entities(self.client, self.run_id, *([e for p in lost for e in p[i]] for i in range(3)))
+                unlogged = None
+            except Exception as e:  # noqa: BLE001 - the run is closed all the same, and the loss said
+                unlogged = RuntimeError(f"MLflow could not log the metrics, params or tags of run {self.run_id}: {e}")
         if unlogged is not None and reason:  # the reason at least, however the batch failed
             retry_locked(self.client.set_tag, self.run_id, TAG_FAILURE, tags[TAG_FAILURE][:MAX_TAG_VALUE])
         retry_locked(self.client.set_terminated, self.run_id, status)

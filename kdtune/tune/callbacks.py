@@ -15,13 +15,13 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
-from ray.tune.stopper import Stopper
 
+from kdtune.tune.diskfull import DiskFullStop, DiskFullWatch, error_text  # noqa: F401 - pickled Tune runs name them here
 from kdtune.tune.experiment import whole_optuna_db
 from kdtune.tune.protocol import (
     Outcome,
@@ -37,9 +37,10 @@ from kdtune.tune.search import name_metric
 class ForgetStatistics(Callback):
     """Tune keeps, for every numeric key of every result of every trial (the config's values included), six
     running statistics and two deques (``Trial.metric_analysis``): 28 MB per 1,000 one-epoch trials of the
-    driver's memory (tracemalloc, docs/bench.md), read only by ``ResultGrid.get_best_result`` with a scope other
-    than "last", which kdtune never calls (the results are its own records'). A finished trial's are dropped;
-    a trial Tune retries starts them again."""
+    driver's memory (tracemalloc, docs/bench.md), read only by Tune's best-trial lookups (``ResultGrid.
+    get_best_result``, ``ExperimentAnalysis.best_trial``/``best_config``, any scope), which kdtune never calls
+    (its results are its own records'; schedulers, stoppers and snapshots read ``last_result``). A finished
+    trial's are dropped; a trial Tune retries starts them again."""
 
     def _drop(self, trial) -> None:
         md = trial.run_metadata
@@ -150,7 +151,7 @@ class ProgressPrinter(Callback):
         group = group_of(trial.config) or "-"
         reason = ""
         if failed:
-            lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
+            lines = [ln for ln in error_text(trial).strip().splitlines() if ln.strip()]
             reason = lines[-1][:200] if lines else ""
         for m in members_of(trial.trial_id, trial.config):
             r = rows.get(m.id, {})
@@ -209,6 +210,7 @@ class OptunaMirror(Callback):
         self._studies: dict = {}
         self._curves: dict[str, dict[int, float]] = {}
         self._started: dict[str, float] = {}
+        self._running_here: set[str] = set()  # units Tune's loop started in this process and no callback ended
         self._reconciled: set[str] = set()  # groups checked against Tune's trial list in this driver process
         self._have: dict[str, set] = {}  # per group, the member ids its study holds: read once per process
         self._queue: queue.Queue | None = None
@@ -221,6 +223,7 @@ class OptunaMirror(Callback):
         d["_have"] = {}
         d["_queue"] = None
         d["_handed"] = set()
+        d["_running_here"] = set()
         return d
 
     def _hand(self, trial, trials, failed: bool) -> None:
@@ -250,6 +253,8 @@ class OptunaMirror(Callback):
                     self._reconcile(group, listed, current)
                 if current is not None:
                     self._mirror(current, failed=failed)
+            except Exception as e:  # noqa: BLE001 - a writer that died would leave flush() waiting for ever
+                print(f"kdtune: warning: the Optuna mirror could not write to {self.storage_url}: {e}")
             finally:
                 q.task_done()
 
@@ -260,8 +265,12 @@ class OptunaMirror(Callback):
 
     def on_experiment_end(self, trials, **info):
         """Every group no unit ended in this process is checked too: a driver killed between a unit's end and
-        its write, then resumed with nothing left to run in that group, would leave the study short of it."""
-        listed = [_TrialCopy.of(t) for t in trials]
+        its write, then resumed with nothing left to run in that group, would leave the study short of it. A unit
+        started here that no callback ended is not finished, whatever its status: Tune ends the live units of an
+        interrupted run (Ctrl-C) as TERMINATED without ``on_trial_complete``, and resumes them from its snapshot."""
+        live = self.__dict__.setdefault("_running_here", set())
+        listed = [replace(_TrialCopy.of(t), status="RUNNING") if t.trial_id in live else _TrialCopy.of(t)
+                  for t in trials]  # fmt: skip
         for group in {group_of(t.config) for t in listed} - {None} - self.__dict__.setdefault("_handed", set()):
             self._handed.add(group)
             self._enqueue((group, None, listed, False))
@@ -292,6 +301,7 @@ class OptunaMirror(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._started.setdefault(trial.trial_id, time.time())
+        self.__dict__.setdefault("_running_here", set()).add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         for mid, r in member_rows(trial.trial_id, trial.config, result).items():
@@ -299,9 +309,11 @@ class OptunaMirror(Callback):
                 self._curves.setdefault(mid, {})[int(r["epoch"])] = float(r[self.metric])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.__dict__.setdefault("_running_here", set()).discard(trial.trial_id)
         self._hand(trial, trials, failed=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.__dict__.setdefault("_running_here", set()).discard(trial.trial_id)
         self._hand(trial, trials, failed=True)
 
     def _reconcile(self, group: str | None, trials, current) -> None:
@@ -310,9 +322,10 @@ class OptunaMirror(Callback):
         restored Tune run (the searcher asked anew in its place: an orphan, as its MLflow run is tagged): the
         study is rebuilt without it. A finished trial the study lacks (a driver killed in the middle of such a
         rebuild) is mirrored from Tune's record of it."""
-        if group is None or group in self._reconciled:
+        reconciled = self.__dict__.setdefault("_reconciled", set())  # a mirror pickled before it kept them has none
+        if group is None or group in reconciled:
             return
-        self._reconciled.add(group)
+        reconciled.add(group)
         try:
             known = {t.trial_id for t in trials}
             study = self.study(group)
@@ -393,56 +406,3 @@ class OptunaMirror(Callback):
                 have.add(m.id)
         except Exception as e:  # noqa: BLE001 - the mirror must never break a sweep
             print(f"kdtune: warning: could not mirror trial {trial.trial_id} into {self.storage_url}: {e}")
-
-
-# A full disk ends the whole Tune run at once (every retry and every later trial would fail the same way).
-# The driver's callbacks and stopper are unpickled anew when a Tune run is restored, so what they saw lives
-# in this module of the driver process; the runner reads it after ``fit`` returns.
-_DISK_FULL: list[str] = []
-
-
-def reset_disk_full() -> None:
-    _DISK_FULL.clear()
-
-
-def disk_full_trials() -> list[str]:
-    """Ids of the trials of this driver's last Tune run that failed on a full disk."""
-    return list(_DISK_FULL)
-
-
-def _error_text(trial) -> str:
-    """The end of a failed trial's ``error.txt`` (Tune's record of its errors), or "" when there is none."""
-    path = getattr(trial, "error_file", None)
-    if not path:
-        return ""
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-20000:]
-    except OSError:
-        return ""
-
-
-class DiskFullWatch(Callback):
-    """Notes a trial that failed on a full disk (or quota), whether Tune would retry it or not."""
-
-    def _check(self, trial) -> None:
-        from kdtune.errors import is_disk_full
-
-        if is_disk_full(_error_text(trial)) and trial.trial_id not in _DISK_FULL:
-            _DISK_FULL.append(trial.trial_id)
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        self._check(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._check(trial)
-
-
-class DiskFullStop(Stopper):
-    """A Tune stopper (``RunConfig(stop=...)``): stops every trial once one has failed on a full disk."""
-
-    def __call__(self, trial_id, result) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        return bool(_DISK_FULL)

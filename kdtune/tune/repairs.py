@@ -41,7 +41,7 @@ def record_unrecorded_runs(uri: str | None, experiment: str, parent_run_id: str 
             continue
         history = torch.load(folder / "ckpt" / "state.pt", map_location="cpu", weights_only=True)["history"]
         tt = TrialTracker(uri, experiment, parent_run_id, tid)
-        if not tt.resumed:
+        if not tt.params:  # a run made here, or one whose params never reached the store
             tt.log_params(config)
         tt.backfill(history)
         tt.set_tags({TAG_OUTCOME: (read_done(folder) or {"outcome": "failed"})["outcome"]})

@@ -2,7 +2,7 @@
 repeats of each group's best configuration, with the run settings both share (storage, callbacks, failures).
 
 A fit that returned with units still pending was interrupted (Ctrl-C); a unit that failed on a full disk ends
-the whole fit at once, in one line (:class:`~kdtune.tune.callbacks.DiskFullStop`).
+the whole fit at once, in one line (:class:`~kdtune.tune.diskfull.DiskFullStop`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class Tuning:
     def run_config(self, name: str, callbacks: list):
         from ray import tune
 
-        from kdtune.tune.callbacks import DiskFullStop, DiskFullWatch, ForgetStatistics
+        from kdtune.tune.callbacks import ForgetStatistics
+        from kdtune.tune.diskfull import DiskFullStop, DiskFullWatch
         from kdtune.tune.tunefs import atomic_local_fs
 
         # Every Tune checkpoint is kept (a pointer: one small progress.json per epoch): a driver killed between
@@ -114,7 +115,7 @@ class Tuning:
     def tune_fit(self, tuner, expected: int, path: Path):
         """``tuner.fit()``, ended at once, with one line, by a unit that failed on a full disk; a fit that
         returned with units still pending was interrupted (Ctrl-C): the sweep stops here."""
-        from kdtune.tune.callbacks import disk_full_trials, reset_disk_full
+        from kdtune.tune.diskfull import disk_full_trials, reset_disk_full
 
         reset_disk_full()
         switch = sys.getswitchinterval()
