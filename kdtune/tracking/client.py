@@ -115,11 +115,16 @@ def retry_locked(fn: Callable[..., T], *args: Any, timeout_s: float | None = Non
             delay = min(delay * 2.0, 1.0)
 
 
-def set_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
-    """Set ``tags`` on a run in one batch; idempotent, so a retried or repeated write is harmless."""
+def tag_entities(tags: Mapping[str, Any]) -> list:
+    """``RunTag`` entities of ``tags``, each value cut to MLflow's limit."""
     from mlflow.entities import RunTag
 
-    batch = [RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+    return [RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+
+
+def set_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set ``tags`` on a run in one batch; idempotent, so a retried or repeated write is harmless."""
+    batch = tag_entities(tags)
     if batch:
         retry_locked(client.log_batch, run_id, tags=batch)
 

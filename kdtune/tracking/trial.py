@@ -44,6 +44,7 @@ from kdtune.tracking.client import (
     retry_locked,
     search_all_runs,
     set_tags,
+    tag_entities,
 )
 from kdtune.tracking.uri import normalize_tracking_uri
 
@@ -156,6 +157,11 @@ def start_system_metrics(run_id: str, tracking_uri: str, resumed: bool):
     monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=tracking_uri)
     monitor.start()
     return monitor
+
+
+def _merged(parts: list[tuple[list, list, list]]) -> tuple[list, list, list]:
+    """The metrics, params and tags of several queued writes, each kind in order, for one ``log_entities``."""
+    return tuple([e for p in parts for e in p[i]] for i in range(3))
 
 
 BATCH_S = 1.0  # a trial's metrics reach MLflow at most this late, in one write
@@ -282,8 +288,8 @@ class TrialTracker:
                     break
             parts = [it for it in items if it is not None and it is not _FLUSH]
             try:
-                if self._error is None and not self._lost and parts:
-                    log_entities(self.client, self.run_id, *([e for p in parts for e in p[i]] for i in range(3)))
+                if not self._lost and parts:
+                    log_entities(self.client, self.run_id, *_merged(parts))
                 else:  # after a failed write, in order: kept for end()'s one more try
                     self._lost.extend(parts)
             except BaseException as e:  # noqa: BLE001 - kept and raised by flush()
@@ -334,8 +340,6 @@ class TrialTracker:
     def end(self, status: str = "FINISHED", reason: str | None = None, tags: Mapping[str, Any] | None = None) -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` goes to tag kdtune.failure_reason;
         ``tags`` (the outcome) are written with the last metrics, in one write."""
-        from mlflow.entities import RunTag
-
         status = check_status(status)
         if self._monitor is not None:
             self._monitor.finish()  # its last samples, before the run is closed
@@ -345,7 +349,7 @@ class TrialTracker:
             text = " ".join(str(reason).split()) if len(str(reason)) < 300 else str(reason)
             tags[TAG_FAILURE] = text
         if tags:
-            self._write(tags=[RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()])
+            self._write(tags=tag_entities(tags))
         unlogged = None
         try:
             self.flush()
@@ -357,7 +361,7 @@ class TrialTracker:
         if self._lost:  # a write that failed (a store locked past the retries): once more, all of it, in order
             lost, self._lost = self._lost, []
             try:
-                log_entities(self.client, self.run_id, *([e for p in lost for e in p[i]] for i in range(3)))
+                log_entities(self.client, self.run_id, *_merged(lost))
                 unlogged = None
             except Exception as e:  # noqa: BLE001 - the run is closed all the same, and the loss said
                 unlogged = RuntimeError(f"MLflow could not log the metrics, params or tags of run {self.run_id}: {e}")

@@ -123,6 +123,12 @@ class TrialRecord:
         self.last: dict | None = None  # the figures of its latest epoch
         self.end_tags: dict = {}  # tags its run gets with its outcome (how its unit ran: kdtune.bundle_mode)
 
+    @property
+    def logs_models(self) -> bool:
+        """Whether this member's close logs its ``best.pt`` and its student (``tracking.models: all``); else the
+        driver logs them for each group's best trial after the sweep."""
+        return getattr(self.ctx, "models", "all") == "all"
+
     # ------------------------------------------------------------------ events and files
     def event(self, **kw) -> None:
         if self.unit:
@@ -194,7 +200,7 @@ class TrialRecord:
             from kdtune.tracking.client import TAG_OUTCOME, TAG_STOPPED_EPOCH
 
             try:
-                if getattr(self.ctx, "models", "all") == "all":  # else the driver's, for each group's best
+                if self.logs_models:
                     if (self.ck / "best.pt").is_file():
                         tr.log_artifact(self.ck / "best.pt", "checkpoints")
                     if model is not None:

@@ -316,7 +316,7 @@ class Unit:
         model = None
         if outcome is Outcome.COMPLETED and unit is not None:
             unit.save_model(mid, rec.ck / "final.pt")
-            model = unit.student(mid)
+            model = unit.student(mid) if rec.logs_models else None  # a bundle's syncs the member from its stacks
         self.final[mid] = rec.close(outcome, m, reason, model=model, data=unit.data if unit is not None else None)
 
     # ------------------------------------------------------------------ reports
